@@ -1,0 +1,64 @@
+# RLHF pipeline: `make help` lists the targets. Pass Hydra overrides with ARGS, e.g.
+#   make sft ARGS="lora.r=4 train.learning_rate=1e-3"
+#   make sft ARGS="-m lora.r=4,8"            (multirun sweep)
+
+PY      := .venv/bin/python
+STAMP   := .venv/.installed-stamp
+DATA    := data/world/.stamp
+ARGS    ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup data base sft rm ppo eval generate pipeline test test-unit bench clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+setup: $(STAMP) ## Create .venv and install the pinned dependencies (only when they changed)
+
+$(DATA): $(STAMP) pipeline/world.py pipeline/judge.py conf/world/default.yaml
+	$(PY) -m stages.datagen
+	@touch $@
+
+data: $(STAMP) ## Write the embedded world's datasets into data/world/ (deterministic, seeded)
+	$(PY) -m stages.datagen $(ARGS)
+	@touch $(DATA)
+
+base: $(DATA) ## Pretrain the tiny base model on the world corpus -> artifacts/<run>/base
+	$(PY) -m stages.base $(ARGS)
+
+sft: $(DATA) ## Stage 1: supervised fine-tuning with LoRA -> artifacts/<run>/sft
+	$(PY) -m stages.sft $(ARGS)
+
+rm: $(DATA) ## Stage 2: pairwise reward model with LoRA -> artifacts/<run>/rm
+	$(PY) -m stages.rm $(ARGS)
+
+ppo: $(DATA) ## Stage 3: PPO against the reward model, KL to the SFT reference -> artifacts/<run>/ppo
+	$(PY) -m stages.ppo $(ARGS)
+
+eval: $(DATA) ## Compare every stage of the run with the gold judge -> artifacts/<run>/eval
+	$(PY) -m stages.eval $(ARGS)
+
+generate: $(STAMP) ## Sample a stage's model: ARGS="stage=sft prompt='What is 2 plus 3?' decoding=top_p"
+	$(PY) -m stages.generate $(ARGS)
+
+pipeline: $(DATA) ## Run base, sft, rm, ppo and eval in order, skipping up-to-date stages
+	$(PY) -m stages.pipeline $(ARGS)
+
+test: $(STAMP) ## Run the test suite (unit, stage and slow tiers; gpu tests skip without CUDA)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP) ## Run only the fast unit tests
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+bench: $(STAMP) ## Run the benchmarks in bench/ (ratios against an in-process baseline)
+	$(PY) bench/run.py $(ARGS)
+
+clean: ## Remove artifacts, generated data, W&B runs and Hydra outputs (keeps .venv)
+	rm -rf artifacts data/world wandb outputs multirun

@@ -1,0 +1,79 @@
+"""Pieces the TRL-based stages (SFT, RM) share: precision, trainer arguments, guards."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from pipeline.runtime import PipelineError
+
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    """``bf16``/``fp16`` flags for TrainingArguments.
+
+    ``auto`` takes bf16 where the GPU has it, fp16 on older GPUs and fp32 on CPU;
+    asking for half precision without CUDA is refused rather than silently ignored.
+    """
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        if not cuda:
+            return {"bf16": False, "fp16": False}
+        bf16 = torch.cuda.is_bf16_supported()
+        return {"bf16": bf16, "fp16": not bf16}
+    if precision == "fp32":
+        return {"bf16": False, "fp16": False}
+    if precision in ("bf16", "fp16"):
+        if not cuda:
+            raise PipelineError(f"train.precision={precision} needs a CUDA GPU; this machine has none. "
+                                "Use train.precision=auto (fp32 on CPU).")
+        return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+    raise PipelineError(f"train.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+
+
+def trainer_args(train: Any, output_dir: str, seed: int, report_to: str) -> dict[str, Any]:
+    """TrainingArguments shared by SFTTrainer and RewardTrainer, all from the YAML."""
+    return dict(
+        output_dir=output_dir,
+        max_steps=train.max_steps,
+        num_train_epochs=train.num_train_epochs,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        gradient_checkpointing=train.gradient_checkpointing,
+        max_length=train.max_length,
+        logging_steps=train.logging_steps,
+        eval_strategy="steps" if train.eval_steps > 0 else "no",
+        eval_steps=train.eval_steps if train.eval_steps > 0 else None,
+        save_strategy="no",
+        report_to=report_to,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **precision_flags(train.precision),
+    )
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stop at the first NaN/inf loss with the fix, instead of training on garbage."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} at step {state.global_step}; nothing was saved. "
+                "Lower train.learning_rate, raise train.warmup, or use train.precision=fp32.")
+
+
+def count_changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> int:
+    """How many of the recorded parameters differ from their snapshot."""
+    params = dict(model.named_parameters())
+    return sum(not torch.equal(t, params[n].detach().cpu()) for n, t in before.items())

@@ -1,0 +1,100 @@
+"""Stage 1 of InstructGPT: supervised fine-tuning on demonstrations, with LoRA.
+
+The base model stays frozen; a LoRA adapter on every linear layer learns to answer
+in the chat format. The loss covers assistant tokens only (TRL's ``assistant_only_loss``
+with the chat template's generation markers), so the model is never trained to write
+the user's side of the conversation.
+
+    make sft
+    make sft ARGS="lora.r=4 train.learning_rate=1e-3 train.lr_scheduler_type=linear"
+    make sft ARGS="model=qwen2 data.sft.train=[tatsu-lab/alpaca] data.sft.eval=[]"  # with a hub
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from trl import SFTConfig, SFTTrainer
+
+import pipeline.config  # noqa: F401  (registers the schemas)
+from pipeline.artifacts import staged_artifact
+from pipeline.data import load_validated, prompt_row, sft_row
+from pipeline.models import base_model_source, load_causal_lm, load_tokenizer, lora_config
+from pipeline.runtime import resolved, seed_everything, user_errors
+from pipeline.sampling import sample_responses, sample_stats
+from pipeline.tracking import start_tracking
+from pipeline.training import NonFiniteLossGuard, trainer_args
+
+
+def run(cfg: DictConfig) -> dict:
+    seed_everything(cfg.seed)
+    torch.set_num_threads(cfg.train.num_threads)
+
+    # --- model and tokenizer: the frozen base ---
+    source, base = base_model_source(cfg, cfg.parents.base)
+    tokenizer = load_tokenizer(source, cfg.model)
+    model = load_causal_lm(source, cfg.model, tokenizer)
+
+    # --- data: validated before anything trains ---
+    train_rows = load_validated(cfg.data.sft.train, cfg.data.hub_split, sft_row)
+    eval_rows = load_validated(cfg.data.sft.eval, cfg.data.hub_split, sft_row)
+    prompts = [r["prompt"] for r in load_validated(cfg.data.eval_prompts, cfg.data.hub_split, prompt_row)]
+
+    # --- trainer: LoRA on the base, loss on assistant tokens ---
+    tracker = start_tracking(cfg, "sft")
+    args = SFTConfig(
+        **trainer_args(cfg.train, str(Path(cfg.paths.run_dir) / ".work" / "sft"), cfg.seed,
+                       "wandb" if tracker.enabled else "none"),
+        assistant_only_loss=True,
+        packing=cfg.train.packing,
+        train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows),
+        peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=[NonFiniteLossGuard()],
+    )
+    train_out = trainer.train()
+    final_eval = trainer.evaluate()
+    policy = trainer.model
+
+    # --- held-out samples: does it answer in format and stop? ---
+    samples = sample_responses(policy, tokenizer, prompts[: cfg.samples.num_prompts],
+                               cfg.samples.decoding, cfg.samples.batch_size, cfg.seed)
+    metrics = {
+        "train_loss": train_out.training_loss,
+        "eval_loss": final_eval["eval_loss"],
+        "eval_mean_token_accuracy": final_eval.get("eval_mean_token_accuracy"),
+        **{f"samples/{k}": v for k, v in sample_stats(samples).items()},
+    }
+    print(f"sft: train loss {metrics['train_loss']:.3f}, eval loss {metrics['eval_loss']:.3f}, "
+          f"EOS rate {metrics['samples/eos_rate']:.1%}, format {metrics['samples/format_rate']:.1%}")
+    tracker.table("samples", ["prompt", "response", "ended_with_eos"],
+                  [[s.prompt, s.response, s.ended] for s in samples[: cfg.logger.num_samples]])
+
+    # --- save: adapter + tokenizer (+ merged model on request) ---
+    with staged_artifact(cfg.paths.run_dir, "sft", resolved(cfg), parent=base) as art:
+        policy.save_pretrained(art.dir / "adapter")
+        tokenizer.save_pretrained(art.dir / "adapter")
+        if cfg.save_merged:
+            merged = policy.merge_and_unload()
+            merged.save_pretrained(art.dir / "merged")
+            tokenizer.save_pretrained(art.dir / "merged")
+        art.metrics = metrics
+    tracker.summary(metrics)
+    tracker.finish()
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sft")
+@user_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
