@@ -194,12 +194,35 @@ class SFTStageConfig(StageConfig):
     save_merged: bool = MISSING
 
 
+@dataclass
+class RMTrainConfig(HFTrainConfig):
+    use_margin: bool = MISSING  # use a row's `margin` in the loss when the data has one
+    center_rewards_coefficient: Optional[float] = MISSING  # Eisenstein et al. 2023; null = off
+    group_pairs: bool = MISSING  # keep a prompt's pairs in one batch (InstructGPT)
+
+
+@dataclass
+class RMParents:
+    sft: Optional[str] = MISSING  # null: the same run's sft artifact
+
+
+@dataclass
+class RMStageConfig(StageConfig):
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    lora: LoraConfig = MISSING
+    train: RMTrainConfig = MISSING
+    parents: RMParents = MISSING
+    score_batch_size: int = MISSING
+
+
 def register_configs() -> None:
     """Put the schemas where the YAML defaults lists refer to them."""
     cs = ConfigStore.instance()
     cs.store(name="data_schema", node=DataStageConfig)
     cs.store(name="base_schema", node=BaseStageConfig)
     cs.store(name="sft_schema", node=SFTStageConfig)
+    cs.store(name="rm_schema", node=RMStageConfig)
     cs.store(group="decoding", name="decoding_schema", node=DecodingConfig)
 
 

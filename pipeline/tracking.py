@@ -37,6 +37,11 @@ class Tracker:
             import wandb
             self.run.log({key: wandb.Table(columns=columns, data=rows)})
 
+    def histogram(self, key: str, values) -> None:
+        if self.run is not None:
+            import wandb
+            self.run.log({key: wandb.Histogram(list(map(float, values)))})
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()

@@ -1,0 +1,135 @@
+"""The reward model: building it on the SFT backbone, scoring, metrics, grouped batching.
+
+InstructGPT (Ouyang et al. 2022, sec. 3.5) starts the RM from the SFT model and trains
+it on all K(K-1)/2 comparisons of a prompt with the pairwise loss
+
+    loss(theta) = -E[ log sigmoid(r(x, y_w) - r(x, y_l) - m) ]
+
+(m = 0 unless a margin is given). Here the SFT adapter is merged into the base in
+memory, a fresh LoRA adapter and a scalar head (``score``) are trained on top, and the
+RM artifact stores only that adapter and head.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from torch.utils.data import Sampler
+from transformers import AutoTokenizer
+from trl import RewardTrainer
+
+from pipeline.artifacts import Artifact
+from pipeline.models import load_sequence_classifier
+
+
+def base_source_of(sft: Artifact) -> str:
+    """The base weights an SFT adapter was trained on, as its manifest records them."""
+    parent = sft.manifest["parent"]
+    return str(Path(parent["path"]) / "model") if parent else sft.manifest["config"]["model"]["path"]
+
+
+def load_sft_tokenizer(sft: Artifact):
+    """The tokenizer saved beside the SFT adapter (pad token and chat template included)."""
+    return AutoTokenizer.from_pretrained(sft.path / "adapter")
+
+
+def sft_backbone_classifier(sft: Artifact, model_cfg, tokenizer):
+    """Base + SFT adapter merged, with a fresh scalar head: the RM's starting point."""
+    model = load_sequence_classifier(base_source_of(sft), model_cfg, tokenizer)
+    return PeftModel.from_pretrained(model, sft.path / "adapter").merge_and_unload()
+
+
+def load_reward_model(rm: Artifact, sft: Artifact, model_cfg):
+    """The trained RM exactly as saved: SFT backbone + RM adapter + head, eval mode."""
+    tokenizer = load_sft_tokenizer(sft)
+    model = sft_backbone_classifier(sft, model_cfg, tokenizer)
+    model = PeftModel.from_pretrained(model, rm.path / "adapter")
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> torch.Tensor:
+    """r(x, y) for each conversation (prompt turns + response turn). Shape (N,).
+
+    The head reads the hidden state of the last real token (the EOS that closes the
+    response), which ``*ForSequenceClassification`` finds from the pad token id.
+    """
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    scores = []
+    try:
+        for start in range(0, len(conversations), batch_size):
+            texts = [tokenizer.apply_chat_template(c, tokenize=False)
+                     for c in conversations[start:start + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            scores.append(model(**enc).logits[:, 0].float().cpu())
+    finally:
+        tokenizer.padding_side = side
+    return torch.cat(scores) if scores else torch.empty(0)
+
+
+def pairwise_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, float]:
+    """Accuracy = P(r_chosen > r_rejected), the mean margin, and each side's spread. (N,) each."""
+    margin = r_chosen - r_rejected
+    return {
+        "accuracy": (margin > 0).float().mean().item(),
+        "margin_mean": margin.mean().item(),
+        "chosen_mean": r_chosen.mean().item(), "chosen_std": r_chosen.std(unbiased=False).item(),
+        "rejected_mean": r_rejected.mean().item(), "rejected_std": r_rejected.std(unbiased=False).item(),
+    }
+
+
+def evaluate_pairs(model, tokenizer, rows: list[dict], batch_size: int) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Score each held-out pair; returns metrics and the chosen / rejected rewards (N,)."""
+    r_c = score_conversations(model, tokenizer, [r["prompt"] + r["chosen"] for r in rows], batch_size)
+    r_r = score_conversations(model, tokenizer, [r["prompt"] + r["rejected"] for r in rows], batch_size)
+    return pairwise_metrics(r_c, r_r), r_c, r_r
+
+
+class PromptGroupSampler(Sampler[int]):
+    """Shuffle prompts, not pairs: a prompt's K(K-1)/2 pairs come out back to back.
+
+    InstructGPT trained on all comparisons of a prompt as one batch element, because
+    shuffling the correlated pairs of one prompt across an epoch made the RM overfit.
+    With a batch of at least K(K-1)/2 pairs, a prompt's pairs share one batch except
+    when its group straddles a batch boundary. Group order is reshuffled every epoch.
+    """
+
+    def __init__(self, groups: list[str], seed: int):
+        by_group: dict[str, list[int]] = defaultdict(list)
+        for i, g in enumerate(groups):
+            by_group[g].append(i)
+        self.groups = list(by_group.values())
+        self.seed, self.epoch = seed, 0
+
+    def __iter__(self):
+        order = list(range(len(self.groups)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        self.epoch += 1
+        for g in order:
+            yield from self.groups[g]
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups)
+
+
+class GroupedRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer with prompt-grouped batches (see PromptGroupSampler)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        # The loader drops unused columns before asking for a sampler; the trainer's own
+        # copy of the dataset still has `group`, row for row.
+        return PromptGroupSampler(self.train_dataset["group"], self.args.seed)
+
+
+def reward_stats(rewards: torch.Tensor) -> dict[str, float]:
+    """Mean and std PPO uses to normalise raw RM scores."""
+    std = rewards.std(unbiased=False).item()
+    return {"reward_mean": rewards.mean().item(), "reward_std": std if math.isfinite(std) and std > 0 else 1.0}

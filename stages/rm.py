@@ -1,0 +1,103 @@
+"""Stage 2 of InstructGPT: a reward model from pairwise human preferences, with LoRA.
+
+The backbone is the SFT model (base + SFT adapter, merged in memory). On top: a new
+LoRA adapter and a scalar head, trained with TRL's RewardTrainer on
+
+    loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) [- margin])
+
+Ranked lists of K responses expand to all K(K-1)/2 pairs, and a prompt's pairs are
+kept together in one batch (``train.group_pairs``; see pipeline/reward.py).
+
+    make rm
+    make rm ARGS="lora.r=8 train.max_steps=400 train.use_margin=true"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from trl import RewardConfig, RewardTrainer
+
+import pipeline.config  # noqa: F401  (registers the schemas)
+from pipeline.artifacts import find_parent, staged_artifact
+from pipeline.data import load_validated, preference_rows
+from pipeline.models import lora_config
+from pipeline.reward import (GroupedRewardTrainer, evaluate_pairs, load_sft_tokenizer,
+                             reward_stats, sft_backbone_classifier)
+from pipeline.runtime import resolved, seed_everything, user_errors
+from pipeline.tracking import start_tracking
+from pipeline.training import NonFiniteLossGuard, trainer_args
+
+
+def as_dataset(rows: list[dict], use_margin: bool) -> Dataset:
+    if not use_margin:
+        rows = [{k: v for k, v in r.items() if k != "margin"} for r in rows]
+    elif any("margin" not in r for r in rows):
+        raise ValueError("train.use_margin=true but some preference rows have no `margin` field")
+    return Dataset.from_list(rows)
+
+
+def run(cfg: DictConfig) -> dict:
+    seed_everything(cfg.seed)
+    torch.set_num_threads(cfg.train.num_threads)
+
+    # --- backbone: the SFT model, with a fresh scalar head ---
+    sft = find_parent(cfg.paths.run_dir, "sft", cfg.parents.sft)
+    tokenizer = load_sft_tokenizer(sft)
+    model = sft_backbone_classifier(sft, cfg.model, tokenizer)
+
+    # --- data: pairs, ranked lists expanded, validated before training ---
+    train_rows = load_validated(cfg.data.prefs.train, cfg.data.hub_split, preference_rows)
+    eval_rows = load_validated(cfg.data.prefs.eval, cfg.data.hub_split, preference_rows)
+
+    # --- trainer: new LoRA adapter + trainable head ---
+    tracker = start_tracking(cfg, "rm")
+    args = RewardConfig(
+        **trainer_args(cfg.train, str(Path(cfg.paths.run_dir) / ".work" / "rm"), cfg.seed,
+                       "wandb" if tracker.enabled else "none"),
+        center_rewards_coefficient=cfg.train.center_rewards_coefficient,
+        train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
+    )
+    trainer_cls = GroupedRewardTrainer if cfg.train.group_pairs else RewardTrainer
+    trainer = trainer_cls(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=as_dataset(train_rows, cfg.train.use_margin),
+        eval_dataset=as_dataset(eval_rows, cfg.train.use_margin),
+        peft_config=lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]),
+        callbacks=[NonFiniteLossGuard()],
+    )
+    train_out = trainer.train()
+    rm = trainer.model.eval()
+
+    # --- held-out pairs: accuracy, margin, spread; stats PPO normalises with ---
+    pair_metrics, r_c, r_r = evaluate_pairs(rm, tokenizer, eval_rows, cfg.score_batch_size)
+    metrics = {"train_loss": train_out.training_loss,
+               **{f"eval_{k}": v for k, v in pair_metrics.items()},
+               **reward_stats(torch.cat([r_c, r_r]))}
+    print(f"rm: held-out pairwise accuracy {metrics['eval_accuracy']:.3f} "
+          f"(margin {metrics['eval_margin_mean']:.2f}) on {len(eval_rows)} pairs")
+    tracker.histogram("eval/rewards_chosen", r_c)
+    tracker.histogram("eval/rewards_rejected", r_r)
+
+    # --- save: RM adapter + head, tokenizer ---
+    with staged_artifact(cfg.paths.run_dir, "rm", resolved(cfg), parent=sft) as art:
+        rm.save_pretrained(art.dir / "adapter")
+        tokenizer.save_pretrained(art.dir / "adapter")
+        art.metrics = metrics
+    tracker.summary(metrics)
+    tracker.finish()
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="rm")
+@user_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""pipeline.generation on a tiny random Llama and a word-level tokenizer built in memory.
+
+The model is untrained (std 0.02 init, so logits are nearly flat) but deterministic
+under ``torch.manual_seed(0)``: greedy margins are still ~4e-4, far above the ~1e-6
+noise between padded and unpadded batches, and some rows emit EOS on their own.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+from pipeline.generation import (DecodingConfig, decode_responses, encode_prompts, generate,
+                                 generate_ids, generation_kwargs, mask_after_first_eos,
+                                 read_prompt_file)
+
+pytestmark = pytest.mark.unit
+
+DECODING_DIR = Path(__file__).resolve().parents[2] / "conf" / "decoding"
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "where is the red tower",
+             "the river runs to the sea", "who lives in the old house"]
+PROMPTS = ["the cat sat", "where is the red tower", "a dog",
+           "who lives in the old house by the sea", "the river"]
+
+
+def dec(name="greedy", do_sample=False, temperature=1.0, top_k=0, top_p=1.0, num_beams=1,
+        max_new_tokens=16) -> DecodingConfig:
+    return DecodingConfig(name=name, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                          top_p=top_p, num_beams=num_beams, max_new_tokens=max_new_tokens)
+
+
+GREEDY = dec()
+SAMPLE = dec("sample", do_sample=True)
+
+
+# --- fixtures -------------------------------------------------------------------------
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer (27 tokens) with a dedicated pad: pad id 0 != eos id 1."""
+    specials = ["<|pad|>", "<|eos|>", "<|unk|>", "<|user|>", "<|assistant|>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=specials))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>",
+                                 unk_token="<|unk|>", additional_special_tokens=specials[3:])
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def build_model(tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_model(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    return encode_prompts(tokenizer, PROMPTS)
+
+
+def run(model, tokenizer, batch, d, seed=None):
+    return generate_ids(model, *batch, d, tokenizer, generator_seed=seed)
+
+
+# --- decoding strategies --------------------------------------------------------------
+
+
+def test_greedy_equals_beam_search_with_one_beam(model, tokenizer, batch):
+    greedy_ids, _ = run(model, tokenizer, batch, GREEDY)
+    beam_ids, _ = run(model, tokenizer, batch, dec("beam", num_beams=1))
+    assert torch.equal(greedy_ids, beam_ids)
+
+
+def test_greedy_with_kv_cache_equals_argmax_of_full_forward(model, tokenizer):
+    # The cached incremental decode must pick what a from-scratch forward pass picks.
+    input_ids, attention_mask = encode_prompts(tokenizer, [PROMPTS[0]])
+    ids, _ = generate_ids(model, input_ids, attention_mask, dec(max_new_tokens=6), tokenizer, None)
+    seq = input_ids
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(ids, seq[:, input_ids.shape[1]:])
+
+
+def test_top_k_1_sampling_equals_greedy(model, tokenizer, batch):
+    greedy_ids, _ = run(model, tokenizer, batch, GREEDY)
+    top1_ids, _ = run(model, tokenizer, batch, dec("top1", do_sample=True, top_k=1), seed=123)
+    assert torch.equal(greedy_ids, top1_ids)
+
+
+def test_seeded_sample_reproduces_and_another_seed_differs(model, tokenizer, batch):
+    a, mask_a = run(model, tokenizer, batch, SAMPLE, seed=7)
+    b, mask_b = run(model, tokenizer, batch, SAMPLE, seed=7)
+    c, _ = run(model, tokenizer, batch, SAMPLE, seed=8)
+    assert torch.equal(a, b) and torch.equal(mask_a, mask_b)
+    width = min(a.shape[1], c.shape[1])
+    assert not torch.equal(a[:, :width], c[:, :width])
+
+
+def test_beam_search_runs_and_returns_only_new_tokens(model, tokenizer, batch):
+    ids, mask = run(model, tokenizer, batch, dec("beam", num_beams=4, max_new_tokens=8))
+    assert ids.shape[0] == len(PROMPTS) and ids.shape[1] <= 8 and mask.shape == ids.shape
+    assert torch.equal(mask, mask_after_first_eos(ids, tokenizer.eos_token_id))
+
+
+@pytest.mark.parametrize("p, kept", [
+    (0.5, [0]),        # 0.5 alone reaches 0.5
+    (0.79, [0, 1]),    # 0.5 < 0.79 <= 0.5 + 0.3
+    (0.8, [0, 1]),     # 0.5 + 0.3 reaches 0.8 exactly: 0.15 is not needed
+    (0.81, [0, 1, 2]), # 0.8 falls short, 0.95 reaches it
+    (0.96, [0, 1, 2, 3]),
+])
+def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
+    # The warper generate() builds from top_p. float32 on purpose: generate casts the
+    # scores to float32 before the warpers, and p=0.8 is an exact tie (1 - 0.8 vs the
+    # tail mass 0.05 + 0.15), which float32 resolves as the definition says.
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    out = TopPLogitsWarper(top_p=p)(torch.zeros(1, 1, dtype=torch.long), probs.log()[None])  # (1, V)
+    survived = torch.isfinite(out[0])
+    assert survived.nonzero().flatten().tolist() == kept
+    assert torch.all(out[0][~survived] == -float("inf"))
+    assert torch.allclose(out[0][survived], probs.log()[survived])  # survivors untouched
+
+
+# --- generation_kwargs: what reaches HF ------------------------------------------------
+
+
+def test_generation_kwargs_are_explicit(tokenizer):
+    kw = generation_kwargs(SAMPLE, tokenizer)
+    assert kw["eos_token_id"] == tokenizer.eos_token_id == 1 and kw["pad_token_id"] == 0
+    assert (kw["top_k"], kw["top_p"], kw["temperature"]) == (0, 1.0, 1.0)  # 0, not HF's 50
+    assert kw["repetition_penalty"] == 1.0 and kw["min_length"] == 0 and kw["use_cache"]
+    # Greedy/beam leave the warper settings out (HF ignores and warns about them there).
+    assert not {"top_k", "top_p", "temperature"} & set(generation_kwargs(GREEDY, tokenizer))
+
+
+def test_generation_kwargs_refuse_pad_equal_to_eos(tokenizer):
+    same = build_tokenizer()
+    same.pad_token = same.eos_token
+    with pytest.raises(ValueError, match="dedicated pad token"):
+        generation_kwargs(GREEDY, same)
+
+
+def test_generation_kwargs_reject_bad_settings(tokenizer):
+    with pytest.raises(ValueError, match="temperature"):
+        generation_kwargs(dec(do_sample=True, temperature=0.0), tokenizer)
+    with pytest.raises(ValueError, match="top_p"):
+        generation_kwargs(dec(do_sample=True, top_p=0.0), tokenizer)
+
+
+@pytest.mark.parametrize("d, expect_top_k, expect_top_p", [
+    (SAMPLE, False, False),
+    (dec("top_k", do_sample=True, top_k=10), True, False),
+    (dec("top_p", do_sample=True, top_p=0.9), False, True),
+])
+def test_only_the_configured_warpers_run(model, tokenizer, batch, monkeypatch, d, expect_top_k,
+                                         expect_top_p):
+    # A checkpoint whose generation_config.json asks for top_k=5 and a repetition penalty
+    # (as some hub models do) must not change our decoding: explicit kwargs win.
+    monkeypatch.setattr(model.generation_config, "top_k", 5)
+    monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.3)
+    called = set()
+
+    def spy_on(cls):
+        original = cls.__call__
+
+        def spy(self, input_ids, scores):  # same two-argument signature HF inspects
+            called.add(cls.__name__)
+            return original(self, input_ids, scores)
+
+        monkeypatch.setattr(cls, "__call__", spy)
+
+    for cls in (TopKLogitsWarper, TopPLogitsWarper, RepetitionPenaltyLogitsProcessor):
+        spy_on(cls)
+    run(model, tokenizer, batch, dec(d.name, d.do_sample, d.temperature, d.top_k, d.top_p,
+                                     max_new_tokens=3), seed=0)
+    assert ("TopKLogitsWarper" in called) == expect_top_k
+    assert ("TopPLogitsWarper" in called) == expect_top_p
+    assert "RepetitionPenaltyLogitsProcessor" not in called
+
+
+# --- masks, padding, decoding ---------------------------------------------------------
+
+
+def test_mask_stops_after_first_eos():
+    eos, pad = 1, 0
+    ids = torch.tensor([[5, eos, 7, eos, pad],   # second EOS and pad are past the end
+                        [5, 6, 7, 8, 9],         # never ended: truncated, all real
+                        [eos, pad, 5, 6, 7],     # empty response: just the EOS
+                        [pad, 5, eos, pad, pad]])  # a sampled pad id is still a real token
+    expected = torch.tensor([[1, 1, 0, 0, 0],
+                             [1, 1, 1, 1, 1],
+                             [1, 0, 0, 0, 0],
+                             [1, 1, 1, 0, 0]])
+    assert torch.equal(mask_after_first_eos(ids, eos), expected)
+
+
+def test_generated_mask_matches_first_eos(model, tokenizer, batch):
+    ids, mask = run(model, tokenizer, batch, SAMPLE, seed=0)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    lengths = mask.sum(1)
+    # The case must be non-trivial: some rows end with EOS, some run to the limit.
+    assert (lengths < ids.shape[1]).any() and (lengths == SAMPLE.max_new_tokens).any()
+    for row, n in zip(ids, lengths.tolist()):
+        if n < SAMPLE.max_new_tokens:
+            assert row[n - 1] == eos and (row[:n - 1] != eos).all()
+            assert (row[n:] == pad).all()  # HF fills finished rows with the pad id
+
+
+def test_encode_prompts_left_pads(tokenizer):
+    tokenizer.padding_side = "right"
+    input_ids, attention_mask = encode_prompts(tokenizer, ["the cat", "where is the red tower now"])
+    assert tokenizer.padding_side == "right"  # restored
+    pad = tokenizer.pad_token_id
+    # "<|user|> the cat <|eos|> <|assistant|>" is 5 tokens, the long one 9: 4 pads, left.
+    assert attention_mask.tolist() == [[0] * 4 + [1] * 5, [1] * 9]
+    assert (input_ids[0, :4] == pad).all() and (input_ids[:, 4:] != pad).all()
+    assert tokenizer.convert_ids_to_tokens(input_ids[0, 4:].tolist()) == [
+        "<|user|>", "the", "cat", "<|eos|>", "<|assistant|>"]
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(model, tokenizer, batch):
+    ids, mask = run(model, tokenizer, batch, GREEDY)
+    assert (mask.sum(1) < ids.shape[1]).any()  # one prompt stops early: padding after EOS
+    for i, prompt in enumerate(PROMPTS):
+        alone_ids, alone_mask = generate_ids(model, *encode_prompts(tokenizer, [prompt]), GREEDY,
+                                             tokenizer, None)
+        t = alone_ids.shape[1]
+        assert torch.equal(ids[i, :t], alone_ids[0]) and torch.equal(mask[i, :t], alone_mask[0])
+        assert not mask[i, t:].any()
+    texts = generate(model, tokenizer, PROMPTS, GREEDY, batch_size=len(PROMPTS), seed=None)
+    assert texts == generate(model, tokenizer, PROMPTS, GREEDY, batch_size=2, seed=None)
+
+
+def test_decode_stops_at_first_eos(tokenizer):
+    t = tokenizer.convert_tokens_to_ids
+    ids = torch.tensor([[t("the"), t("cat"), t("<|eos|>"), t("dog"), t("<|pad|>")],
+                        [t("<|user|>"), t("sea"), t("runs"), t("sea"), t("sea")]])
+    texts = decode_responses(tokenizer, ids, mask_after_first_eos(ids, t("<|eos|>")))
+    assert texts == ["the cat", "sea runs sea sea"]  # special tokens skipped
+
+
+def test_generate_returns_one_clean_string_per_prompt(model, tokenizer):
+    texts = generate(model, tokenizer, PROMPTS, SAMPLE, batch_size=2, seed=3)
+    assert len(texts) == len(PROMPTS) and all(isinstance(s, str) for s in texts)
+    assert not any("<|" in s or s != s.strip() for s in texts)
+    assert texts == generate(model, tokenizer, PROMPTS, SAMPLE, batch_size=2, seed=3)
+
+
+# --- prompt files ---------------------------------------------------------------------
+
+
+def test_read_txt_prompts(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("where is the tower?\n\n  who lives there?  \n")
+    assert read_prompt_file(path) == ["where is the tower?", "who lives there?"]
+
+
+def test_read_jsonl_prompts(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "where is the tower?", "id": 1}\n\n{"prompt": "who?"}\n')
+    assert read_prompt_file(path) == ["where is the tower?", "who?"]
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"prompt": "unterminated', "bad JSON"),
+    ('{"text": "no prompt here"}', "missing field 'prompt'"),
+    ('{"prompt": 3}', "not a string"),
+    ('{"prompt": "  "}', "empty"),
+    ('["prompt"]', "JSON object"),
+])
+def test_malformed_jsonl_line_is_named(tmp_path, line, problem):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(ValueError) as err:
+        read_prompt_file(path)
+    message = str(err.value)
+    assert f"{path}:2:" in message and problem in message and "fix:" in message
+
+
+@pytest.mark.parametrize("name, text", [("empty.txt", ""), ("blank.jsonl", "\n  \n"),
+                                        ("p.csv", "a,b\n")])
+def test_unusable_prompt_files_raise(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=str(path)):
+        read_prompt_file(path)
+
+
+# --- conf/decoding --------------------------------------------------------------------
+
+
+EXPECTED = {  # (do_sample, temperature, top_k, top_p, num_beams), max_new_tokens is 48
+    "greedy": (False, 1.0, 0, 1.0, 1),
+    "beam": (False, 1.0, 0, 1.0, 4),
+    "sample": (True, 1.0, 0, 1.0, 1),
+    "top_k": (True, 1.0, 10, 1.0, 1),
+    "top_p": (True, 1.0, 0, 0.9, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_decoding_yaml_fits_the_schema(name, tokenizer):
+    raw = OmegaConf.load(DECODING_DIR / f"{name}.yaml")
+    # The defaults list is Hydra's (it attaches the registered schema); the rest is data.
+    assert list(raw.pop("defaults")) == ["decoding_schema", "_self_"]
+    cfg = OmegaConf.merge(OmegaConf.structured(DecodingConfig), raw)
+    d = OmegaConf.to_object(cfg)
+    assert isinstance(d, DecodingConfig) and d.name == name and d.max_new_tokens == 48
+    assert (d.do_sample, d.temperature, d.top_k, d.top_p, d.num_beams) == EXPECTED[name]
+    generation_kwargs(d, tokenizer)  # and every file is a valid strategy
+
+
+def test_decoding_group_composes_with_hydra():
+    from hydra import compose, initialize_config_dir
+
+    import pipeline.config  # noqa: F401  (registers decoding/decoding_schema)
+
+    with initialize_config_dir(config_dir=str(DECODING_DIR.parent), version_base="1.3"):
+        cfg = compose(config_name=None, overrides=["+decoding=top_p"])
+        assert cfg.decoding.top_p == 0.9
+        with pytest.raises(Exception, match="top_k"):  # the schema types the fields
+            compose(config_name=None, overrides=["+decoding=top_p", "decoding.top_k=ten"])
