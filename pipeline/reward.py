@@ -15,22 +15,15 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from pathlib import Path
-
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 from torch.utils.data import Sampler
 from transformers import AutoTokenizer
 from trl import RewardTrainer
 
 from pipeline.artifacts import Artifact
 from pipeline.models import load_sequence_classifier
-
-
-def base_source_of(sft: Artifact) -> str:
-    """The base weights an SFT adapter was trained on, as its manifest records them."""
-    parent = sft.manifest["parent"]
-    return str(Path(parent["path"]) / "model") if parent else sft.manifest["config"]["model"]["path"]
+from pipeline.policies import base_source_for
 
 
 def load_sft_tokenizer(sft: Artifact):
@@ -40,8 +33,12 @@ def load_sft_tokenizer(sft: Artifact):
 
 def sft_backbone_classifier(sft: Artifact, model_cfg, tokenizer):
     """Base + SFT adapter merged, with a fresh scalar head: the RM's starting point."""
-    model = load_sequence_classifier(base_source_of(sft), model_cfg, tokenizer)
-    return PeftModel.from_pretrained(model, sft.path / "adapter").merge_and_unload()
+    model = load_sequence_classifier(base_source_for(sft), model_cfg, tokenizer)
+    # The adapter was saved for a causal LM; loading it task-agnostically puts the same
+    # LoRA deltas on the same backbone layers without the generation hooks.
+    config = PeftConfig.from_pretrained(sft.path / "adapter")
+    config.task_type = None
+    return PeftModel.from_pretrained(model, sft.path / "adapter", config=config).merge_and_unload()
 
 
 def load_reward_model(rm: Artifact, sft: Artifact, model_cfg):

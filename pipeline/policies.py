@@ -1,0 +1,59 @@
+"""Loading any stage's policy as a plain causal LM: base, sft or ppo.
+
+Artifacts hold LoRA adapters, never full copies of the base: ``sft/adapter`` and
+``ppo/policy`` are both adapters on the *base* weights (the PPO policy adapter starts
+as a copy of the SFT adapter). For sampling, the adapter is merged into the base so
+generation runs at plain-model speed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from peft import PeftModel
+from transformers import AutoTokenizer
+
+from pipeline.artifacts import Artifact, find_parent, load_artifact
+from pipeline.models import load_causal_lm, load_tokenizer
+
+POLICY_STAGES = ("base", "sft", "ppo")
+ADAPTER_DIR = {"sft": "adapter", "ppo": "policy"}
+
+
+def base_source_for(art: Artifact) -> str:
+    """The base weights under an sft/ppo adapter: follow the parent chain down to ``base``,
+    or the hub id / path the chain's config named when there is no base artifact."""
+    while art.stage != "base":
+        parent = art.manifest["parent"]
+        if parent is None:
+            return art.manifest["config"]["model"]["path"]
+        art = load_artifact(parent["path"], parent["stage"])
+    return str(art.path / "model")
+
+
+def adapter_dir(art: Artifact) -> Path:
+    return art.path / ADAPTER_DIR[art.stage]
+
+
+def load_policy(stage: str, cfg, merge: bool = True):
+    """(model, tokenizer) of ``stage``'s policy in eval mode, from ``cfg.paths.run_dir``.
+
+    ``base`` with a configured ``model.path`` loads that model directly.
+    """
+    if stage not in POLICY_STAGES:
+        raise ValueError(f"stage must be one of {POLICY_STAGES}, got {stage!r}")
+    if stage == "base":
+        if cfg.model.path:
+            source = cfg.model.path
+        else:
+            source = str(find_parent(cfg.paths.run_dir, "base").path / "model")
+        tokenizer = load_tokenizer(source, cfg.model)
+        return load_causal_lm(source, cfg.model, tokenizer).eval(), tokenizer
+    art = find_parent(cfg.paths.run_dir, stage)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir(art))
+    model = load_causal_lm(base_source_for(art), cfg.model, tokenizer)
+    model = PeftModel.from_pretrained(model, adapter_dir(art))
+    if merge:
+        model = model.merge_and_unload()
+    return model.eval(), tokenizer

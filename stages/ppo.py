@@ -1,0 +1,138 @@
+"""Stage 3 of InstructGPT: PPO against the reward model, KL-anchored to the SFT policy.
+
+    maximise  E[ r(x, y) - beta * KL(pi(.|x) || pi_SFT(.|x)) ]
+
+with the clipped PPO objective (Schulman et al. 2017), GAE advantages, a per-token KL
+penalty (k1 or k3) under a fixed or adaptive coefficient (Ziegler et al. 2019), all four
+models as LoRA adapters on one frozen base (pipeline/rl/shared_model.py).
+
+    make ppo
+    make ppo ARGS="ppo.total_updates=100 ppo.kl.controller=fixed ppo.kl.init_coef=0.1"
+    make ppo ARGS="+reward.sources.gold='{_target_: pipeline.rl.rewards.GoldJudgeReward, weight: 1.0, seed: 0, n_entities: 40, n_unknown: 40}'"
+    accelerate launch --num_processes 2 -m stages.ppo           # data parallel
+
+A killed run resumes from its last checkpoint when rerun with the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import hydra
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+import pipeline.config  # noqa: F401  (registers the schemas)
+from pipeline.artifacts import find_parent, staged_artifact
+from pipeline.data import load_validated, prompt_row
+from pipeline.reward import load_sft_tokenizer
+from pipeline.rl.checkpoint import config_hash, latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.rl.ppo import PPOTrainer
+from pipeline.rl.rewards import build_reward_fn
+from pipeline.rl.shared_model import SharedBaseActorCritic
+from pipeline.runtime import PipelineError, resolved, seed_everything, user_errors
+from pipeline.tracking import Tracker, start_tracking
+from pipeline.training import precision_flags
+
+
+def prompt_batch(prompts: list[str], update: int, per_process: int, rank: int, world: int, seed: int) -> list[str]:
+    """This process's prompts for ``update``: a pure function of the update number, so a
+    resumed run sees exactly the batches an uninterrupted one would."""
+    global_batch = per_process * world
+    start = update * global_batch
+    epoch, order = start // len(prompts), list(range(len(prompts)))
+    random.Random(seed + epoch).shuffle(order)
+    idx = [order[(start + i) % len(prompts)] for i in range(global_batch)]
+    return [prompts[i] for i in idx[rank::world]]
+
+
+def accelerator_for(precision: str) -> Accelerator:
+    flags = precision_flags(precision)
+    mixed = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed)
+
+
+def run(cfg: DictConfig) -> dict:
+    acc = accelerator_for(cfg.ppo.precision)
+    seed_everything(cfg.seed + acc.process_index)  # each process samples its own responses
+    torch.set_num_threads(cfg.num_threads)
+
+    # --- parents: SFT (policy init, reference) and RM (reward, value init) ---
+    sft = find_parent(cfg.paths.run_dir, "sft", cfg.parents.sft)
+    rm = find_parent(cfg.paths.run_dir, "rm", cfg.parents.rm)
+    tokenizer = load_sft_tokenizer(sft)
+    model = SharedBaseActorCritic.from_artifacts(sft, rm, cfg.model, tokenizer, cfg.ppo.value_init).to(acc.device)
+
+    # --- prompts and reward ---
+    prompts = [r["prompt"] for r in load_validated(cfg.data.ppo_prompts, cfg.data.hub_split, prompt_row)]
+    trainer = PPOTrainer(model, tokenizer, cfg.ppo, acc, build_reward_fn(cfg.reward, rm.metrics))
+
+    # --- resume from the last checkpoint of an interrupted run ---
+    config = resolved(cfg)
+    ckpt_root, chash, history = Path(cfg.paths.run_dir) / ".work" / "ppo" / "checkpoints", config_hash(config), []
+    last = latest_checkpoint(ckpt_root) if cfg.resume else None
+    if last is not None:
+        try:
+            history = load_checkpoint(last, model, trainer, chash, acc)
+        except ValueError as e:
+            raise PipelineError(str(e)) from e
+        acc.print(f"ppo: resuming from {last} (update {trainer.update}/{cfg.ppo.total_updates})")
+
+    # --- train ---
+    tracker = start_tracking(cfg, "ppo") if acc.is_main_process else Tracker(None)
+    bar = tqdm(range(trainer.update, cfg.ppo.total_updates), initial=trainer.update,
+               total=cfg.ppo.total_updates, disable=not acc.is_main_process, desc="ppo")
+    for update in bar:
+        batch = prompt_batch(prompts, update, cfg.ppo.rollout_batch_size, acc.process_index,
+                             acc.num_processes, cfg.seed)
+        metrics, rollout, texts = trainer.step(batch)
+        history.append(metrics)
+        bar.set_postfix(reward=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
+        if update % cfg.log_every == 0:
+            tracker.log(metrics, step=trainer.update)
+        if update % cfg.table_every == 0:
+            log_samples(tracker, batch, texts, rollout, cfg.logger.num_samples, trainer.update)
+        if trainer.update % cfg.checkpoint_every == 0 and trainer.update < cfg.ppo.total_updates:
+            save_checkpoint(ckpt_root, trainer.update, model, trainer, history, chash, acc)
+
+    # --- save: policy adapter, value adapter + head, history ---
+    final = summarise(history)
+    if acc.is_main_process:
+        with staged_artifact(cfg.paths.run_dir, "ppo", config, parent=rm) as art:
+            model.save_final(art.dir, tokenizer)
+            (art.dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+            art.metrics = final
+        acc.print(f"ppo: {trainer.update} updates, score {final['objective/scores']:.3f}, "
+                  f"KL {final['objective/kl']:.3f}, EOS rate {final['rollout/eos_rate']:.1%}")
+        tracker.summary(final)
+        tracker.finish()
+    acc.wait_for_everyone()
+    return final
+
+
+def summarise(history: list[dict], last: int = 5) -> dict:
+    """Final metrics: the mean of the last few updates (single updates are noisy)."""
+    tail = history[-last:]
+    out = {k: sum(h[k] for h in tail) / len(tail) for k in tail[0]} if tail else {}
+    out["updates"] = len(history)
+    return out
+
+
+def log_samples(tracker: Tracker, prompts, texts, rollout, n: int, step: int) -> None:
+    kl = rollout.kl.sum(1).tolist()
+    rows = [[p, t, s, k] for p, t, s, k in zip(prompts, texts, rollout.scores.tolist(), kl)][:n]
+    tracker.table(f"samples/update_{step}", ["prompt", "response", "score", "kl"], rows)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="ppo")
+@user_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
