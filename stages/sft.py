@@ -30,6 +30,22 @@ from pipeline.tracking import start_tracking
 from pipeline.training import NonFiniteLossGuard, trainer_args
 
 
+def sft_trainer(cfg: DictConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
+                report_to: str) -> SFTTrainer:
+    """TRL's SFTTrainer with a LoRA adapter; labels are -100 outside assistant turns."""
+    args = SFTConfig(
+        **trainer_args(cfg.train, str(Path(cfg.paths.run_dir) / ".work" / "sft"), cfg.seed, report_to),
+        assistant_only_loss=True,
+        packing=cfg.train.packing,
+        train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
+    )
+    return SFTTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows),
+        peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=[NonFiniteLossGuard()],
+    )
+
+
 def run(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.train.num_threads)
@@ -46,18 +62,7 @@ def run(cfg: DictConfig) -> dict:
 
     # --- trainer: LoRA on the base, loss on assistant tokens ---
     tracker = start_tracking(cfg, "sft")
-    args = SFTConfig(
-        **trainer_args(cfg.train, str(Path(cfg.paths.run_dir) / ".work" / "sft"), cfg.seed,
-                       "wandb" if tracker.enabled else "none"),
-        assistant_only_loss=True,
-        packing=cfg.train.packing,
-        train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
-    )
-    trainer = SFTTrainer(
-        model=model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows),
-        peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=[NonFiniteLossGuard()],
-    )
+    trainer = sft_trainer(cfg, model, tokenizer, train_rows, eval_rows, "wandb" if tracker.enabled else "none")
     train_out = trainer.train()
     final_eval = trainer.evaluate()
     policy = trainer.model
@@ -68,7 +73,7 @@ def run(cfg: DictConfig) -> dict:
     metrics = {
         "train_loss": train_out.training_loss,
         "eval_loss": final_eval["eval_loss"],
-        "eval_mean_token_accuracy": final_eval.get("eval_mean_token_accuracy"),
+        "eval_mean_token_accuracy": final_eval["eval_mean_token_accuracy"],
         **{f"samples/{k}": v for k, v in sample_stats(samples).items()},
     }
     print(f"sft: train loss {metrics['train_loss']:.3f}, eval loss {metrics['eval_loss']:.3f}, "

@@ -1,0 +1,76 @@
+"""RM stage: real RewardTrainer on the tiny SFT model."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pipeline.reward
+from pipeline.artifacts import find_parent
+from pipeline.data import load_validated, preference_rows
+from pipeline.reward import evaluate_pairs, load_reward_model
+from stages import rm
+from tests.conftest import compose_config
+from tests.stage.conftest import QUIET, TINY_RM
+
+pytestmark = pytest.mark.stage
+
+
+@pytest.fixture
+def chain(sft_root, tmp_path, monkeypatch):
+    root = tmp_path / "chain"
+    shutil.copytree(sft_root, root, symlinks=True)
+    # The copied sft records its parent by absolute path; point it at the copied base.
+    for manifest in root.glob("artifacts/default/*/manifest.json"):
+        manifest.write_text(manifest.read_text().replace(str(sft_root), str(root)))
+    monkeypatch.setenv("RLHF_ROOT", str(root))
+    return root
+
+
+def test_rm_trains_adapter_and_head_and_leaves_backbone(chain, monkeypatch):
+    seen = {}
+    real = pipeline.reward.sft_backbone_classifier
+
+    def recording(*a, **k):
+        model = real(*a, **k)
+        seen["model"] = model
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return model
+
+    monkeypatch.setattr(rm, "sft_backbone_classifier", recording)
+    metrics = rm.run(compose_config("rm", TINY_RM + QUIET))
+    for name, p in seen["model"].named_parameters():
+        if "lora_" in name or "score" in name:
+            continue
+        original = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(p.detach(), seen["before"][original]), f"backbone weight {original} changed"
+    saved = load_file(chain / "artifacts/default/rm/adapter/adapter_model.safetensors")
+    head = [v for k, v in saved.items() if "score" in k]
+    assert len(head) == 1 and not torch.equal(head[0], seen["before"]["score.weight"])
+    assert all(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    for key in ("eval_accuracy", "eval_margin_mean", "reward_mean", "reward_std"):
+        assert key in metrics
+
+
+def test_saved_rm_reloads_to_identical_scores(chain):
+    metrics = rm.run(compose_config("rm", TINY_RM + QUIET))
+    cfg = compose_config("rm", TINY_RM + QUIET)
+    model, tok = load_reward_model(find_parent(cfg.paths.run_dir, "rm"), find_parent(cfg.paths.run_dir, "sft"),
+                                   cfg.model)
+    rows = load_validated(cfg.data.prefs.eval, cfg.data.hub_split, preference_rows)
+    reloaded, _, _ = evaluate_pairs(model, tok, rows, cfg.score_batch_size)
+    # In-process scores were recorded in the manifest at training time.
+    assert reloaded["accuracy"] == metrics["eval_accuracy"]
+    assert reloaded["margin_mean"] == pytest.approx(metrics["eval_margin_mean"], abs=1e-5)
+    assert reloaded["chosen_mean"] == pytest.approx(metrics["eval_chosen_mean"], abs=1e-5)
+
+
+def test_missing_sft_names_make_sft(world_root, tmp_path):
+    root = tmp_path / "r"
+    shutil.copytree(world_root, root, symlinks=True)
+    env = {"RLHF_ROOT": str(root), "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, "-m", "stages.rm", "logger=none"], capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and "Run `make sft` first" in out.stderr

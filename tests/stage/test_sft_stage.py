@@ -1,0 +1,136 @@
+"""SFT stage: the real entry point on tiny models of several architectures."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+import pipeline.models
+from pipeline.artifacts import load_artifact
+from stages import sft
+from tests.conftest import compose_config
+from tests.stage.conftest import QUIET, TINY_SFT
+
+pytestmark = pytest.mark.stage
+
+
+@pytest.fixture
+def spy_base(monkeypatch):
+    """Record the base model SFT loads and a copy of its weights before training."""
+    seen = {}
+    real = pipeline.models.load_causal_lm
+
+    def recording(*args, **kwargs):
+        model = real(*args, **kwargs)
+        seen["model"] = model
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return model
+
+    monkeypatch.setattr(sft, "load_causal_lm", recording)
+    return seen
+
+
+def assert_lora_trained_and_base_untouched(adapter_dir, seen):
+    adapter = load_file(adapter_dir / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
+    assert lora_b, "no LoRA weights saved"
+    # peft initialises B to zero, so any non-zero B was learned.
+    assert all(v.abs().sum() > 0 for v in lora_b.values())
+    after = {n: p for n, p in seen["model"].named_parameters() if "lora_" not in n}
+    base_names = {n.replace("base_model.model.", "").replace(".base_layer", "") for n in after}
+    assert base_names == set(seen["before"])
+    for name, p in after.items():
+        original = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(p.detach(), seen["before"][original]), f"base weight {original} changed"
+
+
+def test_sft_trains_lora_and_leaves_base_bit_identical(run_root, spy_base):
+    metrics = sft.run(compose_config("sft", TINY_SFT + QUIET))
+    art = load_artifact(run_root / "artifacts" / "default" / "sft", "sft")
+    assert_lora_trained_and_base_untouched(art.path / "adapter", spy_base)
+    assert art.manifest["parent"]["stage"] == "base"
+    for key in ("train_loss", "eval_loss", "eval_mean_token_accuracy", "samples/eos_rate"):
+        assert key in art.metrics and art.metrics[key] == metrics[key]
+    assert (art.path / "adapter" / "tokenizer.json").is_file()
+
+
+def test_overrides_reach_the_adapter(run_root):
+    sft.run(compose_config("sft", TINY_SFT + QUIET + ["lora.r=2", "lora.alpha=4",
+                                                        "lora.target_modules=[q_proj,v_proj]"]))
+    adapter = load_file(run_root / "artifacts/default/sft/adapter/adapter_model.safetensors")
+    a = [v for k, v in adapter.items() if "lora_A" in k]
+    assert {v.shape[0] for v in a} == {2}
+    assert all(("q_proj" in k or "v_proj" in k) for k in adapter)
+
+
+def test_save_merged_writes_a_full_model(run_root):
+    sft.run(compose_config("sft", TINY_SFT + QUIET + ["save_merged=true"]))
+    merged = run_root / "artifacts/default/sft/merged"
+    assert (merged / "model.safetensors").is_file() and not list(merged.glob("*.bin"))
+
+
+def tiny_arch(name, tokenizer):
+    common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    if name == "llama":
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2, **common))
+    if name == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, **common))
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=256, **common))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_sft_runs_on_each_architecture(run_root, spy_base, arch, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(run_root / "artifacts/default/base/model")
+    torch.manual_seed(0)
+    local = tmp_path / f"tiny-{arch}"
+    tiny_arch(arch, tokenizer).save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    sft.run(compose_config("sft", TINY_SFT + QUIET + [f"model.path={local}", f"model.name=tiny-{arch}"]))
+    art = load_artifact(run_root / "artifacts/default/sft", "sft")
+    assert art.manifest["parent"] is None and art.manifest["config"]["model"]["path"] == str(local)
+    assert_lora_trained_and_base_untouched(art.path / "adapter", spy_base)
+
+
+def test_missing_base_names_make_base(tmp_path):
+    env = {"RLHF_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, "-m", "stages.sft", "logger=none"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 2
+    assert "Run `make base` first" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_qlora_without_cuda_is_a_clear_error(run_root):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from pipeline.runtime import PipelineError
+    with pytest.raises(PipelineError, match="needs a CUDA GPU"):
+        sft.run(compose_config("sft", TINY_SFT + QUIET + ["model.load_in_4bit=true"]))
+
+
+def test_loss_covers_assistant_tokens_only(run_root):
+    """Worked example: in a two-turn conversation only the answers (and their EOS) carry labels."""
+    cfg = compose_config("sft", TINY_SFT + QUIET)
+    source = str(run_root / "artifacts/default/base/model")
+    tokenizer = pipeline.models.load_tokenizer(source, cfg.model)
+    model = pipeline.models.load_causal_lm(source, cfg.model, tokenizer)
+    convo = [{"role": "user", "content": "What is 2 plus 3?"},
+             {"role": "assistant", "content": "2 plus 3 is 5."},
+             {"role": "user", "content": "Repeat the word 'cup' 2 times."},
+             {"role": "assistant", "content": "cup cup"}]
+    trainer = sft.sft_trainer(cfg, model, tokenizer, [{"messages": convo}], [{"messages": convo}], "none")
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    # The rendered text is
+    #   <|user|>\nWhat is 2 plus 3?\n<|assistant|>\n2 plus 3 is 5.<|eos|><|user|>\n...\n<|assistant|>\ncup cup<|eos|>
+    # and exactly "2 plus 3 is 5.<|eos|>" and "cup cup<|eos|>" are supervised.
+    supervised = tokenizer.decode(ids[labels != -100])
+    assert supervised == "2 plus 3 is 5.<|eos|>cup cup<|eos|>"
+    assert tokenizer.decode(ids[labels == -100]).startswith("<|user|>\nWhat is 2 plus 3?\n<|assistant|>\n")
+    assert (labels[labels != -100] == ids[labels != -100]).all()

@@ -1,0 +1,108 @@
+"""Data formats: every accepted layout normalises to messages; bad rows name file, row, field."""
+
+import json
+
+import pytest
+
+from pipeline.data import (expand_ranking, load_validated, preference_rows, prompt_row, sft_row,
+                           split_shared_prefix)
+from pipeline.runtime import PipelineError
+
+pytestmark = pytest.mark.unit
+
+USER = {"role": "user", "content": "What is 2 plus 3?"}
+ANSWER = {"role": "assistant", "content": "2 plus 3 is 5."}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": [USER, ANSWER]},
+    {"prompt": "What is 2 plus 3?", "completion": "2 plus 3 is 5."},
+    {"prompt": [USER], "completion": [ANSWER]},
+    {"instruction": "What is 2 plus 3?", "input": "", "output": "2 plus 3 is 5."},
+])
+def test_sft_layouts_normalise_to_the_same_messages(row):
+    assert sft_row(row) == [{"messages": [USER, ANSWER]}]
+
+
+def test_alpaca_input_is_appended_to_the_instruction():
+    row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    assert sft_row(row)[0]["messages"][0]["content"] == "Add the numbers.\n\n2 and 3"
+
+
+@pytest.mark.parametrize("bad, where", [
+    ({"messages": [USER]}, "field `messages[0].role` must be 'assistant'"),
+    ({"messages": [USER, {"role": "bot", "content": "x"}]}, "field `messages[1].role` must be one of"),
+    ({"messages": [USER, {"role": "assistant", "content": ""}]}, "field `messages[1].content`"),
+    ({"prompt": "hi"}, "field `completion` is missing"),
+    ({"instruction": "hi", "output": 3}, "field `output` must be a string"),
+    ({"text": "hi"}, "field `messages` is missing"),
+])
+def test_malformed_sft_row_names_file_line_and_field(tmp_path, bad, where):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [USER, ANSWER]}, bad])
+    with pytest.raises(PipelineError) as e:
+        load_validated([path], "train", sft_row)
+    assert f"{path}, line 2: {where}" in str(e.value) and "Fix or remove the row" in str(e.value)
+
+
+def test_bad_json_line_names_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [USER, ANSWER]}, "{not json"])
+    with pytest.raises(PipelineError, match=r"sft.jsonl, line 2: not valid JSON"):
+        load_validated([path], "train", sft_row)
+
+
+def test_parquet_rows_are_named_by_index(tmp_path):
+    from datasets import Dataset
+    Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ""}]) \
+        .to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(PipelineError, match=r"d.parquet, row 1: field `completion` is empty"):
+        load_validated([str(tmp_path / "d.parquet")], "train", sft_row)
+
+
+def test_missing_file_says_make_data(tmp_path):
+    with pytest.raises(PipelineError, match="make data"):
+        load_validated([str(tmp_path / "nope.jsonl")], "train", sft_row)
+
+
+def test_ranked_list_expands_to_every_pair():
+    # K = 3 responses best first -> K(K-1)/2 = 3 pairs: (a,b), (a,c), (b,c)
+    assert expand_ranking(["a", "b", "c"]) == [("a", "b"), ("a", "c"), ("b", "c")]
+    rows = preference_rows({"prompt": "q", "ranked": ["best", "mid", "worst", "bad"]})
+    pairs = [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
+    assert pairs == [("best", "mid"), ("best", "worst"), ("best", "bad"),
+                     ("mid", "worst"), ("mid", "bad"), ("worst", "bad")]
+    assert {r["group"] for r in rows} == {"q"}
+
+
+def test_explicit_and_implicit_prompts_agree():
+    explicit = preference_rows({"prompt": "q", "chosen": "good", "rejected": "bad"})[0]
+    implicit = preference_rows({
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]})[0]
+    assert explicit == implicit
+
+
+def test_implicit_prompt_needs_a_shared_prefix():
+    from pipeline.data import RowError
+    with pytest.raises(RowError, match="share no leading messages"):
+        split_shared_prefix([{"role": "user", "content": "a"}, ANSWER], [{"role": "user", "content": "b"}, ANSWER])
+
+
+@pytest.mark.parametrize("bad, where", [
+    ({"prompt": "q", "chosen": "x"}, "field `rejected` is missing"),
+    ({"prompt": "q", "chosen": "x", "rejected": "x"}, "field `rejected` equals `chosen`"),
+    ({"prompt": "q", "ranked": ["only one"]}, "field `ranked` must be a list of at least 2"),
+    ({"prompt": "q", "chosen": "x", "rejected": "y", "margin": "big"}, "field `margin` must be a number"),
+])
+def test_malformed_preference_rows(tmp_path, bad, where):
+    path = write_jsonl(tmp_path / "p.jsonl", [bad])
+    with pytest.raises(PipelineError, match=f"p.jsonl, line 1: {where}"):
+        load_validated([path], "train", preference_rows)
+
+
+def test_prompt_rows_keep_their_metadata():
+    assert prompt_row({"prompt": "q", "category": "fact"}) == [{"prompt": "q", "category": "fact"}]
