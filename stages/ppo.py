@@ -9,7 +9,8 @@ models as LoRA adapters on one frozen base (pipeline/rl/shared_model.py).
     make ppo
     make ppo ARGS="ppo.total_updates=100 ppo.kl.controller=fixed ppo.kl.init_coef=0.1"
     make ppo ARGS="+reward.sources.gold='{_target_: pipeline.rl.rewards.GoldJudgeReward, weight: 1.0, seed: 0, n_entities: 40, n_unknown: 40}'"
-    accelerate launch --num_processes 2 -m stages.ppo           # data parallel
+    accelerate launch --multi_gpu --num_processes 2 -m stages.ppo   # data parallel (GPUs, or
+                                                                    # CPU processes on gloo)
 
 A killed run resumes from its last checkpoint when rerun with the same config.
 """
