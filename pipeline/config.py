@@ -216,6 +216,110 @@ class RMStageConfig(StageConfig):
     score_batch_size: int = MISSING
 
 
+# --- eval / generate / pipeline -------------------------------------------------------
+
+
+@dataclass
+class EvalStageConfig(StageConfig):
+    """`make eval`: every policy stage of the run, judged on the held-out prompts."""
+
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    world: WorldConfig = MISSING  # the judge's world: the settings `make data` ran with
+    policies: list[str] = MISSING  # stages evaluated where their artifact exists
+    decodings: dict[str, DecodingConfig] = MISSING  # one report block per decoding
+    max_prompts: Optional[int] = MISSING  # the first n eval prompts; null = all of them
+    batch_size: int = MISSING  # prompts per generate call
+    score_batch_size: int = MISSING  # conversations per reward-model forward pass
+    num_threads: int = MISSING
+
+
+@dataclass
+class GenerateStageConfig(StageConfig):
+    """`make generate`: sample one stage's policy on a prompt or a prompt file."""
+
+    model: ModelConfig = MISSING
+    stage: str = MISSING  # base | sft | ppo
+    prompt: Optional[str] = MISSING
+    prompt_file: Optional[str] = MISSING  # .txt (a prompt per line) or .jsonl ({"prompt": ...})
+    decoding: DecodingConfig = MISSING
+    batch_size: int = MISSING
+    num_threads: int = MISSING
+
+
+@dataclass
+class PipelineStageConfig:
+    """`make pipeline`: the stages to run in order; each composes its own config."""
+
+    run_name: str = MISSING
+    seed: int = MISSING
+    paths: PathsConfig = MISSING
+    data: DataConfig = MISSING  # `make data` runs first when a file listed here is missing
+    stages: list[str] = MISSING
+
+
+@dataclass
+class KLConfig:
+    controller: str = MISSING  # fixed | adaptive (Ziegler et al. 2019)
+    init_coef: float = MISSING
+    target: Optional[float] = MISSING  # adaptive: target sequence-level KL
+    horizon: Optional[int] = MISSING  # adaptive: episodes over which the error is corrected
+    estimator: str = MISSING  # k1 | k3
+
+
+@dataclass
+class PPOConfig:
+    total_updates: int = MISSING
+    rollout_batch_size: int = MISSING  # prompts per update per process
+    generation_batch_size: int = MISSING
+    minibatch_size: int = MISSING  # must divide rollout_batch_size
+    ppo_epochs: int = MISSING
+    temperature: float = MISSING
+    max_new_tokens: int = MISSING
+    learning_rate: float = MISSING
+    weight_decay: float = MISSING
+    lr_schedule: str = MISSING  # constant | linear | cosine
+    warmup_steps: int = MISSING
+    max_grad_norm: float = MISSING
+    clip_range: float = MISSING
+    clip_range_value: float = MISSING
+    vf_coef: float = MISSING
+    gamma: float = MISSING
+    lam: float = MISSING
+    target_kl: Optional[float] = MISSING  # early-stop the epochs past this approx KL; null = off
+    missing_eos_penalty: Optional[float] = MISSING  # subtracted from a response without EOS
+    value_init: str = MISSING  # rm | fresh
+    precision: str = MISSING  # auto | fp32 | bf16 | fp16
+    seed: int = MISSING
+    kl: KLConfig = MISSING
+
+
+@dataclass
+class RewardConfig:
+    normalize: bool = MISSING  # standardise RM scores with the RM artifact's mean / std
+    sources: dict[str, Any] = MISSING
+
+
+@dataclass
+class PPOParents:
+    sft: Optional[str] = MISSING
+    rm: Optional[str] = MISSING
+
+
+@dataclass
+class PPOStageConfig(StageConfig):
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    parents: PPOParents = MISSING
+    reward: RewardConfig = MISSING
+    ppo: PPOConfig = MISSING
+    resume: bool = MISSING
+    log_every: int = MISSING
+    table_every: int = MISSING
+    checkpoint_every: int = MISSING
+    num_threads: int = MISSING
+
+
 def register_configs() -> None:
     """Put the schemas where the YAML defaults lists refer to them."""
     cs = ConfigStore.instance()
@@ -223,7 +327,11 @@ def register_configs() -> None:
     cs.store(name="base_schema", node=BaseStageConfig)
     cs.store(name="sft_schema", node=SFTStageConfig)
     cs.store(name="rm_schema", node=RMStageConfig)
+    cs.store(name="ppo_schema", node=PPOStageConfig)
     cs.store(group="decoding", name="decoding_schema", node=DecodingConfig)
+    cs.store(name="eval_schema", node=EvalStageConfig)
+    cs.store(name="generate_schema", node=GenerateStageConfig)
+    cs.store(name="pipeline_schema", node=PipelineStageConfig)
 
 
 register_configs()

@@ -64,3 +64,19 @@ def sft_root(world_root, tmp_path_factory) -> Path:
         sft.run(compose_config("sft", TINY_SFT + QUIET))
         rm.run(compose_config("rm", TINY_RM + QUIET))
     return root
+
+
+def copy_root(src: Path, dst: Path, ignore=None) -> Path:
+    """Copy a run root; manifests record parents by absolute path, so re-point them."""
+    shutil.copytree(src, dst, symlinks=True, ignore=ignore)
+    for manifest in dst.glob("artifacts/*/*/manifest.json"):
+        manifest.write_text(manifest.read_text().replace(str(src), str(dst)))
+    return dst
+
+
+@pytest.fixture
+def chain(sft_root, tmp_path, monkeypatch) -> Path:
+    """A private copy of the base -> sft -> rm chain, as RLHF_ROOT."""
+    root = copy_root(sft_root, tmp_path / "chain")
+    monkeypatch.setenv("RLHF_ROOT", str(root))
+    return root

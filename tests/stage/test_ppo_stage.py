@@ -21,22 +21,13 @@ from pipeline.rl.rewards import build_reward_fn
 from pipeline.rl.shared_model import SharedBaseActorCritic, position_ids_from_mask
 from stages.ppo import accelerator_for
 from tests.conftest import compose_config
+from tests.stage.conftest import copy_root
 
 pytestmark = pytest.mark.stage
 
 TINY_PPO = ["ppo.total_updates=2", "ppo.rollout_batch_size=8", "ppo.generation_batch_size=4",
             "ppo.minibatch_size=4", "ppo.ppo_epochs=2", "ppo.max_new_tokens=8", "ppo.warmup_steps=1",
             "logger=none"]
-
-
-@pytest.fixture
-def chain(sft_root, tmp_path, monkeypatch):
-    root = tmp_path / "chain"
-    shutil.copytree(sft_root, root, symlinks=True)
-    for manifest in root.glob("artifacts/default/*/manifest.json"):
-        manifest.write_text(manifest.read_text().replace(str(sft_root), str(root)))
-    monkeypatch.setenv("RLHF_ROOT", str(root))
-    return root
 
 
 @pytest.fixture
@@ -156,10 +147,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(chain, tmp_path):
     assert len(got) == 6 and load_artifact(chain / "artifacts/default/ppo", "ppo").metrics["updates"] == 6
 
     # The same seed, never interrupted, in a second copy of the chain.
-    fresh = tmp_path / "fresh"
-    shutil.copytree(chain, fresh, symlinks=True, ignore=shutil.ignore_patterns("ppo", ".work"))
-    for manifest in fresh.glob("artifacts/default/*/manifest.json"):
-        manifest.write_text(manifest.read_text().replace(str(chain), str(fresh)))
+    fresh = copy_root(chain, tmp_path / "fresh", ignore=shutil.ignore_patterns("ppo", ".work"))
     subprocess.run(ppo_cmd(), env={**env, "RLHF_ROOT": str(fresh)}, check=True, capture_output=True)
     want = history(fresh)
     for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg"):

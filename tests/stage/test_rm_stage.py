@@ -19,17 +19,6 @@ from tests.stage.conftest import QUIET, TINY_RM
 pytestmark = pytest.mark.stage
 
 
-@pytest.fixture
-def chain(sft_root, tmp_path, monkeypatch):
-    root = tmp_path / "chain"
-    shutil.copytree(sft_root, root, symlinks=True)
-    # The copied sft records its parent by absolute path; point it at the copied base.
-    for manifest in root.glob("artifacts/default/*/manifest.json"):
-        manifest.write_text(manifest.read_text().replace(str(sft_root), str(root)))
-    monkeypatch.setenv("RLHF_ROOT", str(root))
-    return root
-
-
 def test_rm_trains_adapter_and_head_and_leaves_backbone(chain, monkeypatch):
     seen = {}
     real = pipeline.reward.sft_backbone_classifier
