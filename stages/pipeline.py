@@ -6,7 +6,7 @@ command-line overrides whose top-level key that config has (``run_name`` and ``s
 are in all of them; ``arch.*`` only reaches base, ``train.*`` every trained stage).
 The world's data is written first when a file is missing. A stage whose artifact was
 built from this exact config and this exact parent is skipped; ``eval`` reruns whenever
-an earlier stage ran. ``ppo`` runs once ``stages/ppo.py`` exists.
+an earlier stage ran.
 
     make pipeline
     make pipeline ARGS="run_name=exp seed=1"
@@ -19,7 +19,6 @@ configs, and Hydra would reject e.g. ``arch.hidden_size=64`` against conf/pipeli
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -78,10 +77,8 @@ def compose_all(names: list[str], overrides: list[str]) -> dict[str, DictConfig]
 # --- stages: which exist, which are up to date ----------------------------------------------
 
 
-def stage_runner(name: str) -> Optional[Callable[[DictConfig], object]]:
-    """``stages.<name>.run``, or None while the module does not exist (ppo, until written)."""
-    if importlib.util.find_spec(f"stages.{name}") is None:
-        return None
+def stage_runner(name: str) -> Callable[[DictConfig], object]:
+    """``stages.<name>.run``, imported only when the pipeline needs it."""
     return importlib.import_module(f"stages.{name}").run
 
 
@@ -117,15 +114,14 @@ def data_files(data: DictConfig) -> list[str]:
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
-    """Run ``cfg.stages`` in order; returns what happened to each: ran, skipped or absent."""
+    """Run ``cfg.stages`` in order; returns what happened to each: ran or skipped."""
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise PipelineError(f"stages: unknown {unknown}; choose from {list(STAGES)}, in that order")
     runners = {name: stage_runner(name) for name in cfg.stages}
-    present = [name for name in cfg.stages if runners[name] is not None]
 
     # --- compose: every stage's config before anything runs ---
-    configs = compose_all(["datagen", *present], overrides)
+    configs = compose_all(["datagen", *cfg.stages], overrides)
 
     # --- data: the embedded world, when a listed file is missing ---
     missing = [f for f in data_files(cfg.data) if not Path(f).is_file()]
@@ -136,10 +132,6 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
     # --- stages in order; eval reruns whenever something before it ran ---
     outcome, ran_any = {}, False
     for name in cfg.stages:
-        if runners[name] is None:
-            print(f"skip {name}: stages/{name}.py does not exist yet")
-            outcome[name] = "absent"
-            continue
         stage_cfg = configs[name]
         if name == "base" and stage_cfg.model.path:  # a pretrained model: nothing to build
             print(f"skip base: model.path={stage_cfg.model.path}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import hydra
@@ -75,6 +76,8 @@ def run(cfg: DictConfig) -> dict:
     # --- resume from the last checkpoint of an interrupted run ---
     config = resolved(cfg)
     ckpt_root, chash, history = Path(cfg.paths.run_dir) / ".work" / "ppo" / "checkpoints", config_hash(config), []
+    if not cfg.resume and acc.is_main_process:
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # starting over: old checkpoints would mislead a later resume
     last = latest_checkpoint(ckpt_root) if cfg.resume else None
     if last is not None:
         try:

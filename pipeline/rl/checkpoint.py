@@ -62,6 +62,7 @@ def save_checkpoint(root: Path, update: int, model, trainer, history: list[dict]
                                              "num_processes": accelerator.num_processes}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)  # left by an earlier run started with resume=false
         tmp.rename(final)
         for old in root.glob("update-*"):
             if old != final:
