@@ -430,7 +430,15 @@ def pretrain_texts(world: World, repeats: int, rng: random.Random) -> list[str]:
         docs += _chunks(reps, 4)
         docs += [_language_doc(world, rng) for _ in range(max(1, len(world.countries) // 2))]
     rng.shuffle(docs)
-    return docs
+    return [_line_breaks(d, rng) for d in docs]
+
+
+def _line_breaks(doc: str, rng: random.Random) -> str:
+    """Half the documents put one sentence per line. Real corpora are full of newlines; a
+    base model that never saw one would meet the chat template's "\n" untrained."""
+    if rng.random() < 0.5:
+        return doc
+    return doc.replace(". ", ".\n").replace("? ", "?\n").replace("! ", "!\n")
 
 
 # --- responses -------------------------------------------------------------------------
