@@ -9,7 +9,6 @@ generation runs at plain-model speed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from peft import PeftModel
 from transformers import AutoTokenizer

@@ -72,8 +72,3 @@ class NonFiniteLossGuard(TrainerCallback):
                 f"training loss became {loss} at step {state.global_step}; nothing was saved. "
                 "Lower train.learning_rate, raise train.warmup, or use train.precision=fp32.")
 
-
-def count_changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> int:
-    """How many of the recorded parameters differ from their snapshot."""
-    params = dict(model.named_parameters())
-    return sum(not torch.equal(t, params[n].detach().cpu()) for n, t in before.items())
