@@ -122,6 +122,8 @@ def summarise(history: list[dict], last: int = 5) -> dict:
     """Final metrics: the mean of the last few updates (single updates are noisy)."""
     tail = history[-last:]
     out = {k: sum(h[k] for h in tail) / len(tail) for k in tail[0]} if tail else {}
+    if tail:  # counters are not averaged
+        out.update({k: tail[-1][k] for k in ("ppo/update", "ppo/episodes")})
     out["updates"] = len(history)
     return out
 
