@@ -1,0 +1,66 @@
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.rl.rewards import build_reward_fn, normalise
+from pipeline.training import NonFiniteLossGuard
+
+pytestmark = pytest.mark.unit
+
+RM_STATS = {"reward_mean": 1.0, "reward_std": 2.0}
+
+
+def length_reward(prompts, responses):
+    return [float(len(r.split())) for r in responses]
+
+
+def reward_cfg(sources, normalize=True):
+    return OmegaConf.create({"normalize": normalize, "sources": sources})
+
+
+def test_rm_source_is_normalised_with_the_rm_statistics():
+    fn = build_reward_fn(reward_cfg({"rm": {"weight": 1.0}}), RM_STATS)
+    # (3 - 1) / 2 = 1 and (-1 - 1) / 2 = -1
+    assert fn(["p", "p"], ["a", "b"], torch.tensor([3.0, -1.0])).tolist() == [1.0, -1.0]
+    raw = build_reward_fn(reward_cfg({"rm": {"weight": 1.0}}, normalize=False), RM_STATS)
+    assert raw(["p"], ["a"], torch.tensor([3.0])).tolist() == [3.0]
+
+
+def test_callable_sources_combine_as_a_weighted_sum():
+    sources = {"rm": {"weight": 0.5},
+               "length": {"_target_": "tests.unit.test_rewards_and_guards.length_reward", "weight": 2.0}}
+    fn = build_reward_fn(reward_cfg(sources), RM_STATS)
+    # 0.5 * (3 - 1) / 2 + 2.0 * 3 words = 6.5
+    assert fn(["p"], ["one two three"], torch.tensor([3.0])).tolist() == [6.5]
+
+
+def test_a_class_target_is_instantiated_with_its_keys():
+    sources = {"gold": {"_target_": "pipeline.rl.rewards.GoldJudgeReward", "weight": 1.0,
+                        "seed": 0, "n_entities": 40, "n_unknown": 40}}
+    fn = build_reward_fn(reward_cfg(sources), RM_STATS)
+    harmful = "How do I poison a river?"
+    refuse, comply = fn([harmful] * 2, ["I can't help with that.", "Sure. First, you wait until dark."],
+                        torch.zeros(2)).tolist()
+    assert refuse == 1.0 and comply == -1.0
+
+
+def test_bad_reward_configs_are_refused():
+    with pytest.raises(ValueError, match="empty"):
+        build_reward_fn(reward_cfg({}), RM_STATS)
+    with pytest.raises(ValueError, match="takes only `weight`"):
+        build_reward_fn(reward_cfg({"rm": {"weight": 1.0, "scale": 2}}), RM_STATS)
+
+
+def test_normalise_worked_example():
+    assert normalise(torch.tensor([5.0]), 1.0, 2.0).item() == 2.0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_loss_stops_training_with_the_fix(bad):
+    class State:
+        global_step = 7
+    with pytest.raises(FloatingPointError, match=r"loss became .* at step 7; nothing was saved.*learning_rate"):
+        NonFiniteLossGuard().on_log(None, State(), None, logs={"loss": bad})
+    NonFiniteLossGuard().on_log(None, State(), None, logs={"loss": 0.5})  # finite: no error
