@@ -128,6 +128,7 @@ def history(root):
     return [json.loads(line) for line in (root / "artifacts/default/ppo/history.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(chain, tmp_path):
     env = {**os.environ, "RLHF_ROOT": str(chain)}
     ckpts = chain / "artifacts/default/.work/ppo/checkpoints"
@@ -166,6 +167,7 @@ def test_changed_config_refuses_to_resume(chain):
     assert out.returncode == 2 and "different config" in out.stderr and "resume=false" in out.stderr
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_run_data_parallel(chain):
     env = {**os.environ, "RLHF_ROOT": str(chain), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
