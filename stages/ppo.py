@@ -110,6 +110,7 @@ def run(cfg: DictConfig) -> dict:
             model.save_final(art.dir, tokenizer)
             (art.dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             art.metrics = final
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # the artifact supersedes them
         acc.print(f"ppo: {trainer.update} updates, score {final['objective/scores']:.3f}, "
                   f"KL {final['objective/kl']:.3f}, EOS rate {final['rollout/eos_rate']:.1%}")
         tracker.summary(final)

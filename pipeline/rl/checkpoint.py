@@ -82,7 +82,7 @@ def load_checkpoint(path: Path, model, trainer, cfg_hash: str, accelerator) -> l
     if meta["config_hash"] != cfg_hash:
         raise ValueError(
             f"the PPO checkpoint {path} was written with a different config, so it cannot be resumed. "
-            "Run with ppo's resume=false to start over (the checkpoint is then replaced), "
+            "Run with resume=false to start over (the checkpoint is then replaced), "
             "or restore the original overrides.")
     if meta["num_processes"] != accelerator.num_processes:
         raise ValueError(f"{path} was written by {meta['num_processes']} processes, this run has "

@@ -146,6 +146,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(chain, tmp_path):
     assert "resuming from" in resumed.stdout + resumed.stderr
     got = history(chain)
     assert len(got) == 6 and load_artifact(chain / "artifacts/default/ppo", "ppo").metrics["updates"] == 6
+    assert not ckpts.exists()  # a finished run's artifact supersedes its checkpoints
 
     # The same seed, never interrupted, in a second copy of the chain.
     fresh = copy_root(chain, tmp_path / "fresh", ignore=shutil.ignore_patterns("ppo", ".work"))
