@@ -54,7 +54,10 @@ class Artifact:
 
     @property
     def checksum(self) -> str:
-        return sha256_file(self.path / MANIFEST)
+        """The artifact's identity: a hash of its files' checksums. It names the content (the
+        weights), not the folder, so a copied or moved run keeps its lineage."""
+        files = json.dumps(self.manifest["files"], sort_keys=True)
+        return hashlib.sha256(f"{self.stage}\n{files}".encode()).hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -248,6 +251,33 @@ def find_parent(run_dir: str | Path, stage: str, override: Optional[str] = None)
     path = Path(override) if override else stage_path(run_dir, stage)
     restore_interrupted_swap(path)
     return load_artifact(path, stage)
+
+
+def require_built_on(child: Artifact, parent: Artifact) -> None:
+    """Refuse to use ``child`` on top of a ``parent`` it was not built on.
+
+    An adapter is only meaningful on the exact weights it was trained on: after ``make base``
+    is rerun, the old SFT adapter no longer fits, and an RM trained on one SFT model does not
+    score for another. The manifest's parent checksum says which one it was.
+    """
+    recorded = child.manifest.get("parent")
+    if recorded is not None and recorded["stage"] == parent.stage and recorded["checksum"] == parent.checksum:
+        return
+    raise ArtifactError(
+        f"The `{child.stage}` artifact at {child.path} was not built on the `{parent.stage}` artifact at "
+        f"{parent.path} (that one was rebuilt since, or belongs to another run). Re-run "
+        f"`{PRODUCER[child.stage]}` to rebuild it on this {parent.stage}, or point "
+        f"parents.{parent.stage} at the artifact it was built on.")
+
+
+def recorded_parent(child: Artifact) -> Optional[Artifact]:
+    """The artifact ``child`` was built on (None for a root), refused if it changed since."""
+    recorded = child.manifest.get("parent")
+    if recorded is None:
+        return None
+    parent = find_parent(Path(recorded["path"]).parent, recorded["stage"], recorded["path"])
+    require_built_on(child, parent)
+    return parent
 
 
 def is_up_to_date(run_dir: str | Path, stage: str, config: dict[str, Any],

@@ -46,7 +46,8 @@ def read_rows(source: str, hub_split: str) -> tuple[list[Row], Callable[[int], s
             raise PipelineError(f"data file {path} not found. Run `make data` for the embedded "
                                 "world, or fix the path in the `data` config.")
         if path.suffix == ".jsonl":
-            return _read_jsonl(path), lambda i: f"{path}, line {i + 1}"
+            rows, lines = _read_jsonl(path)
+            return rows, lambda i: f"{path}, line {lines[i]}"
         ds = _load_local(path)
         return list(ds), lambda i: f"{path}, row {i}"
     if path.exists() or "/" not in source:
@@ -60,10 +61,11 @@ def read_rows(source: str, hub_split: str) -> tuple[list[Row], Callable[[int], s
     return list(ds), lambda i: f"hub dataset {source}, row {i}"
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def _read_jsonl(path: Path) -> tuple[list[Row], list[int]]:
+    """The rows, and each row's 1-based line number (blank lines are skipped, not counted out)."""
     import json
 
-    rows = []
+    rows, lines = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -77,7 +79,8 @@ def _read_jsonl(path: Path) -> list[Row]:
                 raise PipelineError(f"{path}, line {lineno}: expected a JSON object, got "
                                     f"{type(row).__name__}. Fix or remove the line.")
             rows.append(row)
-    return rows
+            lines.append(lineno)
+    return rows, lines
 
 
 def _load_local(path: Path) -> Dataset:
@@ -179,16 +182,17 @@ def sft_row(row: Row) -> list[Row]:
 
 
 def preference_rows(row: Row) -> list[Row]:
-    """Pairwise rows ``{"prompt", "chosen", "rejected", "group"}`` from any accepted layout.
+    """Pairwise rows ``{"prompt", "chosen", "rejected", "group"[, "margin"]}`` from any layout.
 
-    - ``prompt`` / ``chosen`` / ``rejected``: text or messages;
+    - ``prompt`` / ``chosen`` / ``rejected``: text or messages, optional numeric ``margin``;
     - ``chosen`` / ``rejected`` with an implicit prompt: the shared leading messages;
-    - ``prompt`` / ``ranked``: K responses best first, expanded to all K(K-1)/2 pairs.
+    - ``prompt`` / ``ranked``: K responses best first, expanded to all K(K-1)/2 pairs; a
+      pair's margin is its distance in the ranking (j - i), times ``margin`` if given.
 
     ``group`` identifies the prompt, so a prompt's pairs can be batched together.
     """
     margin = row.get("margin")
-    if margin is not None and not isinstance(margin, (int, float)):
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise RowError("margin", "must be a number")
     if "ranked" in row:
         prompt = _turn(row.get("prompt"), "prompt", "user")
@@ -196,7 +200,9 @@ def preference_rows(row: Row) -> list[Row]:
         if not isinstance(ranked, list) or len(ranked) < 2:
             raise RowError("ranked", "must be a list of at least 2 responses, best first")
         responses = [_turn(r, f"ranked[{j}]", "assistant") for j, r in enumerate(ranked)]
-        return [_pair(prompt, a, b, margin) for a, b in expand_ranking(responses)]
+        scale = 1.0 if margin is None else margin
+        return [_pair(prompt, responses[i], responses[j], scale * (j - i))
+                for i, j in expand_ranking(list(range(len(responses))))]
     if "chosen" not in row or "rejected" not in row:
         missing = "chosen" if "chosen" not in row else "rejected"
         raise RowError(missing, "is missing: a row needs `chosen` and `rejected` (and optionally "
@@ -234,6 +240,16 @@ def _pair(prompt: list[Row], chosen: list[Row], rejected: list[Row], margin) -> 
     if margin is not None:
         row["margin"] = float(margin)
     return row
+
+
+def margin_preference_rows(row: Row) -> list[Row]:
+    """:func:`preference_rows` for ``train.use_margin=true``: every comparison needs a margin."""
+    pairs = preference_rows(row)
+    if any("margin" not in p for p in pairs):
+        raise RowError("margin", "is missing: train.use_margin=true needs a numeric `margin` on every "
+                                 "comparison (ranked lists get one from their ranks); add it or set "
+                                 "train.use_margin=false")
+    return pairs
 
 
 # --- prompts ------------------------------------------------------------------------------

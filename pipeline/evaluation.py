@@ -323,15 +323,17 @@ def read_history(path: Path) -> list[dict]:
 
 
 def plot_ppo_history(history: list[dict], path: Path) -> Path:
-    """Reward (RM score and KL-penalised reward) and KL to the reference over PPO updates.
+    """Reward (the score the policy is trained on, and the KL-penalised reward) and KL to the
+    reference over PPO updates. The score is the configured reward: the normalised RM score
+    by default, minus the missing-EOS penalty, plus any other sources.
 
     ``history``: one dict per update, in order, with ``objective/scores``,
     ``objective/rlhf_reward`` and ``objective/kl``; the x axis is the update number.
     """
     updates = range(1, len(history) + 1)
     fig, (reward_ax, kl_ax) = _figure(10, 4, ncols=2)
-    reward_ax.plot(updates, [h["objective/scores"] for h in history], label="RM score")
-    reward_ax.plot(updates, [h["objective/rlhf_reward"] for h in history], label="RM score - KL penalty")
+    reward_ax.plot(updates, [h["objective/scores"] for h in history], label="score (objective/scores)")
+    reward_ax.plot(updates, [h["objective/rlhf_reward"] for h in history], label="score - KL penalty")
     reward_ax.set_xlabel("PPO update")
     reward_ax.set_title("reward")
     reward_ax.legend()

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from pipeline.runtime import ConfigError
+
 
 @dataclass
 class DecodingConfig:
@@ -53,7 +55,7 @@ class DecodingConfig:
 # --- decoding settings ----------------------------------------------------------------
 
 
-def _check_decoding(dec: DecodingConfig) -> None:
+def check_decoding(dec: DecodingConfig) -> None:
     """Fail early, with the fix, on settings HF would reject deep inside ``generate``."""
     problems = []
     if dec.num_beams < 1:
@@ -69,7 +71,7 @@ def _check_decoding(dec: DecodingConfig) -> None:
         if not 0.0 < dec.top_p <= 1.0:
             problems.append(f"top_p={dec.top_p} must be in (0, 1] (1.0 = off)")
     if problems:
-        raise ValueError(f"decoding config '{dec.name}': " + "; ".join(problems))
+        raise ConfigError(f"decoding config '{dec.name}': " + "; ".join(problems))
 
 
 def _special_ids(tokenizer) -> tuple[int, int]:
@@ -93,7 +95,7 @@ def generation_kwargs(dec: DecodingConfig, tokenizer) -> dict[str, Any]:
     (HF gives call kwargs the highest priority), so e.g. a Qwen checkpoint's
     ``repetition_penalty: 1.05`` or ``top_k: 20`` cannot leak into our decoding.
     """
-    _check_decoding(dec)
+    check_decoding(dec)
     eos_id, pad_id = _special_ids(tokenizer)
     kwargs: dict[str, Any] = {
         "max_new_tokens": dec.max_new_tokens,
@@ -198,7 +200,7 @@ def generate(model, tokenizer, prompts: list[str], dec: DecodingConfig, batch_si
     same random stream, so a whole call reproduces (for a fixed ``batch_size``).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         input_ids, attention_mask = encode_prompts(tokenizer, prompts[start:start + batch_size])

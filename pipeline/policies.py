@@ -13,7 +13,7 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import AutoTokenizer
 
-from pipeline.artifacts import Artifact, find_parent, load_artifact
+from pipeline.artifacts import Artifact, find_parent, recorded_parent
 from pipeline.models import load_causal_lm, load_tokenizer
 
 POLICY_STAGES = ("base", "sft", "ppo")
@@ -24,10 +24,10 @@ def base_source_for(art: Artifact) -> str:
     """The base weights under an sft/ppo adapter: follow the parent chain down to ``base``,
     or the hub id / path the chain's config named when there is no base artifact."""
     while art.stage != "base":
-        parent = art.manifest["parent"]
+        parent = recorded_parent(art)  # refuses an adapter whose base was rebuilt since
         if parent is None:
             return art.manifest["config"]["model"]["path"]
-        art = load_artifact(parent["path"], parent["stage"])
+        art = parent
     return str(art.path / "model")
 
 

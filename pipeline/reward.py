@@ -21,7 +21,7 @@ from torch.utils.data import Sampler
 from transformers import AutoTokenizer
 from trl import RewardTrainer
 
-from pipeline.artifacts import Artifact
+from pipeline.artifacts import Artifact, require_built_on
 from pipeline.models import load_sequence_classifier
 from pipeline.policies import base_source_for
 
@@ -43,6 +43,7 @@ def sft_backbone_classifier(sft: Artifact, model_cfg, tokenizer):
 
 def load_reward_model(rm: Artifact, sft: Artifact, model_cfg):
     """The trained RM exactly as saved: SFT backbone + RM adapter + head, eval mode."""
+    require_built_on(rm, sft)
     tokenizer = load_sft_tokenizer(sft)
     model = sft_backbone_classifier(sft, model_cfg, tokenizer)
     model = PeftModel.from_pretrained(model, rm.path / "adapter")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import random
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -16,6 +17,10 @@ class PipelineError(RuntimeError):
     """An error the user can fix; the message names the file, row or key, and the fix."""
 
 
+class ConfigError(PipelineError, ValueError):
+    """A config value that cannot work: the message names the key and what it must be."""
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -25,6 +30,20 @@ def seed_everything(seed: int) -> None:
 def resolved(cfg: DictConfig) -> dict[str, Any]:
     """The config as plain JSON-able data, every interpolation resolved."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def output_run_dir(cfg: DictConfig) -> str:
+    """Where this run writes its artifact: ``paths.run_dir``, except in a Hydra multirun (``-m``),
+    where each job gets ``paths.run_dir/sweep/<its overrides>`` so a sweep's jobs don't
+    overwrite each other. Parents are still read from ``paths.run_dir``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return cfg.paths.run_dir
+    job = HydraConfig.get().job
+    name = job.override_dirname or f"job{job.num}"
+    return str(Path(cfg.paths.run_dir) / "sweep" / name.replace("/", "_"))
 
 
 def user_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:

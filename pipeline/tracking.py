@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.runtime import ConfigError
+
 
 class Tracker:
     """A thin handle over a wandb run that is a no-op when logging is off."""
@@ -53,7 +55,7 @@ def start_tracking(cfg: DictConfig, stage: str) -> Tracker:
     if cfg.logger.name == "none":
         return Tracker(None)
     if cfg.logger.name != "wandb":
-        raise ValueError(f"logger.name must be 'wandb' or 'none', got {cfg.logger.name!r}")
+        raise ConfigError(f"logger.name must be 'wandb' or 'none', got {cfg.logger.name!r}")
     import wandb
 
     os.makedirs(cfg.paths.wandb_dir, exist_ok=True)

@@ -37,6 +37,8 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
+from pipeline.runtime import ConfigError
+
 if TYPE_CHECKING:  # the judge imports this module; import it lazily at run time
     from pipeline.judge import Task
 
@@ -256,14 +258,14 @@ class WorldConfig:
                   "n_pref_train", "n_pref_eval", "n_ppo_prompts", "n_eval_prompts")
         for name in counts:
             if getattr(self, name) < 1:
-                raise ValueError(f"world.{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"world.{name} must be at least 1, got {getattr(self, name)}")
         if self.k_responses < 2:
-            raise ValueError(f"world.k_responses must be at least 2, got {self.k_responses}")
+            raise ConfigError(f"world.k_responses must be at least 2, got {self.k_responses}")
         rates = ("ranked_fraction", "label_noise", "demo_verbose_rate", "demo_wrong_rate",
                  "demo_unsafe_rate", "demo_hallucination_rate")
         for name in rates:
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"world.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"world.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 def world_from_config(cfg: WorldConfig) -> World:
@@ -326,7 +328,7 @@ def split_prompts(world: World, n_eval: int, rng: random.Random) -> PromptPools:
         if need > len(held):
             top_up = need - len(held)
             if top_up >= len(rest):
-                raise ValueError(
+                raise ConfigError(
                     f"world.n_eval_prompts={n_eval} needs {need} unseen {category} prompts but "
                     f"the world only has {len(held) + len(rest)}; lower n_eval_prompts or raise "
                     f"n_entities / n_unknown")
@@ -556,13 +558,17 @@ def add_rank_noise(ranked: list[str], noise: float, rng: random.Random) -> list[
     return out
 
 
-def preference_pair(ranked: list[str], noise: float, rng: random.Random) -> tuple[str, str]:
-    """One random strict pair from a ranking, as (chosen, rejected), flipped w.p. noise."""
+def preference_pair(ranked: list[str], noise: float, rng: random.Random) -> tuple[str, str, int]:
+    """One random strict pair from a ranking, as (chosen, rejected, margin), flipped w.p. noise.
+
+    The margin is the labeller's confidence: how many ranks apart the two responses are
+    (a flipped pair keeps it, as a confidently wrong labeller would).
+    """
     i, j = sorted(rng.sample(range(len(ranked)), 2))
     chosen, rejected = ranked[i], ranked[j]
     if rng.random() < noise:
         chosen, rejected = rejected, chosen
-    return chosen, rejected
+    return chosen, rejected, j - i
 
 
 # --- the files -------------------------------------------------------------------------
@@ -599,8 +605,8 @@ def _pref_rows(prompts: Sequence[str], tasks: _Tasks, world: World, cfg: WorldCo
         if i < n_ranked:
             ranked_rows.append({"prompt": p, "ranked": add_rank_noise(ranked, noise, rng)})
         else:
-            chosen, rejected = preference_pair(ranked, noise, rng)
-            pairs.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+            chosen, rejected, margin = preference_pair(ranked, noise, rng)
+            pairs.append({"prompt": p, "chosen": chosen, "rejected": rejected, "margin": margin})
     return pairs, ranked_rows
 
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 import pipeline.config  # noqa: F401  (registers the schemas)
 from pipeline.artifacts import staged_artifact
-from pipeline.runtime import PipelineError, resolved, seed_everything, user_errors
+from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_everything, user_errors
 from pipeline.tiny import build_llama, pack_corpus, pretrain, train_tokenizer
 from pipeline.tracking import start_tracking
 
@@ -59,7 +59,7 @@ def run(cfg: DictConfig) -> dict:
     print(f"base: loss {metrics['train_loss']:.3f} in {metrics['train_seconds']:.0f}s")
 
     # --- save ---
-    with staged_artifact(cfg.paths.run_dir, "base", resolved(cfg)) as art:
+    with staged_artifact(output_run_dir(cfg), "base", resolved(cfg)) as art:
         model.save_pretrained(art.dir / "model")
         tokenizer.save_pretrained(art.dir / "model")
         art.metrics = metrics

@@ -23,17 +23,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.artifacts import (MANIFEST, PRODUCER, Artifact, load_artifact, restore_interrupted_swap,
-                                stage_path, staged_artifact)
+from pipeline.artifacts import (MANIFEST, PRODUCER, Artifact, ArtifactError, load_artifact,
+                                recorded_parent, restore_interrupted_swap, stage_path, staged_artifact)
 from pipeline.data import load_validated, prompt_row
 from pipeline.evaluation import (Rollout, build_report, category_scores, flat_metrics,
                                  generate_rollout, plot_category_scores, plot_ppo_history,
                                  read_history, render_markdown, response_records, rollout_kl,
                                  stage_metrics, win_rates)
+from pipeline.generation import check_decoding
 from pipeline.judge import Task, judge_task, parse_prompt
 from pipeline.policies import POLICY_STAGES, load_policy
 from pipeline.reward import load_reward_model, score_conversations
-from pipeline.runtime import PipelineError, resolved, seed_everything, user_errors
+from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_everything, user_errors
 from pipeline.tracking import start_tracking
 from pipeline.world import World, WorldConfig, world_from_config
 
@@ -126,7 +127,11 @@ def reward_scores(cfg: DictConfig, prompts: list[str], texts: dict[str, dict[str
     if rm is None:
         print(f"eval: no rm artifact at {stage_path(cfg.paths.run_dir, 'rm')}: rm_score skipped")
         return None
-    sft = load_artifact(rm.manifest["parent"]["path"], "sft")
+    try:
+        sft = recorded_parent(rm)
+    except ArtifactError as e:  # e.g. sft was retrained after rm: the RM no longer fits it
+        print(f"eval: rm_score skipped: {e}")
+        return None
     model, tokenizer = load_reward_model(rm, sft, cfg.model)
     return {s: {d: score_conversations(
                 model, tokenizer,
@@ -187,6 +192,8 @@ def run(cfg: DictConfig) -> dict:
     torch.set_num_threads(cfg.num_threads)
 
     # --- compose: which policies, which prompts, which world the judge knows ---
+    for dec in cfg.decodings.values():
+        check_decoding(dec)
     stages, skipped = find_policies(cfg)
     world = world_from_config(WorldConfig(**OmegaConf.to_container(cfg.world, resolve=True)))
     prompts, tasks = load_tasks(cfg, world)
@@ -228,7 +235,7 @@ def run(cfg: DictConfig) -> dict:
     # --- save: swapped into artifacts/<run>/eval only once every file is written ---
     history = stage_path(cfg.paths.run_dir, "ppo") / "history.jsonl"
     parent = eval_parent(cfg.paths.run_dir)
-    with staged_artifact(cfg.paths.run_dir, "eval", resolved(cfg), parent=parent) as art:
+    with staged_artifact(output_run_dir(cfg), "eval", resolved(cfg), parent=parent) as art:
         (art.dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (art.dir / "report.md").write_text(table)
         write_jsonl(art.dir / "responses.jsonl", records)

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.generation import generate, read_prompt_file
+from pipeline.generation import check_decoding, generate, read_prompt_file
 from pipeline.policies import POLICY_STAGES, load_policy
 from pipeline.runtime import PipelineError, seed_everything, user_errors
 
@@ -43,8 +43,9 @@ def run(cfg: DictConfig) -> list[tuple[str, str]]:
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.num_threads)
 
-    # --- prompts first: a bad file fails before any model loads ---
+    # --- prompts and decoding first: a bad file or setting fails before any model loads ---
     prompts = read_prompts(cfg)
+    check_decoding(cfg.decoding)
 
     # --- the stage's policy, adapter merged ---
     model, tokenizer = load_policy(cfg.stage, cfg)

@@ -81,6 +81,5 @@ def test_pipeline_skips_a_built_base(base_run, capsys):
 
 
 def test_pipeline_skips_a_built_sft_with_its_base_parent(chain, capsys):
-    # (Not rm here: copy_root rewrites the sft manifest, so the chain's rm no longer
-    # matches its parent's checksum, which is exactly what the skip check compares.)
+    # When sft reruns (seed=1), the chain's rm no longer fits it: eval says so and skips rm_score.
     check_pipeline_skips("sft", TINY_SFT, capsys)

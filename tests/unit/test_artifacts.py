@@ -113,3 +113,22 @@ def test_up_to_date_tracks_config_and_parent(tmp_path):
     assert not is_up_to_date(tmp_path, "sft", {"lr": 2}, base)
     new_base = write_artifact(tmp_path, "base", "v2")
     assert not is_up_to_date(tmp_path, "sft", {"lr": 1}, new_base)
+
+
+def test_an_adapter_on_a_rebuilt_parent_is_refused(tmp_path):
+    from pipeline.artifacts import recorded_parent, require_built_on
+    from pipeline.policies import base_source_for
+
+    base = write_artifact(tmp_path, "base", "v1")
+    sft = write_artifact(tmp_path, "sft", "s", parent=base)
+    assert recorded_parent(sft).checksum == base.checksum
+    assert base_source_for(sft) == str(tmp_path / "base" / "model")
+    other = write_artifact(tmp_path / "other", "sft", "t", parent=base)
+    rm = write_artifact(tmp_path, "rm", "r", parent=sft)
+    require_built_on(rm, sft)
+    with pytest.raises(ArtifactError, match=r"`rm` artifact .* was not built on the `sft` artifact .*make rm"):
+        require_built_on(rm, other)  # an RM scores only for the SFT model it was trained on
+
+    write_artifact(tmp_path, "base", "v2", config={"k": 2})  # `make base` again: new weights
+    with pytest.raises(ArtifactError, match=r"Re-run `make sft` to rebuild it on this base"):
+        base_source_for(sft)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pipeline.data import (expand_ranking, load_validated, preference_rows, prompt_row, sft_row,
-                           split_shared_prefix)
+from pipeline.data import (expand_ranking, load_validated, margin_preference_rows, preference_rows,
+                           prompt_row, sft_row, split_shared_prefix)
 from pipeline.runtime import PipelineError
 
 pytestmark = pytest.mark.unit
@@ -76,6 +76,27 @@ def test_ranked_list_expands_to_every_pair():
     assert pairs == [("best", "mid"), ("best", "worst"), ("best", "bad"),
                      ("mid", "worst"), ("mid", "bad"), ("worst", "bad")]
     assert {r["group"] for r in rows} == {"q"}
+    # a pair's margin is its distance in the ranking: best-mid 1, best-worst 2, best-bad 3, ...
+    assert [r["margin"] for r in rows] == [1, 2, 3, 1, 2, 1]
+    scaled = preference_rows({"prompt": "q", "ranked": ["a", "b", "c"], "margin": 0.5})
+    assert [r["margin"] for r in scaled] == [0.5, 1.0, 0.5]
+
+
+def test_use_margin_needs_a_margin_on_every_comparison(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "x", "rejected": "y", "margin": 2},
+                                              {"prompt": "q", "ranked": ["x", "y"]},
+                                              {"prompt": "q", "chosen": "x", "rejected": "y"}])
+    rows = load_validated([path], "train", preference_rows)
+    assert [r.get("margin") for r in rows] == [2.0, 1.0, None]
+    with pytest.raises(PipelineError, match=r"p.jsonl, line 3: field `margin` is missing.*use_margin=false"):
+        load_validated([path], "train", margin_preference_rows)
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "q", "completion": "a"}\n\n\n{"prompt": "q"}\n')
+    with pytest.raises(PipelineError, match=r"sft.jsonl, line 4: field `completion` is missing"):
+        load_validated([str(path)], "train", sft_row)
 
 
 def test_explicit_and_implicit_prompts_agree():

@@ -343,3 +343,13 @@ def test_decoding_group_composes_with_hydra():
         assert cfg.decoding.top_p == 0.9
         with pytest.raises(Exception, match="top_k"):  # the schema types the fields
             compose(config_name=None, overrides=["+decoding=top_p", "decoding.top_k=ten"])
+
+
+def test_generate_refuses_bad_decoding_before_loading_any_model(root):
+    from pipeline.runtime import ConfigError
+    from stages import generate as generate_stage
+    from tests.conftest import compose_config
+    # The empty root has no artifact: a ConfigError (not "run make sft") proves the check came first.
+    cfg = compose_config("generate", ["stage=sft", "prompt=hi", "decoding=sample", "decoding.temperature=0"])
+    with pytest.raises(ConfigError, match=r"temperature=0.0 must be > 0"):
+        generate_stage.run(cfg)

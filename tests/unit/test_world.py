@@ -118,8 +118,10 @@ def test_schema(cfg, data):
             assert all(set(m) == {"role", "content"} and isinstance(m["content"], str) for m in row["messages"])
     for name in ("prefs_train", "prefs_eval"):
         for row in data[name]:
-            assert set(row) == {"prompt", "chosen", "rejected"}
-            assert all(isinstance(v, str) for v in row.values()) and row["chosen"] != row["rejected"]
+            assert set(row) == {"prompt", "chosen", "rejected", "margin"}
+            assert all(isinstance(row[k], str) for k in ("prompt", "chosen", "rejected"))
+            assert row["chosen"] != row["rejected"]
+            assert isinstance(row["margin"], int) and 1 <= row["margin"] < cfg.k_responses
     for row in data["ranked_train"]:
         assert set(row) == {"prompt", "ranked"}
         assert 2 <= len(row["ranked"]) <= cfg.k_responses and len(set(row["ranked"])) == len(row["ranked"])
