@@ -33,8 +33,12 @@ def precision_flags(precision: str) -> dict[str, bool]:
     raise PipelineError(f"train.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
 
 
-def trainer_args(train: Any, output_dir: str, seed: int, report_to: str) -> dict[str, Any]:
-    """TrainingArguments shared by SFTTrainer and RewardTrainer, all from the YAML."""
+def trainer_args(train: Any, output_dir: str, seed: int, report_to: str, evaluate: bool = True) -> dict[str, Any]:
+    """TrainingArguments shared by SFTTrainer and RewardTrainer, all from the YAML.
+
+    ``evaluate=False`` (no eval split) turns periodic evaluation off whatever ``eval_steps`` says.
+    """
+    periodic_eval = evaluate and train.eval_steps > 0
     return dict(
         output_dir=output_dir,
         max_steps=train.max_steps,
@@ -50,8 +54,8 @@ def trainer_args(train: Any, output_dir: str, seed: int, report_to: str) -> dict
         gradient_checkpointing=train.gradient_checkpointing,
         max_length=train.max_length,
         logging_steps=train.logging_steps,
-        eval_strategy="steps" if train.eval_steps > 0 else "no",
-        eval_steps=train.eval_steps if train.eval_steps > 0 else None,
+        eval_strategy="steps" if periodic_eval else "no",
+        eval_steps=train.eval_steps if periodic_eval else None,
         save_strategy="no",
         report_to=report_to,
         seed=seed,
@@ -60,6 +64,13 @@ def trainer_args(train: Any, output_dir: str, seed: int, report_to: str) -> dict
         disable_tqdm=True,
         **precision_flags(train.precision),
     )
+
+
+def final_train_loss(log_history: list[dict], run_mean: float) -> float:
+    """The last logged training loss (the mean over the last ``logging_steps`` steps), not the
+    whole run's mean; a run shorter than ``logging_steps`` logged none, so its mean stands in."""
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    return losses[-1] if losses else run_mean
 
 
 class NonFiniteLossGuard(TrainerCallback):

@@ -4,6 +4,9 @@ The backbone is the SFT model (base + SFT adapter, merged in memory). On top: a 
 LoRA adapter and a scalar head, trained with TRL's RewardTrainer on
 
     loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) [- margin])
+           + center_rewards_coefficient * (r_chosen + r_rejected)^2      (Eisenstein et al. 2023)
+
+The small centring term keeps rewards near zero, so PPO's reward scale does not drift.
 
 Ranked lists of K responses expand to all K(K-1)/2 pairs, and a prompt's pairs are
 kept together in one batch (``train.group_pairs``; see pipeline/reward.py).
@@ -24,40 +27,43 @@ from trl import RewardConfig, RewardTrainer
 
 import pipeline.config  # noqa: F401  (registers the schemas)
 from pipeline.artifacts import find_parent, staged_artifact
-from pipeline.data import load_validated, preference_rows
+from pipeline.data import load_validated, margin_preference_rows, preference_rows
 from pipeline.models import lora_config
 from pipeline.reward import (GroupedRewardTrainer, evaluate_pairs, load_sft_tokenizer,
                              reward_stats, sft_backbone_classifier)
-from pipeline.runtime import resolved, seed_everything, user_errors
+from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_everything, user_errors
 from pipeline.tracking import start_tracking
-from pipeline.training import NonFiniteLossGuard, trainer_args
+from pipeline.training import NonFiniteLossGuard, final_train_loss, trainer_args
 
 
 def as_dataset(rows: list[dict], use_margin: bool) -> Dataset:
+    """TRL's RewardTrainer subtracts a ``margin`` column whenever one exists: drop it unless asked."""
     if not use_margin:
         rows = [{k: v for k, v in r.items() if k != "margin"} for r in rows]
-    elif any("margin" not in r for r in rows):
-        raise ValueError("train.use_margin=true but some preference rows have no `margin` field")
     return Dataset.from_list(rows)
 
 
 def run(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.group_pairs and cfg.train.group_by_length:
+        raise PipelineError("train.group_pairs=true and train.group_by_length=true both choose the batch "
+                            "order; set one of them to false")
+
+    # --- parent and data (ranked lists expanded): both checked before any model loads ---
+    sft = find_parent(cfg.paths.run_dir, "sft", cfg.parents.sft)
+    rows = margin_preference_rows if cfg.train.use_margin else preference_rows
+    train_rows = load_validated(cfg.data.prefs.train, cfg.data.hub_split, rows)
+    eval_rows = load_validated(cfg.data.prefs.eval, cfg.data.hub_split, rows)
 
     # --- backbone: the SFT model, with a fresh scalar head ---
-    sft = find_parent(cfg.paths.run_dir, "sft", cfg.parents.sft)
     tokenizer = load_sft_tokenizer(sft)
     model = sft_backbone_classifier(sft, cfg.model, tokenizer)
-
-    # --- data: pairs, ranked lists expanded, validated before training ---
-    train_rows = load_validated(cfg.data.prefs.train, cfg.data.hub_split, preference_rows)
-    eval_rows = load_validated(cfg.data.prefs.eval, cfg.data.hub_split, preference_rows)
 
     # --- trainer: new LoRA adapter + trainable head ---
     tracker = start_tracking(cfg, "rm")
     args = RewardConfig(
-        **trainer_args(cfg.train, str(Path(cfg.paths.run_dir) / ".work" / "rm"), cfg.seed,
+        **trainer_args(cfg.train, str(Path(output_run_dir(cfg)) / ".work" / "rm"), cfg.seed,
                        "wandb" if tracker.enabled else "none"),
         center_rewards_coefficient=cfg.train.center_rewards_coefficient,
         train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
@@ -75,7 +81,8 @@ def run(cfg: DictConfig) -> dict:
 
     # --- held-out pairs: accuracy, margin, spread; stats PPO normalises with ---
     pair_metrics, r_c, r_r = evaluate_pairs(rm, tokenizer, eval_rows, cfg.score_batch_size)
-    metrics = {"train_loss": train_out.training_loss,
+    metrics = {"train_loss": final_train_loss(trainer.state.log_history, train_out.training_loss),
+               "train_loss_mean": train_out.training_loss,
                **{f"eval_{k}": v for k, v in pair_metrics.items()},
                **reward_stats(torch.cat([r_c, r_r]))}
     print(f"rm: held-out pairwise accuracy {metrics['eval_accuracy']:.3f} "
@@ -84,7 +91,7 @@ def run(cfg: DictConfig) -> dict:
     tracker.histogram("eval/rewards_rejected", r_r)
 
     # --- save: RM adapter + head, tokenizer ---
-    with staged_artifact(cfg.paths.run_dir, "rm", resolved(cfg), parent=sft) as art:
+    with staged_artifact(output_run_dir(cfg), "rm", resolved(cfg), parent=sft) as art:
         rm.save_pretrained(art.dir / "adapter")
         tokenizer.save_pretrained(art.dir / "adapter")
         art.metrics = metrics

@@ -24,24 +24,26 @@ import pipeline.config  # noqa: F401  (registers the schemas)
 from pipeline.artifacts import staged_artifact
 from pipeline.data import load_validated, prompt_row, sft_row
 from pipeline.models import base_model_source, load_causal_lm, load_tokenizer, lora_config
-from pipeline.runtime import resolved, seed_everything, user_errors
+from pipeline.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.sampling import sample_responses, sample_stats
 from pipeline.tracking import start_tracking
-from pipeline.training import NonFiniteLossGuard, trainer_args
+from pipeline.training import NonFiniteLossGuard, final_train_loss, trainer_args
 
 
 def sft_trainer(cfg: DictConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
                 report_to: str) -> SFTTrainer:
     """TRL's SFTTrainer with a LoRA adapter; labels are -100 outside assistant turns."""
     args = SFTConfig(
-        **trainer_args(cfg.train, str(Path(cfg.paths.run_dir) / ".work" / "sft"), cfg.seed, report_to),
+        **trainer_args(cfg.train, str(Path(output_run_dir(cfg)) / ".work" / "sft"), cfg.seed, report_to,
+                       evaluate=bool(eval_rows)),
         assistant_only_loss=True,
         packing=cfg.train.packing,
         train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
     )
     return SFTTrainer(
         model=model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=[NonFiniteLossGuard()],
     )
 
@@ -50,39 +52,39 @@ def run(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.train.num_threads)
 
-    # --- model and tokenizer: the frozen base ---
+    # --- parent and data: both checked before any model loads ---
     source, base = base_model_source(cfg, cfg.parents.base)
+    train_rows = load_validated(cfg.data.sft.train, cfg.data.hub_split, sft_row)
+    eval_rows = load_validated(cfg.data.sft.eval, cfg.data.hub_split, sft_row)  # [] skips evaluation
+    prompts = [r["prompt"] for r in load_validated(cfg.data.eval_prompts, cfg.data.hub_split, prompt_row)]
+
+    # --- model and tokenizer: the frozen base ---
     tokenizer = load_tokenizer(source, cfg.model)
     model = load_causal_lm(source, cfg.model, tokenizer)
-
-    # --- data: validated before anything trains ---
-    train_rows = load_validated(cfg.data.sft.train, cfg.data.hub_split, sft_row)
-    eval_rows = load_validated(cfg.data.sft.eval, cfg.data.hub_split, sft_row)
-    prompts = [r["prompt"] for r in load_validated(cfg.data.eval_prompts, cfg.data.hub_split, prompt_row)]
 
     # --- trainer: LoRA on the base, loss on assistant tokens ---
     tracker = start_tracking(cfg, "sft")
     trainer = sft_trainer(cfg, model, tokenizer, train_rows, eval_rows, "wandb" if tracker.enabled else "none")
     train_out = trainer.train()
-    final_eval = trainer.evaluate()
+    metrics = {"train_loss": final_train_loss(trainer.state.log_history, train_out.training_loss),
+               "train_loss_mean": train_out.training_loss}
+    if eval_rows:
+        final_eval = trainer.evaluate()
+        metrics.update(eval_loss=final_eval["eval_loss"],
+                       eval_mean_token_accuracy=final_eval["eval_mean_token_accuracy"])
     policy = trainer.model
 
     # --- held-out samples: does it answer in format and stop? ---
     samples = sample_responses(policy, tokenizer, prompts[: cfg.samples.num_prompts],
                                cfg.samples.decoding, cfg.samples.batch_size, cfg.seed)
-    metrics = {
-        "train_loss": train_out.training_loss,
-        "eval_loss": final_eval["eval_loss"],
-        "eval_mean_token_accuracy": final_eval["eval_mean_token_accuracy"],
-        **{f"samples/{k}": v for k, v in sample_stats(samples).items()},
-    }
-    print(f"sft: train loss {metrics['train_loss']:.3f}, eval loss {metrics['eval_loss']:.3f}, "
+    metrics.update({f"samples/{k}": v for k, v in sample_stats(samples).items()})
+    print(f"sft: train loss {metrics['train_loss']:.3f}, eval loss {metrics.get('eval_loss', float('nan')):.3f}, "
           f"EOS rate {metrics['samples/eos_rate']:.1%}, format {metrics['samples/format_rate']:.1%}")
     tracker.table("samples", ["prompt", "response", "ended_with_eos"],
                   [[s.prompt, s.response, s.ended] for s in samples[: cfg.logger.num_samples]])
 
     # --- save: adapter + tokenizer (+ merged model on request) ---
-    with staged_artifact(cfg.paths.run_dir, "sft", resolved(cfg), parent=base) as art:
+    with staged_artifact(output_run_dir(cfg), "sft", resolved(cfg), parent=base) as art:
         policy.save_pretrained(art.dir / "adapter")
         tokenizer.save_pretrained(art.dir / "adapter")
         if cfg.save_merged:

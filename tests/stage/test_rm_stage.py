@@ -62,4 +62,18 @@ def test_missing_sft_names_make_sft(world_root, tmp_path):
     shutil.copytree(world_root, root, symlinks=True)
     env = {"RLHF_ROOT": str(root), "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
     out = subprocess.run([sys.executable, "-m", "stages.rm", "logger=none"], capture_output=True, text=True, env=env)
-    assert out.returncode == 2 and "Run `make sft` first" in out.stderr
+    assert out.returncode == 2 and "Run `make sft` first" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_use_margin_puts_the_margin_into_the_loss(chain):
+    # -log sigmoid(d - m) > -log sigmoid(d) for m > 0; the world's margins are rank gaps >= 1,
+    # so at the same seed the margin loss starts far higher (log(1 + e) vs log 2 at d = 0).
+    plain = rm.run(compose_config("rm", TINY_RM + QUIET))
+    margin = rm.run(compose_config("rm", TINY_RM + QUIET + ["train.use_margin=true"]))
+    assert margin["train_loss_mean"] > plain["train_loss_mean"] + 0.2
+
+
+def test_conflicting_batch_orders_are_refused(chain):
+    from pipeline.runtime import PipelineError
+    with pytest.raises(PipelineError, match="group_pairs=true and train.group_by_length=true"):
+        rm.run(compose_config("rm", TINY_RM + QUIET + ["train.group_by_length=true"]))

@@ -1,5 +1,6 @@
 """SFT stage: the real entry point on tiny models of several architectures."""
 
+import os
 import subprocess
 import sys
 
@@ -67,10 +68,40 @@ def test_overrides_reach_the_adapter(run_root):
     assert all(("q_proj" in k or "v_proj" in k) for k in adapter)
 
 
-def test_save_merged_writes_a_full_model(run_root):
-    sft.run(compose_config("sft", TINY_SFT + QUIET + ["save_merged=true"]))
-    merged = run_root / "artifacts/default/sft/merged"
-    assert (merged / "model.safetensors").is_file() and not list(merged.glob("*.bin"))
+def test_save_merged_writes_a_full_model_equal_to_base_plus_adapter(run_root):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.policies import load_policy
+    cfg = compose_config("sft", TINY_SFT + QUIET + ["save_merged=true"])
+    sft.run(cfg)
+    merged_dir = run_root / "artifacts/default/sft/merged"
+    assert (merged_dir / "model.safetensors").is_file() and not list(merged_dir.glob("*.bin"))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
+    with_adapter, tok = load_policy("sft", cfg, merge=False)
+    ids = tok(["What is 2 plus 3?"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_no_eval_split_trains_without_evaluation(run_root):
+    metrics = sft.run(compose_config("sft", TINY_SFT + QUIET + ["data.sft.eval=[]"]))
+    assert "eval_loss" not in metrics and metrics["train_loss"] > 0
+    assert load_artifact(run_root / "artifacts/default/sft", "sft").metrics == metrics
+
+
+def test_a_multirun_sweep_keeps_every_job(run_root, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "stages.sft", "-m", "seed=1,2", *TINY_SFT, *QUIET,
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                         capture_output=True, text=True, env={**os.environ, "RLHF_ROOT": str(run_root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    # One artifact per job, in a folder named after the job's overrides.
+    jobs = sorted((run_root / "artifacts/default/sweep").glob("*/sft"))
+    assert len(jobs) == 2
+    for seed, job in zip((1, 2), jobs):
+        art = load_artifact(job, "sft")
+        assert f"seed={seed}" in job.parent.name and art.manifest["config"]["seed"] == seed
+        assert art.manifest["parent"]["stage"] == "base"
+    assert not (run_root / "artifacts/default/sft").exists()  # the sweep left the run's own sft alone
 
 
 def tiny_arch(name, tokenizer):
@@ -104,6 +135,21 @@ def test_missing_base_names_make_base(tmp_path):
                          text=True, env=env)
     assert out.returncode == 2
     assert "Run `make base` first" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_wandb_run_is_offline_grouped_and_holds_the_resolved_config(run_root):
+    from pipeline.tracking import start_tracking
+    cfg = compose_config("sft", ["logger=wandb", "run_name=exp1", "lora.r=3"])
+    tracker = start_tracking(cfg, "sft")
+    try:
+        assert tracker.enabled and tracker.run.group == "exp1" and tracker.run.job_type == "sft"
+        assert tracker.run.config["lora"]["r"] == 3
+        assert tracker.run.config["paths"]["run_dir"] == str(run_root / "artifacts" / "exp1")  # resolved
+        tracker.log({"loss": 1.0}, step=1)
+    finally:
+        tracker.finish()
+    assert list((run_root / "wandb").glob("offline-run-*/run-*.wandb")), "no offline run on disk to sync"
+    assert not start_tracking(compose_config("sft", QUIET), "sft").enabled
 
 
 def test_qlora_without_cuda_is_a_clear_error(run_root):
