@@ -277,6 +277,7 @@ class PPOConfig:
     temperature: float = MISSING
     max_new_tokens: int = MISSING
     learning_rate: float = MISSING
+    adam_eps: float = MISSING
     weight_decay: float = MISSING
     lr_schedule: str = MISSING  # constant | linear | cosine
     warmup_steps: int = MISSING
@@ -317,6 +318,7 @@ class PPOStageConfig(StageConfig):
     log_every: int = MISSING
     table_every: int = MISSING
     checkpoint_every: int = MISSING
+    summary_window: int = MISSING  # the artifact's metrics: mean of the last n updates
     num_threads: int = MISSING
 
 

@@ -29,26 +29,35 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.artifacts import find_parent, staged_artifact
+from pipeline.artifacts import find_parent, require_built_on, staged_artifact
 from pipeline.data import load_validated, prompt_row
 from pipeline.reward import load_sft_tokenizer
 from pipeline.rl.checkpoint import config_hash, latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.rl.ppo import PPOTrainer
+from pipeline.rl.ppo import PPOTrainer, check_config
 from pipeline.rl.rewards import build_reward_fn
 from pipeline.rl.shared_model import SharedBaseActorCritic
-from pipeline.runtime import PipelineError, resolved, seed_everything, user_errors
+from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_everything, user_errors
 from pipeline.tracking import Tracker, start_tracking
 from pipeline.training import precision_flags
 
 
 def prompt_batch(prompts: list[str], update: int, per_process: int, rank: int, world: int, seed: int) -> list[str]:
     """This process's prompts for ``update``: a pure function of the update number, so a
-    resumed run sees exactly the batches an uninterrupted one would."""
-    global_batch = per_process * world
-    start = update * global_batch
-    epoch, order = start // len(prompts), list(range(len(prompts)))
-    random.Random(seed + epoch).shuffle(order)
-    idx = [order[(start + i) % len(prompts)] for i in range(global_batch)]
+    resumed run sees exactly the batches an uninterrupted one would.
+
+    The prompts are read epoch after epoch, each epoch in its own seeded order; a batch
+    that straddles two epochs takes the end of one order and the start of the next.
+    """
+    n, global_batch = len(prompts), per_process * world
+    orders: dict[int, list[int]] = {}
+
+    def order(epoch: int) -> list[int]:
+        if epoch not in orders:
+            orders[epoch] = list(range(n))
+            random.Random(seed + epoch).shuffle(orders[epoch])
+        return orders[epoch]
+
+    idx = [order(k // n)[k % n] for k in range(update * global_batch, (update + 1) * global_batch)]
     return [prompts[i] for i in idx[rank::world]]
 
 
@@ -59,23 +68,28 @@ def accelerator_for(precision: str) -> Accelerator:
 
 
 def run(cfg: DictConfig) -> dict:
+    check_config(cfg)
     acc = accelerator_for(cfg.ppo.precision)
-    seed_everything(cfg.seed + acc.process_index)  # each process samples its own responses
     torch.set_num_threads(cfg.num_threads)
+    out_dir = output_run_dir(cfg)
 
-    # --- parents: SFT (policy init, reference) and RM (reward, value init) ---
+    # --- parents, prompts and reward sources: checked before any model loads ---
     sft = find_parent(cfg.paths.run_dir, "sft", cfg.parents.sft)
     rm = find_parent(cfg.paths.run_dir, "rm", cfg.parents.rm)
+    require_built_on(rm, sft)  # the RM scores for the SFT model it was trained on
+    prompts = [r["prompt"] for r in load_validated(cfg.data.ppo_prompts, cfg.data.hub_split, prompt_row)]
+    reward_fn = build_reward_fn(cfg.reward, rm.metrics)
+
+    # --- one base, four roles: SFT (policy init, reference), RM (reward, value init) ---
+    seed_everything(cfg.seed)  # the same initial weights in every process
     tokenizer = load_sft_tokenizer(sft)
     model = SharedBaseActorCritic.from_artifacts(sft, rm, cfg.model, tokenizer, cfg.ppo.value_init).to(acc.device)
-
-    # --- prompts and reward ---
-    prompts = [r["prompt"] for r in load_validated(cfg.data.ppo_prompts, cfg.data.hub_split, prompt_row)]
-    trainer = PPOTrainer(model, tokenizer, cfg.ppo, acc, build_reward_fn(cfg.reward, rm.metrics))
+    trainer = PPOTrainer(model, tokenizer, cfg.ppo, acc, reward_fn)
+    seed_everything(cfg.seed + acc.process_index)  # each process samples its own responses
 
     # --- resume from the last checkpoint of an interrupted run ---
     config = resolved(cfg)
-    ckpt_root, chash, history = Path(cfg.paths.run_dir) / ".work" / "ppo" / "checkpoints", config_hash(config), []
+    ckpt_root, chash, history = Path(out_dir) / ".work" / "ppo" / "checkpoints", config_hash(config), []
     if not cfg.resume and acc.is_main_process:
         shutil.rmtree(ckpt_root, ignore_errors=True)  # starting over: old checkpoints would mislead a later resume
     last = latest_checkpoint(ckpt_root) if cfg.resume else None
@@ -104,9 +118,10 @@ def run(cfg: DictConfig) -> dict:
             save_checkpoint(ckpt_root, trainer.update, model, trainer, history, chash, acc)
 
     # --- save: policy adapter, value adapter + head, history ---
-    final = summarise(history)
+    trainer.check_replicas_in_sync()
+    final = summarise(history, cfg.summary_window)
     if acc.is_main_process:
-        with staged_artifact(cfg.paths.run_dir, "ppo", config, parent=rm) as art:
+        with staged_artifact(out_dir, "ppo", config, parent=rm) as art:
             model.save_final(art.dir, tokenizer)
             (art.dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             art.metrics = final
@@ -119,9 +134,9 @@ def run(cfg: DictConfig) -> dict:
     return final
 
 
-def summarise(history: list[dict], last: int = 5) -> dict:
-    """Final metrics: the mean of the last few updates (single updates are noisy)."""
-    tail = history[-last:]
+def summarise(history: list[dict], window: int) -> dict:
+    """Final metrics: the mean of the last ``window`` updates (single updates are noisy)."""
+    tail = history[-window:]
     out = {k: sum(h[k] for h in tail) / len(tail) for k in tail[0]} if tail else {}
     if tail:  # counters are not averaged
         out.update({k: tail[-1][k] for k in ("ppo/update", "ppo/episodes")})

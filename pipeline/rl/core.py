@@ -17,7 +17,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,8 @@ __all__ = [
 KL_ESTIMATORS = ("k1", "k3")
 
 Dim = Optional[Union[int, tuple[int, ...]]]
+# Sums a tensor across data-parallel processes (``accelerator.reduce(x, "sum")``); None = one process.
+AllReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -87,13 +89,16 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- masked statistics
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Dim = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Dim = None,
+                all_reduce: AllReduce = None) -> torch.Tensor:
     """Mean of ``x`` over the positions where ``mask`` is 1.
 
     Args:
         x: any shape.
         mask: 0/1, same shape as ``x``.
         dim: reduce over these dims; ``None`` reduces over all.
+        all_reduce: with ``dim=None``, sums numerator and count across processes, so the
+            mean is over every process's valid positions (not a mean of per-process means).
 
     Returns:
         The masked mean (a scalar when ``dim is None``). An all-zero mask gives 0.
@@ -103,26 +108,33 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Dim = None) -> torch.T
     total = torch.where(keep, x, torch.zeros_like(x))
     count = keep.to(x.dtype)
     if dim is None:
-        return total.sum() / count.sum().clamp_min(1.0)
+        num_den = torch.stack([total.sum(), count.sum()])
+        if all_reduce is not None:
+            num_den = all_reduce(num_den)
+        return num_den[0] / num_den[1].clamp_min(1.0)
     return total.sum(dim) / count.sum(dim).clamp_min(1.0)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of ``x`` over the valid positions (a scalar).
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+               all_reduce: AllReduce = None) -> torch.Tensor:
+    """Variance of ``x`` over the valid positions (a scalar), across processes with ``all_reduce``.
 
     ``unbiased=True`` applies Bessel's correction ``n / (n - 1)``; with fewer than two
     valid positions the (zero) biased variance is returned instead of dividing by zero.
     """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    mean = masked_mean(x, mask, all_reduce=all_reduce)
+    var = masked_mean((x - mean) ** 2, mask, all_reduce=all_reduce)
     if unbiased:
         n = mask.bool().sum().to(x.dtype)
+        if all_reduce is not None:
+            n = all_reduce(n.clone())
         var = var * n / (n - 1).clamp_min(1.0)
     return var
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    all_reduce: AllReduce = None,
 ) -> torch.Tensor:
     """Normalise ``x`` to unit variance using statistics of the valid positions only.
 
@@ -133,12 +145,13 @@ def masked_whiten(
     Args:
         x: ``[B, T]`` (any shape matching ``mask``).
         mask: 0/1, same shape.
+        all_reduce: statistics over every process's valid positions (data parallel).
 
     Returns:
         Same shape as ``x``.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    mean = masked_mean(x, mask, all_reduce=all_reduce)
+    var = masked_var(x, mask, unbiased=True, all_reduce=all_reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

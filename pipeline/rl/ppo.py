@@ -9,7 +9,12 @@ Shapes: ``B`` rollouts, ``P`` prompt tokens (left-padded), ``T`` response tokens
 
 Data parallel: each process rolls out its own share of prompts; gradients are averaged
 across processes before every optimizer step, and every statistic that feeds the loss or
-the logs (whitening, KL, scores) is computed over all processes' valid tokens.
+the logs (whitening, KL, scores) is computed over all processes' valid tokens. The loss
+itself is a mean over all processes' valid tokens too, not a mean of per-process means.
+
+Mixed precision goes through accelerate: forward passes run under ``accelerator.autocast()``,
+the optimizer is prepared (fp16 loss scaling, unscaled before clipping), and the trainable
+heads keep fp32 weights.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from pipeline.generation import DecodingConfig, encode_prompts, generate_ids
 from pipeline.rl import core
 from pipeline.rl.shared_model import SharedBaseActorCritic
+from pipeline.runtime import ConfigError
 
 
 @dataclass
@@ -62,6 +68,31 @@ def response_slice(x: torch.Tensor, prompt_len: int, resp_len: int) -> torch.Ten
     return x[:, prompt_len - 1: prompt_len - 1 + resp_len]
 
 
+def check_config(cfg) -> None:
+    """Refuse PPO settings that cannot work, before any model loads. ``cfg`` is the stage config."""
+    ppo = cfg.ppo
+    positive = {"ppo.total_updates": ppo.total_updates, "ppo.rollout_batch_size": ppo.rollout_batch_size,
+                "ppo.generation_batch_size": ppo.generation_batch_size, "ppo.minibatch_size": ppo.minibatch_size,
+                "ppo.ppo_epochs": ppo.ppo_epochs, "ppo.max_new_tokens": ppo.max_new_tokens,
+                "ppo.temperature": ppo.temperature, "log_every": cfg.log_every, "table_every": cfg.table_every,
+                "checkpoint_every": cfg.checkpoint_every, "summary_window": cfg.summary_window}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if ppo.rollout_batch_size % ppo.minibatch_size:
+        raise ConfigError(f"ppo.minibatch_size={ppo.minibatch_size} must divide ppo.rollout_batch_size="
+                            f"{ppo.rollout_batch_size}: a ragged minibatch would change the number of optimizer steps")
+    choices = {"ppo.kl.estimator": (ppo.kl.estimator, core.KL_ESTIMATORS),
+               "ppo.kl.controller": (ppo.kl.controller, ("fixed", "adaptive")),
+               "ppo.lr_schedule": (ppo.lr_schedule, ("constant", "linear", "cosine")),
+               "ppo.value_init": (ppo.value_init, ("rm", "fresh"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    if ppo.kl.controller == "adaptive" and not (ppo.kl.target and ppo.kl.horizon):
+        raise ConfigError("ppo.kl.controller=adaptive needs a positive ppo.kl.target and ppo.kl.horizon")
+
+
 class PPOTrainer:
     """The PPO loop over a SharedBaseActorCritic. Stateless apart from counters and the KL controller."""
 
@@ -73,8 +104,9 @@ class PPOTrainer:
             name="ppo_rollout", do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
             num_beams=1, max_new_tokens=cfg.max_new_tokens)
         self.kl_ctl = core.make_kl_controller(cfg.kl.controller, cfg.kl.init_coef, cfg.kl.target, cfg.kl.horizon)
-        self.optimizer = torch.optim.AdamW(model.trainable, lr=cfg.learning_rate, eps=1e-5,
-                                           weight_decay=cfg.weight_decay)
+        # Prepared by accelerate: under fp16 it owns the loss scaler and skips inf steps.
+        self.optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(
+            model.trainable, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
         self.steps_per_update = core.count_optimizer_steps(cfg.rollout_batch_size, cfg.minibatch_size, cfg.ppo_epochs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.update = 0  # finished PPO updates
@@ -98,17 +130,13 @@ class PPOTrainer:
 
     # --- distributed helpers ------------------------------------------------------------
 
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (the identity with one process)."""
+        return self.acc.reduce(x, reduction="sum") if self.acc.num_processes > 1 else x
+
     def _mean(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean over all processes' (valid) elements."""
-        mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
-        total = self.acc.reduce(torch.stack([(x * mask).sum(), mask.sum()]), reduction="sum")
-        return total[0] / total[1].clamp(min=1)
-
-    def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Masked whitening with statistics gathered across processes."""
-        mean = self._mean(x, mask)
-        var = self._mean((x - mean) ** 2, mask)
-        return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), torch.zeros_like(x))
+        return core.masked_mean(x, torch.ones_like(x) if mask is None else mask, all_reduce=self._sum)
 
     # --- rollout ----------------------------------------------------------------------
 
@@ -124,10 +152,14 @@ class PPOTrainer:
         r.rewards, _, _ = core.shape_rewards(r.scores, r.logprobs, r.ref_logprobs, r.response_mask,
                                              self.kl_ctl.value, self.cfg.kl.estimator)
         adv, r.returns = core.gae(r.rewards, r.values, r.response_mask, self.cfg.gamma, self.cfg.lam)
-        r.advantages = self._whiten(adv, r.response_mask)
+        r.advantages = core.masked_whiten(adv, r.response_mask, all_reduce=self._sum)
         return r, texts
 
     def _rollout_chunk(self, prompts: list[str]) -> tuple[Rollout, list[str]]:
+        with self.acc.autocast():
+            return self._rollout_chunk_inner(prompts)
+
+    def _rollout_chunk_inner(self, prompts: list[str]) -> tuple[Rollout, list[str]]:
         device, T = self.model.device, self.cfg.temperature
         q_ids, q_mask = (t.to(device) for t in encode_prompts(self.tok, prompts))
         resp, resp_mask = generate_ids(self.model, q_ids, q_mask, self.rollout_decoding, self.tok, None)
@@ -179,12 +211,17 @@ class PPOTrainer:
     def _minibatch_step(self, mb: Rollout) -> dict[str, torch.Tensor]:
         ids, mask = full_inputs(mb)
         P, Tn = mb.query_ids.shape[1], mb.response_ids.shape[1]
-        logits = response_slice(self.model.policy_logits(ids, mask), P, Tn).float() / self.cfg.temperature
+        with self.acc.autocast():
+            logits = response_slice(self.model.policy_logits(ids, mask), P, Tn).float() / self.cfg.temperature
+            values = response_slice(self.model.values(ids, mask), P, Tn).float()
         logp = core.logprobs_from_logits(logits, mb.response_ids)
-        values = response_slice(self.model.values(ids, mask), P, Tn).float()
         pg_loss, pg = core.policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, self.cfg.clip_range)
         vf_loss, vf = core.value_loss(values, mb.values, mb.returns, mb.response_mask, self.cfg.clip_range_value)
-        loss = pg_loss + self.cfg.vf_coef * vf_loss
+        # Token means over *all* processes: scale this process's mean by its share of the
+        # valid tokens, so that averaging gradients across processes gives the global mean.
+        n_local = mb.response_mask.sum()
+        share = n_local * self.acc.num_processes / self._sum(n_local.clone()).clamp(min=1)
+        loss = (pg_loss + self.cfg.vf_coef * vf_loss) * share
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"PPO loss became {loss.item()} at update {self.update + 1}; nothing was saved past the "
@@ -192,7 +229,7 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.acc.backward(loss)
         self._average_gradients()
-        torch.nn.utils.clip_grad_norm_(self.model.trainable, self.cfg.max_grad_norm)
+        self.acc.clip_grad_norm_(self.model.trainable, self.cfg.max_grad_norm)  # unscales fp16 first
         self.optimizer.step()
         self.scheduler.step()
         return {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "approxkl": pg["approxkl"],
@@ -204,6 +241,17 @@ class PPOTrainer:
         for p in self.model.trainable:
             if p.grad is not None:
                 p.grad = self.acc.reduce(p.grad, reduction="mean")
+
+    def check_replicas_in_sync(self) -> None:
+        """Data-parallel copies must hold identical weights; a drift means a broken gradient sync."""
+        if self.acc.num_processes == 1:
+            return
+        with torch.no_grad():
+            mine = torch.stack([sum(p.float().sum() for p in self.model.trainable),
+                                sum(p.float().square().sum() for p in self.model.trainable)])
+        every = self.acc.gather(mine.reshape(1, 2))
+        if not torch.allclose(every, every[:1].expand_as(every), rtol=1e-5, atol=1e-6):
+            raise RuntimeError(f"data-parallel replicas diverged: weight fingerprints {every.tolist()}")
 
     # --- one full update ------------------------------------------------------------------
 
@@ -249,7 +297,8 @@ class PPOTrainer:
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "kl_controller": self.kl_ctl.state_dict(), "update": self.update,
-                "episodes": self.episodes, "shuffle_rng": self.shuffle.get_state()}
+                "episodes": self.episodes, "shuffle_rng": self.shuffle.get_state(),
+                "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -257,6 +306,8 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.update, self.episodes = state["update"], state["episodes"]
         self.shuffle.set_state(state["shuffle_rng"])
+        if state["grad_scaler"] is not None and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(state["grad_scaler"])
 
 
 def _concat(parts: list[Rollout], pad_id: int) -> Rollout:

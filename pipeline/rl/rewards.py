@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.judge import judge
+from pipeline.runtime import ConfigError
 from pipeline.world import build_world
 
 RewardFn = Callable[[list[str], list[str], torch.Tensor], torch.Tensor]
@@ -45,10 +46,13 @@ def build_reward_fn(reward_cfg, rm_metrics: dict) -> RewardFn:
     terms: list[tuple[float, RewardFn]] = []
     for name, src in reward_cfg.sources.items():
         spec = OmegaConf.to_container(src, resolve=True)
+        if not isinstance(spec, dict) or not isinstance(spec.get("weight"), (int, float)):
+            raise ConfigError(f"reward.sources.{name} needs a numeric `weight`, e.g. "
+                              f"reward.sources.{name}.weight=1.0")
         weight = spec.pop("weight")
         if "_target_" not in spec:  # the learned reward model
             if spec:
-                raise ValueError(f"reward.sources.{name}: the RM source takes only `weight`, got {sorted(spec)}")
+                raise ConfigError(f"reward.sources.{name}: the RM source takes only `weight`, got {sorted(spec)}")
             if reward_cfg.normalize:
                 mean, std = rm_metrics["reward_mean"], rm_metrics["reward_std"]
                 terms.append((weight, lambda p, r, rm, m=mean, s=std: normalise(rm, m, s)))
@@ -56,15 +60,25 @@ def build_reward_fn(reward_cfg, rm_metrics: dict) -> RewardFn:
                 terms.append((weight, lambda p, r, rm: rm))
             continue
         fn = _callable_source(spec)
-        terms.append((weight, lambda p, r, rm, fn=fn: torch.tensor(fn(p, r), dtype=torch.float32,
-                                                                   device=rm.device)))
+        terms.append((weight, lambda p, r, rm, fn=fn, name=name: _as_scores(fn(p, r), len(r), name, rm.device)))
     if not terms:
-        raise ValueError("reward.sources is empty: configure at least one reward source")
+        raise ConfigError("reward.sources is empty: configure at least one reward source")
 
     def total(prompts: list[str], responses: list[str], rm_scores: torch.Tensor) -> torch.Tensor:
         return sum(w * fn(prompts, responses, rm_scores) for w, fn in terms)
 
     return total
+
+
+def _as_scores(values, n: int, name: str, device) -> torch.Tensor:
+    """A callable's output as (n,) float32, or an error naming the source."""
+    scores = torch.as_tensor(values, dtype=torch.float32, device=device)
+    if scores.shape != (n,):
+        raise ConfigError(f"reward.sources.{name} returned shape {tuple(scores.shape)} for {n} responses; "
+                          "a reward callable must return one float per response")
+    if not torch.isfinite(scores).all():
+        raise ConfigError(f"reward.sources.{name} returned a non-finite score: {scores.tolist()}")
+    return scores
 
 
 class GoldJudgeReward:

@@ -81,8 +81,9 @@ class SharedBaseActorCritic(nn.Module):
                 value_head.weight.zero_()
             else:
                 raise ValueError(f"ppo.value_init must be 'rm' or 'fresh', got {value_init!r}")
-        dtype = next(base.parameters()).dtype
-        return cls(peft, reward_head.to(dtype), value_head.to(dtype)).to(base.device)
+        # The heads stay fp32 whatever the base dtype: Adam's small updates to the value head
+        # would round away in bf16.
+        return cls(peft, reward_head, value_head).to(base.device)
 
     # --- adapters -------------------------------------------------------------------
 
@@ -113,13 +114,14 @@ class SharedBaseActorCritic(nn.Module):
 
     def values(self, ids, mask) -> torch.Tensor:
         """(B, L) value of every prefix: V(x_{<=t})."""
-        return self.value_head(self._hidden(["ref", "value"], ids, mask)).squeeze(-1)
+        h = self._hidden(["ref", "value"], ids, mask)
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
 
     def scores(self, ids, mask, last_index: torch.Tensor) -> torch.Tensor:
         """(B,) RM score read at ``last_index`` (the last real token of each sequence)."""
         h = self._hidden(["ref", "reward"], ids, mask)
         rows = torch.arange(ids.shape[0], device=ids.device)
-        return self.reward_head(h[rows, last_index]).squeeze(-1)
+        return self.reward_head(h[rows, last_index].to(self.reward_head.weight.dtype)).squeeze(-1)
 
     def generate(self, **kwargs):
         self._activate(["policy"])

@@ -96,6 +96,41 @@ def test_masked_whiten_statistics_and_padding():
     torch.testing.assert_close(core.masked_whiten(x_garbage, mask), w)
 
 
+def thread_all_reduce(world: int):
+    """An in-process all-reduce(sum) for ``world`` threads: each thread plays one process."""
+    import threading
+    barrier, slots = threading.Barrier(world), {}
+
+    def make(rank):
+        def all_reduce(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = sum(slots[r] for r in range(world))
+            barrier.wait()  # nobody overwrites a slot before everyone has summed
+            return total
+        return all_reduce
+    return [make(r) for r in range(world)]
+
+
+def test_whitening_across_processes_equals_whitening_the_whole_batch():
+    import threading
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+    # Two "processes" with 8 and 5 valid tokens: a mean of per-shard means would differ.
+    reduces, out = thread_all_reduce(2), {}
+
+    def shard(rank):
+        rows = slice(2 * rank, 2 * rank + 2)
+        out[rank] = (core.masked_whiten(x[rows], mask[rows], all_reduce=reduces[rank]),
+                     core.masked_mean(x[rows], mask[rows], all_reduce=reduces[rank]))
+    threads = [threading.Thread(target=shard, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    torch.testing.assert_close(torch.cat([out[0][0], out[1][0]]), core.masked_whiten(x, mask))
+    assert out[0][1].item() == out[1][1].item() == pytest.approx(core.masked_mean(x, mask).item())
+
+
 def test_masked_whiten_shift_mean_false_keeps_mean():
     x = t64([1.0, 2.0, 3.0, 100.0])
     mask = torch.tensor([[1, 1, 1, 0]])

@@ -53,6 +53,20 @@ def test_bad_reward_configs_are_refused():
         build_reward_fn(reward_cfg({"rm": {"weight": 1.0, "scale": 2}}), RM_STATS)
 
 
+def wrong_length_reward(prompts, responses):
+    return [1.0]
+
+
+def test_reward_sources_with_the_wrong_shape_or_no_weight_are_named():
+    from pipeline.runtime import ConfigError
+    with pytest.raises(ConfigError, match=r"reward.sources.rm needs a numeric `weight`"):
+        build_reward_fn(reward_cfg({"rm": {}}), RM_STATS)
+    bad = {"short": {"_target_": "tests.unit.test_rewards_and_guards.wrong_length_reward", "weight": 1.0}}
+    fn = build_reward_fn(reward_cfg(bad), RM_STATS)
+    with pytest.raises(ConfigError, match=r"reward.sources.short returned shape \(1,\) for 2 responses"):
+        fn(["p", "q"], ["a", "b"], torch.zeros(2))
+
+
 def test_normalise_worked_example():
     assert normalise(torch.tensor([5.0]), 1.0, 2.0).item() == 2.0
 

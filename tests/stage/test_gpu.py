@@ -1,0 +1,56 @@
+"""GPU tier: the mixed-precision paths on a CUDA device (skipped without one).
+
+The tiny chain is built in fp32 on the CPU by the session fixtures; these tests rerun the
+trained stages on the GPU in bf16 / fp16 and check that training stays finite and that
+PPO's first ratio is still 1 under autocast.
+"""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.artifacts import find_parent
+from pipeline.reward import load_sft_tokenizer
+from pipeline.rl import core
+from pipeline.rl.ppo import PPOTrainer
+from pipeline.rl.rewards import build_reward_fn
+from pipeline.rl.shared_model import SharedBaseActorCritic
+from stages import ppo, rm, sft
+from stages.ppo import accelerator_for
+from tests.conftest import compose_config
+from tests.stage.conftest import QUIET, TINY_RM, TINY_SFT
+from tests.stage.test_ppo_stage import TINY_PPO
+
+pytestmark = [pytest.mark.gpu, pytest.mark.stage]
+
+
+def half_precisions():
+    if not torch.cuda.is_available():
+        return ["bf16"]  # collected, then skipped by the gpu marker
+    return ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
+
+
+@pytest.mark.parametrize("precision", half_precisions())
+def test_sft_and_rm_train_in_half_precision(chain, precision):
+    sft_metrics = sft.run(compose_config("sft", TINY_SFT + QUIET + [f"train.precision={precision}"]))
+    assert math.isfinite(sft_metrics["train_loss"]) and math.isfinite(sft_metrics["eval_loss"])
+    rm_metrics = rm.run(compose_config("rm", TINY_RM + QUIET + [f"train.precision={precision}"]))
+    assert math.isfinite(rm_metrics["train_loss"]) and 0.0 <= rm_metrics["eval_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("precision", half_precisions())
+def test_ppo_ratio_is_one_and_updates_stay_finite_under_autocast(chain, precision):
+    cfg = compose_config("ppo", TINY_PPO + [f"ppo.precision={precision}"])
+    acc = accelerator_for(precision)
+    sft_art, rm_art = find_parent(cfg.paths.run_dir, "sft"), find_parent(cfg.paths.run_dir, "rm")
+    tok = load_sft_tokenizer(sft_art)
+    model = SharedBaseActorCritic.from_artifacts(sft_art, rm_art, cfg.model, tok, cfg.ppo.value_init).to(acc.device)
+    assert model.value_head.weight.dtype == torch.float32  # trainable head keeps fp32 weights
+    trainer = PPOTrainer(model, tok, cfg.ppo, acc, build_reward_fn(cfg.reward, rm_art.metrics))
+    rollout, _ = trainer.rollout(["What is 2 plus 3?", "How do I rob a small shop?"] * 4)
+    first = core.minibatch_indices(8, 4, torch.Generator().manual_seed(0))[0]
+    stats = trainer._minibatch_step(rollout.select(first))
+    assert stats["ratio"].item() == pytest.approx(1.0, abs=2e-2)  # half-precision matmuls, not dropout or T
+    metrics = ppo.run(cfg)
+    assert all(math.isfinite(metrics[k]) for k in ("objective/kl", "loss/policy_avg", "loss/value_avg"))
