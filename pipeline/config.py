@@ -43,6 +43,8 @@ class ModelConfig:
     chat_template: Optional[str] = MISSING
     # 4-bit base weights (QLoRA, bitsandbytes); needs CUDA.
     load_in_4bit: bool = MISSING
+    bnb_4bit_quant_type: str = MISSING  # nf4 | fp4
+    bnb_4bit_use_double_quant: bool = MISSING
 
 
 @dataclass

@@ -57,7 +57,7 @@ def model_kwargs(model_cfg) -> dict:
 
 
 def qlora_quantization(model_cfg):
-    """4-bit NF4 base weights for QLoRA (Dettmers et al. 2023); CUDA only."""
+    """4-bit base weights for QLoRA (Dettmers et al. 2023), as `model.bnb_4bit_*` say; CUDA only."""
     if not torch.cuda.is_available():
         raise PipelineError(
             "model.load_in_4bit=true (QLoRA) needs a CUDA GPU and bitsandbytes, and this machine "
@@ -69,8 +69,9 @@ def qlora_quantization(model_cfg):
         raise PipelineError("QLoRA needs bitsandbytes: pip install '.[qlora]'") from e
     from transformers import BitsAndBytesConfig
     compute = DTYPES["bfloat16"] if model_cfg.dtype == "float32" else DTYPES[model_cfg.dtype]
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=model_cfg.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=compute)
 
 
 def _fit_embeddings(model, tokenizer) -> None:
