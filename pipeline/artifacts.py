@@ -275,7 +275,7 @@ def recorded_parent(child: Artifact) -> Optional[Artifact]:
     recorded = child.manifest.get("parent")
     if recorded is None:
         return None
-    parent = find_parent(Path(recorded["path"]).parent, recorded["stage"], recorded["path"])
+    parent = find_parent(Path(recorded["path"]).parent, recorded["stage"], override=recorded["path"])
     require_built_on(child, parent)
     return parent
 

@@ -23,6 +23,7 @@ from trl import SFTConfig, SFTTrainer
 import pipeline.config  # noqa: F401  (registers the schemas)
 from pipeline.artifacts import staged_artifact
 from pipeline.data import load_validated, prompt_row, sft_row
+from pipeline.generation import check_decoding
 from pipeline.models import base_model_source, load_causal_lm, load_tokenizer, lora_config
 from pipeline.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.sampling import sample_responses, sample_stats
@@ -52,7 +53,8 @@ def run(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.train.num_threads)
 
-    # --- parent and data: both checked before any model loads ---
+    # --- parent, data and sampling settings: all checked before any model loads ---
+    check_decoding(cfg.samples.decoding)
     source, base = base_model_source(cfg, cfg.parents.base)
     train_rows = load_validated(cfg.data.sft.train, cfg.data.hub_split, sft_row)
     eval_rows = load_validated(cfg.data.sft.eval, cfg.data.hub_split, sft_row)  # [] skips evaluation

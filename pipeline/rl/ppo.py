@@ -81,7 +81,7 @@ def check_config(cfg) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if ppo.rollout_batch_size % ppo.minibatch_size:
         raise ConfigError(f"ppo.minibatch_size={ppo.minibatch_size} must divide ppo.rollout_batch_size="
-                            f"{ppo.rollout_batch_size}: a ragged minibatch would change the number of optimizer steps")
+                          f"{ppo.rollout_batch_size}: a ragged minibatch would change the number of optimizer steps")
     choices = {"ppo.kl.estimator": (ppo.kl.estimator, core.KL_ESTIMATORS),
                "ppo.kl.controller": (ppo.kl.controller, ("fixed", "adaptive")),
                "ppo.lr_schedule": (ppo.lr_schedule, ("constant", "linear", "cosine")),

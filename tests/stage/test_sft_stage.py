@@ -180,3 +180,10 @@ def test_loss_covers_assistant_tokens_only(run_root):
     assert supervised == "2 plus 3 is 5.<|eos|>cup cup<|eos|>"
     assert tokenizer.decode(ids[labels == -100]).startswith("<|user|>\nWhat is 2 plus 3?\n<|assistant|>\n")
     assert (labels[labels != -100] == ids[labels != -100]).all()
+
+
+def test_bad_sampling_settings_fail_before_training(run_root, spy_base):
+    from pipeline.runtime import ConfigError
+    with pytest.raises(ConfigError, match="top_p=1.5 must be in"):
+        sft.run(compose_config("sft", TINY_SFT + QUIET + ["samples.decoding.top_p=1.5"]))
+    assert "model" not in spy_base  # refused before the base model was even loaded
