@@ -23,13 +23,17 @@ from typing import Any, Iterator, Optional
 
 MANIFEST = "manifest.json"
 
+# The RL stage writes its artifact under the name of its algorithm (conf/algorithm/).
+RL_STAGES = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce_pp")
+
 # Which command produces each stage's artifact: named in every "missing parent" error.
 PRODUCER = {
     "base": "make base",
     "sft": "make sft",
     "rm": "make rm",
-    "ppo": "make ppo",
+    "dpo": "make dpo",
     "eval": "make eval",
+    **{s: "make ppo" if s == "ppo" else f"make ppo ARGS=algorithm={s}" for s in RL_STAGES},
 }
 
 TRACKED_PACKAGES = (
@@ -175,6 +179,7 @@ class StagedArtifact:
         self.started = time.time()
         self.metrics: dict[str, Any] = {}
         self.dir = final.parent / f".{final.name}.staging-{os.getpid()}"
+        self.artifact: Optional[Artifact] = None  # the committed artifact, once the block has ended
 
     def commit(self) -> Artifact:
         """Write the manifest, then swap the staging folder into place.
@@ -195,19 +200,22 @@ class StagedArtifact:
             os.rename(self.final, previous)
         os.rename(self.dir, self.final)
         shutil.rmtree(previous, ignore_errors=True)
-        return Artifact(stage=self.stage, path=self.final, manifest=manifest)
+        self.artifact = Artifact(stage=self.stage, path=self.final, manifest=manifest)
+        return self.artifact
 
 
 @contextlib.contextmanager
 def staged_artifact(
     run_dir: str | Path, stage: str, config: dict[str, Any], parent: Optional[Artifact] = None,
+    folder: Optional[str] = None,
 ) -> Iterator[StagedArtifact]:
     """Stage an artifact: the body writes into ``staged.dir`` and sets ``staged.metrics``.
 
     On normal exit the artifact is committed; on any exception the staging folder is
-    deleted and whatever artifact was there before stays as it was.
+    deleted and whatever artifact was there before stays as it was. ``folder`` names the
+    artifact's folder when it is not the stage's name.
     """
-    final = stage_path(run_dir, stage)
+    final = stage_path(run_dir, folder or stage)
     final.parent.mkdir(parents=True, exist_ok=True)
     restore_interrupted_swap(final)
     remove_stale_staging(final)

@@ -76,12 +76,15 @@ class DataConfig:
     """Where each stage reads its data: local .json/.jsonl/.parquet files or hub ids."""
 
     name: str = MISSING
-    pretrain: str = MISSING
+    pretrain: str = MISSING  # text rows {"text"}: base pretraining, PPO-ptx
+    pretrain_eval: Optional[str] = MISSING  # held-out text: eval's corpus NLL (alignment tax); null = skip
     sft: SplitConfig = MISSING
     prefs: SplitConfig = MISSING
     ppo_prompts: list[str] = MISSING
     eval_prompts: list[str] = MISSING
     hub_split: str = MISSING  # split used when a source is a hub dataset id
+    # The pipeline's field names -> a dataset's own, e.g. {prompt: question, chosen: response_j}
+    columns: dict[str, str] = MISSING
 
 
 # --- stage schemas --------------------------------------------------------------------
@@ -218,6 +221,20 @@ class RMStageConfig(StageConfig):
     score_batch_size: int = MISSING
 
 
+@dataclass
+class DPOTrainConfig(HFTrainConfig):
+    beta: float = MISSING  # the implicit KL coefficient
+    loss_type: str = MISSING  # TRL's DPO loss: sigmoid | ipo | hinge | ...
+
+
+@dataclass
+class DPOStageConfig(StageConfig):
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    train: DPOTrainConfig = MISSING
+    parents: RMParents = MISSING
+
+
 # --- eval / generate / pipeline -------------------------------------------------------
 
 
@@ -233,6 +250,8 @@ class EvalStageConfig(StageConfig):
     max_prompts: Optional[int] = MISSING  # the first n eval prompts; null = all of them
     batch_size: int = MISSING  # prompts per generate call
     score_batch_size: int = MISSING  # conversations per reward-model forward pass
+    nll_documents: int = MISSING  # held-out corpus documents for the NLL row (0 = skip)
+    nll_block_size: int = MISSING  # tokens per document
     num_threads: int = MISSING
 
 
@@ -241,11 +260,20 @@ class GenerateStageConfig(StageConfig):
     """`make generate`: sample one stage's policy on a prompt or a prompt file."""
 
     model: ModelConfig = MISSING
-    stage: str = MISSING  # base | sft | ppo
+    stage: str = MISSING  # base | sft | dpo | ppo | rloo | grpo | dr_grpo | reinforce_pp
     prompt: Optional[str] = MISSING
     prompt_file: Optional[str] = MISSING  # .txt (a prompt per line) or .jsonl ({"prompt": ...})
     decoding: DecodingConfig = MISSING
     batch_size: int = MISSING
+    num_threads: int = MISSING
+
+
+@dataclass
+class ExportStageConfig(StageConfig):
+    """`make export`: one stage's policy merged into the base, as a plain HF model folder."""
+
+    model: ModelConfig = MISSING
+    stage: str = MISSING
     num_threads: int = MISSING
 
 
@@ -272,9 +300,10 @@ class KLConfig:
 @dataclass
 class PPOConfig:
     total_updates: int = MISSING
-    rollout_batch_size: int = MISSING  # prompts per update per process
-    generation_batch_size: int = MISSING
-    minibatch_size: int = MISSING  # must divide rollout_batch_size
+    rollout_batch_size: int = MISSING  # responses per update per process (k per prompt)
+    generation_batch_size: int = MISSING  # responses sampled and scored per pass
+    minibatch_size: int = MISSING  # responses per optimizer step; divides rollout_batch_size
+    micro_batch_size: int = MISSING  # responses per forward/backward; divides minibatch_size
     ppo_epochs: int = MISSING
     temperature: float = MISSING
     max_new_tokens: int = MISSING
@@ -291,15 +320,40 @@ class PPOConfig:
     lam: float = MISSING
     target_kl: Optional[float] = MISSING  # early-stop the epochs past this approx KL; null = off
     missing_eos_penalty: Optional[float] = MISSING  # subtracted from a response without EOS
-    value_init: str = MISSING  # rm | fresh
+    value_init: str = MISSING  # rm | fresh (gae only)
+    old_logprobs: str = MISSING  # sampler (recorded while sampling) | recompute (an extra full pass)
+    gradient_checkpointing: bool = MISSING
+    ptx_coef: float = MISSING  # PPO-ptx: weight of the pretraining log-likelihood; 0 = off
+    ptx_batch_size: int = MISSING  # pretraining sequences per optimizer step
+    ptx_block_size: int = MISSING  # tokens per pretraining sequence
     precision: str = MISSING  # auto | fp32 | bf16 | fp16
     seed: int = MISSING
     kl: KLConfig = MISSING
 
 
 @dataclass
+class AlgorithmConfig:
+    """The advantage estimator of the RL stage (conf/algorithm/)."""
+
+    name: str = MISSING  # the artifact's folder: ppo | rloo | grpo | dr_grpo | reinforce_pp
+    advantage: str = MISSING  # gae | rloo | grpo | reinforce_pp
+    samples_per_prompt: int = MISSING  # k
+    kl_in: str = MISSING  # reward (Ziegler et al.) | loss (k3 with gradient, as GRPO)
+    loss_agg: str = MISSING  # token_mean | seq_mean | constant (Dr.GRPO)
+    scale_by_std: bool = MISSING  # grpo: divide by the group's std (false: Dr.GRPO)
+    group_baseline: bool = MISSING  # reinforce_pp: subtract the group mean first (REINFORCE++-baseline)
+
+
+@dataclass
+class HealthConfig:
+    thresholds: dict[str, float] = MISSING  # health/<name> above its threshold prints a warning
+    abort_on: list[str] = MISSING  # ... and stops the run for these names
+
+
+@dataclass
 class RewardConfig:
     normalize: bool = MISSING  # standardise RM scores with the RM artifact's mean / std
+    min_accuracy: float = MISSING  # refuse an RM whose held-out pairwise accuracy is lower
     sources: dict[str, Any] = MISSING
 
 
@@ -315,7 +369,9 @@ class PPOStageConfig(StageConfig):
     data: DataConfig = MISSING
     parents: PPOParents = MISSING
     reward: RewardConfig = MISSING
+    algorithm: AlgorithmConfig = MISSING
     ppo: PPOConfig = MISSING
+    health: HealthConfig = MISSING
     resume: bool = MISSING
     log_every: int = MISSING
     table_every: int = MISSING
@@ -331,10 +387,13 @@ def register_configs() -> None:
     cs.store(name="base_schema", node=BaseStageConfig)
     cs.store(name="sft_schema", node=SFTStageConfig)
     cs.store(name="rm_schema", node=RMStageConfig)
+    cs.store(name="dpo_schema", node=DPOStageConfig)
     cs.store(name="ppo_schema", node=PPOStageConfig)
+    cs.store(group="algorithm", name="algorithm_schema", node=AlgorithmConfig)
     cs.store(group="decoding", name="decoding_schema", node=DecodingConfig)
     cs.store(name="eval_schema", node=EvalStageConfig)
     cs.store(name="generate_schema", node=GenerateStageConfig)
+    cs.store(name="export_schema", node=ExportStageConfig)
     cs.store(name="pipeline_schema", node=PipelineStageConfig)
 
 

@@ -21,21 +21,26 @@ The strategies are the ones from the lectures; each has a file in ``conf/decodin
   top-k, the set grows where the model is unsure and shrinks where it is confident.
 
 ``top_k: 0`` and ``top_p: 1.0`` mean "off". HF's own default is ``top_k = 50``, which
-would silently truncate a plain sample, so :func:`generation_kwargs` always passes
-both explicitly (see shared/notes/ppo-checklist.md: truncation biases the KL).
+would silently truncate a plain sample, so :func:`generation_config` always sets both
+explicitly (see shared/notes/ppo-checklist.md: truncation biases the KL). Generation stops at
+any token of the chat format's stop set (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, eos).
+
+Prompts are conversations (lists of ``{"role", "content"}``), formatted by the tokenizer's
+own chat template (pipeline/chat.py).
 
 Shapes: ``B`` prompts, ``P`` prompt tokens (left-padded), ``T`` new tokens.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
+from pipeline.chat import ChatFormat, Message
+from pipeline.rl.core import stop_mask
 from pipeline.runtime import ConfigError
 
 
@@ -74,125 +79,96 @@ def check_decoding(dec: DecodingConfig) -> None:
         raise ConfigError(f"decoding config '{dec.name}': " + "; ".join(problems))
 
 
-def _special_ids(tokenizer) -> tuple[int, int]:
-    """(eos_id, pad_id), checking the project's rule that pad and eos are distinct tokens."""
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if eos_id is None or pad_id is None:
-        raise ValueError(f"tokenizer needs both an eos and a pad token, has eos_token_id={eos_id}, "
-                         f"pad_token_id={pad_id}; add a dedicated pad token "
-                         "(tokenizer.add_special_tokens({'pad_token': '<|pad|>'}))")
-    if eos_id == pad_id:
-        # With pad == eos a real EOS is indistinguishable from padding (ppo-checklist.md).
-        raise ValueError(f"tokenizer uses the same id {eos_id} for pad and eos; add a dedicated "
-                         "pad token (tokenizer.add_special_tokens({'pad_token': '<|pad|>'}))")
-    return eos_id, pad_id
+def generation_config(dec: DecodingConfig, fmt: ChatFormat) -> GenerationConfig:
+    """A fresh GenerationConfig that implements ``dec`` exactly, with the format's stop set.
 
-
-def generation_kwargs(dec: DecodingConfig, tokenizer) -> dict[str, Any]:
-    """Keyword arguments for HF ``model.generate`` that implement ``dec`` exactly.
-
-    Explicit values override whatever the checkpoint's ``generation_config.json`` says
-    (HF gives call kwargs the highest priority), so e.g. a Qwen checkpoint's
-    ``repetition_penalty: 1.05`` or ``top_k: 20`` cannot leak into our decoding.
+    Every sampling-relevant key is set: HF fills any key left unset from the model's own
+    generation config, and a hub ``generation_config.json`` (Qwen's ``repetition_penalty: 1.05``,
+    ``top_k: 20``) must not change our distribution. The models the pipeline loads carry a fresh
+    config too (pipeline/models.py), so nothing else can leak in.
     """
     check_decoding(dec)
-    eos_id, pad_id = _special_ids(tokenizer)
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": dec.max_new_tokens,
-        "do_sample": dec.do_sample,
-        "num_beams": dec.num_beams,
-        "eos_token_id": eos_id,
-        "pad_token_id": pad_id,
-        "use_cache": True,
+    settings: dict[str, Any] = dict(
+        max_new_tokens=dec.max_new_tokens, do_sample=dec.do_sample, num_beams=dec.num_beams,
+        use_cache=True,
         # Neutral values, not omissions: a penalty or a forced minimum length changes the
         # distribution the samples come from, and PPO's KL estimate assumes it did not.
-        "repetition_penalty": 1.0,
-        "min_length": 0,
-    }
+        repetition_penalty=1.0, min_new_tokens=0, no_repeat_ngram_size=0,
+    )
     if dec.do_sample:
-        # Passed only when sampling: HF warns about warper settings under greedy/beam,
-        # where it ignores them anyway. top_k=0 must be explicit, HF's default is 50.
-        kwargs.update(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p)
-    return kwargs
+        # Only when sampling: HF warns about warper settings under greedy/beam, where it
+        # ignores them anyway. top_k=0 must be explicit, HF's default is 50.
+        settings.update(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p)
+    return fmt.generation_config(**settings)
 
 
 # --- prompts in, ids out --------------------------------------------------------------
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat-format each prompt as one user turn and tokenize with LEFT padding.
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as ``input_ids`` (B, P) and ``attention_mask`` (B, P), padded on the LEFT.
 
-    Left padding puts every prompt's last token in the last column, so the new tokens
-    of all rows start at the same position P and ``output[:, P:]`` is the response.
-
-    Returns ``input_ids`` (B, P) and ``attention_mask`` (B, P), 0 on the padding.
+    Left padding puts every prompt's last token in the last column, so the new tokens of all
+    rows start at the same position P and ``output[:, P:]`` is the response.
     """
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                           add_generation_prompt=True, tokenize=False)
-             for p in prompts]
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        # The template already holds every special token it wants; a BOS added here
-        # would be a second one for tokenizers that put BOS in the template.
-        enc = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = previous_side
-    return enc["input_ids"], enc["attention_mask"]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
 
 
-def mask_after_first_eos(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 up to and including the first ``eos_id`` of each row, 0 after it.
+def encode_prompts(fmt: ChatFormat, prompts: list[list[Message]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-format each conversation with the generation prompt and left-pad: (B, P) ids and mask."""
+    return left_pad([fmt.prompt_ids(p) for p in prompts], fmt.pad_id)
 
-    ``ids`` (B, T) -> mask (B, T), long. Built from the position of the first EOS, never
-    from pad ids: the mask must stay right even if a model emits the pad token.
-    Example: ``[5, eos, 7, eos, pad] -> [1, 1, 0, 0, 0]``.
-    """
-    is_eos = (ids == eos_id).long()
-    eos_before = torch.cumsum(is_eos, dim=-1) - is_eos  # EOS tokens strictly before t
-    return (eos_before == 0).long()
+
+def as_conversation(prompt: str | list[Message]) -> list[Message]:
+    """A prompt given as text is one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
 @torch.no_grad()
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec: DecodingConfig,
-                 tokenizer, generator_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 fmt: ChatFormat, generator_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode ``dec`` from left-padded prompts; return only the new tokens.
 
     ``input_ids``, ``attention_mask``: (B, P). Returns ``response_ids`` (B, T) and
     ``response_mask`` (B, T) with T <= ``dec.max_new_tokens`` (HF stops once every row
-    has finished). The mask is 1 through the first EOS and 0 after; rows that never
-    emit EOS are all ones (truncated at ``max_new_tokens``).
+    has finished). The mask is 1 through the first stop token and 0 after; rows that never
+    stop are all ones (truncated at ``max_new_tokens``).
 
     ``generator_seed``: when given, the global torch RNG is seeded right before
     ``generate`` (HF samples from it), so the same seed reproduces the same sample.
     The model's train/eval mode is left as the caller set it.
     """
-    kwargs = generation_kwargs(dec, tokenizer)
+    config = generation_config(dec, fmt)
     device = model.device
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                         **kwargs)  # (B, P + T): prompt, then the new tokens
+                         generation_config=config)  # (B, P + T): prompt, then the new tokens
     response_ids = out[:, input_ids.shape[1]:]
-    return response_ids, mask_after_first_eos(response_ids, kwargs["eos_token_id"])
+    return response_ids, stop_mask(response_ids, torch.tensor(fmt.stop_ids, device=response_ids.device)).long()
 
 
-def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-    """Text of each response up to, not including, its first EOS; stripped.
+def decode_responses(fmt: ChatFormat, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Text of each response up to, not including, its stop token; stripped.
 
     ``response_ids``, ``response_mask``: (B, T) as returned by :func:`generate_ids`.
     """
-    eos_id = tokenizer.eos_token_id
     texts = []
     for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
         kept = [t for t, m in zip(ids, mask) if m]
-        if kept and kept[-1] == eos_id:
+        if kept and kept[-1] in fmt.stop_ids:
             kept = kept[:-1]
-        texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+        texts.append(fmt.tokenizer.decode(kept, skip_special_tokens=True).strip())
     return texts
 
 
-def generate(model, tokenizer, prompts: list[str], dec: DecodingConfig, batch_size: int,
+def generate(model, fmt: ChatFormat, prompts: list[list[Message]], dec: DecodingConfig, batch_size: int,
              seed: int | None) -> list[str]:
     """One response string per prompt, generated ``batch_size`` prompts at a time.
 
@@ -203,58 +179,9 @@ def generate(model, tokenizer, prompts: list[str], dec: DecodingConfig, batch_si
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        input_ids, attention_mask = encode_prompts(tokenizer, prompts[start:start + batch_size])
+        input_ids, attention_mask = encode_prompts(fmt, prompts[start:start + batch_size])
         response_ids, response_mask = generate_ids(
-            model, input_ids, attention_mask, dec, tokenizer,
+            model, input_ids, attention_mask, dec, fmt,
             generator_seed=seed if start == 0 else None)
-        texts.extend(decode_responses(tokenizer, response_ids.cpu(), response_mask.cpu()))
+        texts.extend(decode_responses(fmt, response_ids.cpu(), response_mask.cpu()))
     return texts
-
-
-# --- prompt files ---------------------------------------------------------------------
-
-
-def _jsonl_prompt(path: Path, lineno: int, line: str) -> str:
-    """The ``prompt`` field of one JSONL line, or a ValueError naming file, line and fix."""
-    where = f"{path}:{lineno}"
-    example = 'write one JSON object per line, e.g. {"prompt": "Where is the tower?"}'
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: bad JSON ({err.msg} at column {err.colno}); fix: {example}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}; fix: {example}")
-    if "prompt" not in record:
-        raise ValueError(f"{where}: missing field 'prompt' (keys: {sorted(record)}); "
-                         f"fix: add a 'prompt' string field, e.g. {{\"prompt\": \"...\"}}")
-    prompt = record["prompt"]
-    if not isinstance(prompt, str):
-        raise ValueError(f"{where}: field 'prompt' is not a string (got {type(prompt).__name__}); "
-                         "fix: make it a JSON string")
-    if not prompt.strip():
-        raise ValueError(f"{where}: field 'prompt' is empty; fix: give it text or delete the line")
-    return prompt
-
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts from a ``.txt`` (one per non-empty line) or ``.jsonl`` (``{"prompt": ...}`` per line).
-
-    Blank lines are skipped in both formats. Raises ValueError naming the file, the
-    1-based line number, the problem and the fix for a malformed line, and for a file
-    with no prompts at all.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"{path}: unsupported prompt file type '{suffix}'; "
-                         "fix: use .txt (one prompt per line) or .jsonl (one {\"prompt\": ...} per line)")
-    prompts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            prompts.append(line.strip() if suffix == ".txt" else _jsonl_prompt(path, lineno, line))
-    if not prompts:
-        raise ValueError(f"{path}: no prompts found (file is empty or blank); "
-                         "fix: add at least one prompt")
-    return prompts

@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.artifacts import Artifact, find_parent
+from pipeline.chat import ChatFormat, load_chat_format
 from pipeline.runtime import PipelineError
-from pipeline.tiny import CHAT_TEMPLATE, PAD
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,20 +30,9 @@ def base_model_source(cfg, override: Optional[str] = None) -> tuple[str, Optiona
     return str(base.path / "model"), base
 
 
-def load_tokenizer(source: str, model_cfg):
-    """The tokenizer, with a dedicated pad token and a chat template guaranteed.
-
-    Many hub tokenizers (GPT-2, Llama-2) ship without a pad token; setting pad = eos would
-    make a real EOS indistinguishable from padding, so a new ``<|pad|>`` is added instead.
-    """
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": PAD})
-    if model_cfg.chat_template:
-        tok.chat_template = Path(model_cfg.chat_template).read_text()
-    elif not tok.chat_template:
-        tok.chat_template = CHAT_TEMPLATE
-    return tok
+def load_tokenizer(source: str, model_cfg) -> ChatFormat:
+    """The tokenizer with its chat template, stop set and a dedicated pad token (pipeline/chat.py)."""
+    return load_chat_format(source, model_cfg.chat_template, model_cfg.trust_remote_code)
 
 
 def model_kwargs(model_cfg) -> dict:
@@ -74,27 +63,34 @@ def qlora_quantization(model_cfg):
                               bnb_4bit_compute_dtype=compute)
 
 
-def _fit_embeddings(model, tokenizer) -> None:
-    # A pad token added above needs a row in the embedding table; its values never
+def _fit_embeddings(model, fmt: ChatFormat) -> None:
+    # A pad token added by the loader needs a row in the embedding table; its values never
     # matter because padded positions are masked everywhere.
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if model.get_input_embeddings().num_embeddings < len(fmt.tokenizer):
+        model.resize_token_embeddings(len(fmt.tokenizer))
+    model.config.pad_token_id = fmt.pad_id
+    # A fresh generation config: the hub's generation_config.json (repetition penalty, top_k,
+    # min_new_tokens, suppress_tokens, ...) would otherwise fill every key a caller leaves unset.
+    model.generation_config = fmt.generation_config()
 
 
-def load_causal_lm(source: str, model_cfg, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs(model_cfg))
-    _fit_embeddings(model, tokenizer)
+def _absolute(source: str) -> str:
+    """A local folder as an absolute path: adapters record where their base came from, and must
+    load from any working directory. Hub ids stay as they are."""
+    return str(Path(source).resolve()) if Path(source).exists() else source
+
+
+def load_causal_lm(source: str, model_cfg, fmt: ChatFormat):
+    model = AutoModelForCausalLM.from_pretrained(_absolute(source), **model_kwargs(model_cfg))
+    _fit_embeddings(model, fmt)
     return model
 
 
-def load_sequence_classifier(source: str, model_cfg, tokenizer):
+def load_sequence_classifier(source: str, model_cfg, fmt: ChatFormat):
     """The backbone with a fresh scalar head (``num_labels=1``) that reads the last real token."""
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **model_kwargs(model_cfg))
-    _fit_embeddings(model, tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(_absolute(source), num_labels=1,
+                                                               **model_kwargs(model_cfg))
+    _fit_embeddings(model, fmt)
     return model
 
 

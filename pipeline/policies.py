@@ -1,9 +1,9 @@
-"""Loading any stage's policy as a plain causal LM: base, sft or ppo.
+"""Loading any stage's policy as a plain causal LM: base, sft, dpo or an RL stage.
 
-Artifacts hold LoRA adapters, never full copies of the base: ``sft/adapter`` and
-``ppo/policy`` are both adapters on the *base* weights (the PPO policy adapter starts
-as a copy of the SFT adapter). For sampling, the adapter is merged into the base so
-generation runs at plain-model speed.
+Artifacts hold LoRA adapters, never full copies of the base: ``sft/adapter``, ``dpo/policy``
+and ``<algorithm>/policy`` (ppo, rloo, grpo, ...) are all adapters on the *base* weights (the
+DPO and RL policy adapters start as copies of the SFT adapter). For sampling, the adapter is
+merged into the base so generation runs at plain-model speed.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from peft import PeftModel
-from transformers import AutoTokenizer
 
-from pipeline.artifacts import Artifact, find_parent, recorded_parent
+from pipeline.artifacts import RL_STAGES, Artifact, find_parent, recorded_parent
+from pipeline.chat import load_saved_chat_format
 from pipeline.models import load_causal_lm, load_tokenizer
 
-POLICY_STAGES = ("base", "sft", "ppo")
-ADAPTER_DIR = {"sft": "adapter", "ppo": "policy"}
+POLICY_STAGES = ("base", "sft", "dpo", *RL_STAGES)
+ADAPTER_DIR = {"sft": "adapter", "dpo": "policy", **{s: "policy" for s in RL_STAGES}}
 
 
 def base_source_for(art: Artifact) -> str:
@@ -36,7 +36,7 @@ def adapter_dir(art: Artifact) -> Path:
 
 
 def load_policy(stage: str, cfg, merge: bool = True):
-    """(model, tokenizer) of ``stage``'s policy in eval mode, from ``cfg.paths.run_dir``.
+    """(model, chat format) of ``stage``'s policy in eval mode, from ``cfg.paths.run_dir``.
 
     ``base`` with a configured ``model.path`` loads that model directly.
     """
@@ -47,12 +47,12 @@ def load_policy(stage: str, cfg, merge: bool = True):
             source = cfg.model.path
         else:
             source = str(find_parent(cfg.paths.run_dir, "base").path / "model")
-        tokenizer = load_tokenizer(source, cfg.model)
-        return load_causal_lm(source, cfg.model, tokenizer).eval(), tokenizer
+        fmt = load_tokenizer(source, cfg.model)
+        return load_causal_lm(source, cfg.model, fmt).eval(), fmt
     art = find_parent(cfg.paths.run_dir, stage)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir(art))
-    model = load_causal_lm(base_source_for(art), cfg.model, tokenizer)
+    fmt = load_saved_chat_format(adapter_dir(art))
+    model = load_causal_lm(base_source_for(art), cfg.model, fmt)
     model = PeftModel.from_pretrained(model, adapter_dir(art))
     if merge:
         model = model.merge_and_unload()
-    return model.eval(), tokenizer
+    return model.eval(), fmt

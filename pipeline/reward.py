@@ -18,22 +18,23 @@ from collections import defaultdict
 import torch
 from peft import PeftConfig, PeftModel
 from torch.utils.data import Sampler
-from transformers import AutoTokenizer
 from trl import RewardTrainer
 
 from pipeline.artifacts import Artifact, require_built_on
+from pipeline.chat import ChatFormat, load_saved_chat_format
+from pipeline.generation import left_pad
 from pipeline.models import load_sequence_classifier
 from pipeline.policies import base_source_for
 
 
-def load_sft_tokenizer(sft: Artifact):
-    """The tokenizer saved beside the SFT adapter (pad token and chat template included)."""
-    return AutoTokenizer.from_pretrained(sft.path / "adapter")
+def load_sft_tokenizer(sft: Artifact) -> ChatFormat:
+    """The chat format saved beside the SFT adapter (tokenizer, pad token, template, stop set)."""
+    return load_saved_chat_format(sft.path / "adapter")
 
 
-def sft_backbone_classifier(sft: Artifact, model_cfg, tokenizer):
+def sft_backbone_classifier(sft: Artifact, model_cfg, fmt: ChatFormat):
     """Base + SFT adapter merged, with a fresh scalar head: the RM's starting point."""
-    model = load_sequence_classifier(base_source_for(sft), model_cfg, tokenizer)
+    model = load_sequence_classifier(base_source_for(sft), model_cfg, fmt)
     # The adapter was saved for a causal LM; loading it task-agnostically puts the same
     # LoRA deltas on the same backbone layers without the generation hooks.
     config = PeftConfig.from_pretrained(sft.path / "adapter")
@@ -44,33 +45,34 @@ def sft_backbone_classifier(sft: Artifact, model_cfg, tokenizer):
 def load_reward_model(rm: Artifact, sft: Artifact, model_cfg):
     """The trained RM exactly as saved: SFT backbone + RM adapter + head, eval mode."""
     require_built_on(rm, sft)
-    tokenizer = load_sft_tokenizer(sft)
-    model = sft_backbone_classifier(sft, model_cfg, tokenizer)
+    fmt = load_sft_tokenizer(sft)
+    model = sft_backbone_classifier(sft, model_cfg, fmt)
     model = PeftModel.from_pretrained(model, rm.path / "adapter")
-    return model.eval(), tokenizer
+    return model.eval(), fmt
 
 
 @torch.no_grad()
-def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> torch.Tensor:
-    """r(x, y) for each conversation (prompt turns + response turn). Shape (N,).
+def score_ids(model, pad_id: int, sequences: list[list[int]], batch_size: int) -> torch.Tensor:
+    """r(x, y) for each tokenized prompt + response (:meth:`ChatFormat.scored_ids`). Shape (N,).
 
-    The head reads the hidden state of the last real token (the EOS that closes the
-    response), which ``*ForSequenceClassification`` finds from the pad token id.
+    The head reads the hidden state of the last real token, the stop token that closes the
+    response: the same token a PPO rollout's score is read at. Left padding with position ids
+    from the mask reads the same token as right padding would, and lets the head read column -1.
     """
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
     scores = []
-    try:
-        for start in range(0, len(conversations), batch_size):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False)
-                     for c in conversations[start:start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            scores.append(model(**enc).logits[:, 0].float().cpu())
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = left_pad(sequences[start:start + batch_size], pad_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        scores.append(out.logits[:, 0].float().cpu())
     return torch.cat(scores) if scores else torch.empty(0)
+
+
+def score_conversations(model, fmt: ChatFormat, prompts: list[list[dict]], responses: list[list[dict]],
+                        batch_size: int) -> torch.Tensor:
+    """r(x, y) of each (prompt, response) pair of conversations. Shape (N,)."""
+    return score_ids(model, fmt.pad_id, [fmt.scored_ids(p, r) for p, r in zip(prompts, responses)], batch_size)
 
 
 def pairwise_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, float]:
@@ -84,10 +86,10 @@ def pairwise_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[s
     }
 
 
-def evaluate_pairs(model, tokenizer, rows: list[dict], batch_size: int) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Score each held-out pair; returns metrics and the chosen / rejected rewards (N,)."""
-    r_c = score_conversations(model, tokenizer, [r["prompt"] + r["chosen"] for r in rows], batch_size)
-    r_r = score_conversations(model, tokenizer, [r["prompt"] + r["rejected"] for r in rows], batch_size)
+def evaluate_pairs(model, fmt: ChatFormat, rows: list[dict], batch_size: int) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Score each held-out tokenized pair; returns metrics and the chosen / rejected rewards (N,)."""
+    r_c = score_ids(model, fmt.pad_id, [r["chosen_ids"] for r in rows], batch_size)
+    r_r = score_ids(model, fmt.pad_id, [r["rejected_ids"] for r in rows], batch_size)
     return pairwise_metrics(r_c, r_r), r_c, r_r
 
 
@@ -98,6 +100,9 @@ class PromptGroupSampler(Sampler[int]):
     shuffling the correlated pairs of one prompt across an epoch made the RM overfit.
     With a batch of at least K(K-1)/2 pairs, a prompt's pairs share one batch except
     when its group straddles a batch boundary. Group order is reshuffled every epoch.
+
+    The order is a pure function of (seed, epoch); the Trainer sets the epoch
+    (``set_epoch``), so a resumed run replays the same order and skips what it had done.
     """
 
     def __init__(self, groups: list[str], seed: int):
@@ -107,10 +112,12 @@ class PromptGroupSampler(Sampler[int]):
         self.groups = list(by_group.values())
         self.seed, self.epoch = seed, 0
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __iter__(self):
         order = list(range(len(self.groups)))
         random.Random(self.seed + self.epoch).shuffle(order)
-        self.epoch += 1
         for g in order:
             yield from self.groups[g]
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.chat import ChatFormat, Message
+from pipeline.data import prompt_text
+from pipeline.rl.core import ends_with_stop
 from pipeline.generation import DecodingConfig, decode_responses, encode_prompts, generate_ids
 
 
@@ -13,30 +16,29 @@ from pipeline.generation import DecodingConfig, decode_responses, encode_prompts
 class Sample:
     prompt: str
     response: str
-    ended: bool  # the model emitted EOS within max_new_tokens
-    well_formed: bool  # ended, non-empty, and no chat-role marker inside the answer
+    ended: bool  # the model emitted a stop token within max_new_tokens
+    well_formed: bool  # ended, non-empty, and no other special token (a role marker) inside the answer
 
 
-def sample_responses(model, tokenizer, prompts: list[str], dec: DecodingConfig,
+def sample_responses(model, fmt: ChatFormat, prompts: list[list[Message]], dec: DecodingConfig,
                      batch_size: int, seed: int) -> list[Sample]:
-    """Batched generation that also reports, per response, whether it ended with EOS."""
+    """Batched generation that also reports, per response, whether it stopped on its own."""
     model.eval()
     torch.manual_seed(seed)
-    role_markers = [t for t in tokenizer.all_special_tokens
-                    if t not in (tokenizer.eos_token, tokenizer.pad_token)]
+    stops = torch.tensor(fmt.stop_ids)
+    markers = set(fmt.tokenizer.all_special_ids) - set(fmt.stop_ids) - {fmt.pad_id}
     out: list[Sample] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        ids, attn = encode_prompts(tokenizer, batch)
-        resp, mask = generate_ids(model, ids, attn, dec, tokenizer, generator_seed=None)
+        ids, attn = encode_prompts(fmt, batch)
+        resp, mask = generate_ids(model, ids, attn, dec, fmt, generator_seed=None)
         resp, mask = resp.cpu(), mask.cpu()
-        ended = (resp == tokenizer.eos_token_id).logical_and(mask.bool()).any(dim=1).tolist()
-        raw = tokenizer.batch_decode(resp, skip_special_tokens=False)
-        texts = decode_responses(tokenizer, resp, mask)
-        for p, text, e, r in zip(batch, texts, ended, raw):
-            answer = r.split(tokenizer.eos_token)[0]
-            clean = e and bool(text) and not any(m in answer for m in role_markers)
-            out.append(Sample(p, text, e, clean))
+        ended = ends_with_stop(resp, mask, stops).tolist()
+        texts = decode_responses(fmt, resp, mask)
+        for p, text, e, row, m in zip(batch, texts, ended, resp.tolist(), mask.tolist()):
+            inside = {t for t, bit in zip(row, m) if bit} - set(fmt.stop_ids)
+            clean = e and bool(text) and not inside & markers
+            out.append(Sample(prompt_text(p), text, e, clean))
     return out
 
 

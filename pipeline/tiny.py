@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-PAD, EOS = "<|pad|>", "<|eos|>"
+from pipeline.chat import DEFAULT_TEMPLATE, PAD
+
+EOS = "<|eos|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
-CHAT_TEMPLATE = (Path(__file__).parent / "templates" / "chat.jinja").read_text()
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -> PreTrainedTokenizerFast:
@@ -40,7 +40,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
         tokenizer_object=tok, pad_token=PAD, eos_token=EOS,
         additional_special_tokens=ROLE_TOKENS, model_max_length=1 << 30,
     )
-    hf.chat_template = CHAT_TEMPLATE
+    hf.chat_template = DEFAULT_TEMPLATE
     return hf
 
 

@@ -66,6 +66,17 @@ def trainer_args(train: Any, output_dir: str, seed: int, report_to: str, evaluat
     )
 
 
+def report_truncation(stage: str, rows: list[dict], max_length: int) -> int:
+    """Say how many tokenized rows exceed ``train.max_length``; TRL cuts them (SFT) or drops them
+    (RM), and a user must hear about it rather than lose data silently. Returns the count."""
+    lengths = [max(len(v) for k, v in r.items() if k.endswith("_ids")) for r in rows]
+    over = sum(n > max_length for n in lengths)
+    if over:
+        print(f"{stage}: {over} of {len(rows)} rows are longer than train.max_length={max_length} tokens "
+              f"(longest {max(lengths)}); raise train.max_length to keep them whole")
+    return over
+
+
 def final_train_loss(log_history: list[dict], run_mean: float) -> float:
     """The last logged training loss (the mean over the last ``logging_steps`` steps), not the
     whole run's mean; a run shorter than ``logging_steps`` logged none, so its mean stands in."""

@@ -648,6 +648,8 @@ def generate_world(cfg: WorldConfig, out_dir: Path) -> dict[str, Path]:
                                _no_ranked(cfg), 0.0, _rng(cfg, "prefs_eval"))
     files: dict[str, list[dict]] = {
         "pretrain": [{"text": t} for t in pretrain_texts(world, cfg.pretrain_repeats, _rng(cfg, "pretrain"))],
+        # One freshly phrased pass, never trained on: held-out text for the alignment tax.
+        "pretrain_eval": [{"text": t} for t in pretrain_texts(world, 1, _rng(cfg, "pretrain_eval"))],
         "sft_train": _sft_rows(prompts("sft_train", cfg.n_sft_train), tasks, world, cfg, _rng(cfg, "sft_train")),
         "sft_eval": _sft_rows(prompts("sft_eval", cfg.n_sft_eval), tasks, world, cfg, _rng(cfg, "sft_eval")),
         "prefs_train": prefs_train,

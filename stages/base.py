@@ -24,6 +24,7 @@ import pipeline.config  # noqa: F401  (registers the schemas)
 from pipeline.artifacts import staged_artifact
 from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_everything, user_errors
 from pipeline.tiny import build_llama, pack_corpus, pretrain, train_tokenizer
+from pipeline.validation import check_ranges
 from pipeline.tracking import start_tracking
 
 
@@ -36,6 +37,7 @@ def read_corpus(path: str) -> list[str]:
 
 
 def run(cfg: DictConfig) -> dict:
+    check_ranges(cfg)
     if cfg.model.path:
         print(f"model.path={cfg.model.path}: a pretrained model is configured, no base to build.")
         return {}

@@ -15,11 +15,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import pipeline.config  # noqa: F401  (registers the schemas)
+from pipeline.validation import check_ranges
 from pipeline.runtime import user_errors
 from pipeline.world import WorldConfig, generate_world
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:
+    check_ranges(cfg)
     world_cfg = WorldConfig(**OmegaConf.to_container(cfg.world, resolve=True))
     files = generate_world(world_cfg, Path(cfg.paths.data_dir))
     for name, path in files.items():

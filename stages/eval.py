@@ -1,13 +1,16 @@
-"""The final comparison: every policy stage of the run on held-out prompts, gold-judged.
+"""The final comparison: every policy stage of the run on held-out prompts, side by side.
 
-Base, SFT and PPO (where the run has them) answer the same held-out prompts under
-each decoding in ``decodings`` (greedy, and sampling at T = 1). The gold judge labels
-every answer; the run's reward model scores it; sampled answers also get their KL to
-the SFT policy. The report (``report.json``, ``report.md``, ``responses.jsonl`` and PNG
-plots) lands in ``artifacts/<run>/eval/``; see ``pipeline/evaluation.py`` for the metrics.
+Base, SFT, DPO and the RL stages (where the run has them) answer the same held-out prompts
+under each decoding in ``decodings`` (greedy, and sampling at T = 1). On the embedded world's
+prompts the gold judge labels every answer; on any other prompts the run's reward model is the
+judge (mean score, RM win rates). Every answer gets its RM score and length, sampled answers
+their KL to the SFT policy, and each stage its NLL on held-out pretraining text (the alignment
+tax). The report (``report.json``, ``report.md``, ``responses.jsonl`` and PNG plots) lands in
+``artifacts/<run>/eval/``; see ``pipeline/evaluation.py`` for the metrics.
 
     make eval
     make eval ARGS="max_prompts=100 logger=none"
+    make eval ARGS="data.eval_prompts=[my_prompts.jsonl]"       # your prompts: RM-judged
     make eval ARGS="decodings.sample.temperature=0.7 +decoding@decodings.nucleus=top_p"
 """
 
@@ -23,11 +26,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.artifacts import (MANIFEST, PRODUCER, Artifact, ArtifactError, load_artifact,
+from pipeline.artifacts import (MANIFEST, PRODUCER, RL_STAGES, Artifact, ArtifactError, load_artifact,
                                 recorded_parent, restore_interrupted_swap, stage_path, staged_artifact)
-from pipeline.data import load_validated, prompt_row
-from pipeline.evaluation import (Rollout, build_report, category_scores, flat_metrics,
-                                 generate_rollout, plot_category_scores, plot_ppo_history,
+from pipeline.data import load_validated, prompt_row, text_row
+from pipeline.evaluation import (Rollout, build_report, category_scores, corpus_nll, flat_metrics,
+                                 generate_rollout, plot_category_scores, plot_rl_history, plot_stage_scores,
                                  read_history, render_markdown, response_records, rollout_kl,
                                  stage_metrics, win_rates)
 from pipeline.generation import check_decoding
@@ -36,6 +39,7 @@ from pipeline.policies import POLICY_STAGES, load_policy
 from pipeline.reward import load_reward_model, score_conversations
 from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_everything, user_errors
 from pipeline.tracking import start_tracking
+from pipeline.validation import check_ranges
 from pipeline.world import World, WorldConfig, world_from_config
 
 
@@ -50,9 +54,9 @@ def optional_artifact(run_dir: str, stage: str) -> Optional[Artifact]:
 
 
 def eval_parent(run_dir: str) -> Optional[Artifact]:
-    """The run's newest artifact (ppo, else rm, sft, base). Its manifest chain pins every
-    artifact the report depends on, so `make pipeline` can tell when the report is stale."""
-    for stage in ("ppo", "rm", "sft", "base"):
+    """The run's newest artifact (an RL stage or dpo, else rm, sft, base). Its manifest chain pins
+    the artifacts the report depends on, so `make pipeline` can tell when the report is stale."""
+    for stage in (*RL_STAGES, "dpo", "rm", "sft", "base"):
         if (art := optional_artifact(run_dir, stage)) is not None:
             return art
     return None
@@ -70,34 +74,44 @@ def find_policies(cfg: DictConfig) -> tuple[list[str], dict[str, str]]:
         else:
             where = stage_path(cfg.paths.run_dir, stage)
             skipped[stage] = f"no artifact at {where} (`{PRODUCER[stage]}` builds it)"
-            print(f"eval: skip {stage}: {skipped[stage]}")
     if "base" not in present and "sft" not in present:
         raise PipelineError(f"nothing to evaluate in {cfg.paths.run_dir}: it has neither a base nor "
                             "an sft policy. Run `make base` and `make sft` first (same run_name).")
     return present, skipped
 
 
-def load_tasks(cfg: DictConfig, world: World) -> tuple[list[str], list[Task]]:
-    """The held-out prompts (the first ``max_prompts``) and the task the judge sees in each."""
-    rows = load_validated(cfg.data.eval_prompts, cfg.data.hub_split, prompt_row)
-    if cfg.max_prompts is not None:
-        if cfg.max_prompts < 1:
-            raise PipelineError(f"max_prompts={cfg.max_prompts} must be >= 1 (null = all prompts)")
-        rows = rows[:cfg.max_prompts]
+def load_prompts(cfg: DictConfig) -> list[dict]:
+    """The held-out prompt rows (the first ``max_prompts``), each with its ``messages``."""
+    rows = load_validated(cfg.data.eval_prompts, cfg.data.hub_split, prompt_row, cfg.data.columns)
+    return rows if cfg.max_prompts is None else rows[:cfg.max_prompts]
+
+
+def world_tasks(rows: list[dict], world: World) -> Optional[list[Task]]:
+    """The task the gold judge sees in each prompt, or None when the prompts are not (all) the
+    embedded world's: the judge then stays out and the reward model compares the stages."""
     tasks = []
     for row in rows:
+        if not isinstance(row["prompt"], str):
+            return None
         try:
             task = parse_prompt(row["prompt"], world)
-        except ValueError as e:
-            raise PipelineError(f"{e}: the gold judge scores only the embedded world's prompts; "
-                                "point data.eval_prompts at the files `make data` writes") from None
+        except ValueError:
+            return None
         if "category" in row and row["category"] != task.category:
             # The judge's world differs from the one that wrote the prompts: facts would be wrong.
             raise PipelineError(f"eval prompt {row['prompt']!r} is `{row['category']}` in the data but "
                                 f"`{task.category}` in the judge's world: pass the world.* settings "
                                 "`make data` ran with")
         tasks.append(task)
-    return [r["prompt"] for r in rows], tasks
+    return tasks
+
+
+def held_out_texts(cfg: DictConfig) -> Optional[list[str]]:
+    """The first ``nll_documents`` of ``data.pretrain_eval``; None when it is off."""
+    if not cfg.data.pretrain_eval or cfg.nll_documents == 0:
+        return None
+    rows = load_validated([cfg.data.pretrain_eval], cfg.data.hub_split, text_row, cfg.data.columns)
+    return [r["text"] for r in rows[:cfg.nll_documents]]
 
 
 # --- per stage: generate, KL, RM ------------------------------------------------------------
@@ -114,14 +128,14 @@ def kl_to_sft(stage: str, policy, reference, rollout: Rollout, dec) -> Optional[
         return None
     if stage == "sft":
         return 0.0
-    (model, tokenizer), (ref_model, ref_tokenizer) = policy, reference
-    if tokenizer.get_vocab() != ref_tokenizer.get_vocab():
+    (model, fmt), (ref_model, ref_fmt) = policy, reference
+    if fmt.tokenizer.get_vocab() != ref_fmt.tokenizer.get_vocab():
         print(f"eval: {stage} and sft tokenize differently: no KL to sft")
         return None
     return rollout_kl(model, ref_model, rollout, dec.temperature).mean().item()
 
 
-def reward_scores(cfg: DictConfig, prompts: list[str], texts: dict[str, dict[str, list[str]]]):
+def reward_scores(cfg: DictConfig, prompts: list[list[dict]], texts: dict[str, dict[str, list[str]]]):
     """RM score of every response, ``[stage][decoding] -> list``; None when the run has no RM."""
     rm = optional_artifact(cfg.paths.run_dir, "rm")
     if rm is None:
@@ -132,29 +146,43 @@ def reward_scores(cfg: DictConfig, prompts: list[str], texts: dict[str, dict[str
     except ArtifactError as e:  # e.g. sft was retrained after rm: the RM no longer fits it
         print(f"eval: rm_score skipped: {e}")
         return None
-    model, tokenizer = load_reward_model(rm, sft, cfg.model)
-    return {s: {d: score_conversations(
-                model, tokenizer,
-                [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-                 for p, r in zip(prompts, responses)],
-                cfg.score_batch_size).tolist()
+    model, fmt = load_reward_model(rm, sft, cfg.model)
+    return {s: {d: score_conversations(model, fmt, prompts,
+                                       [[{"role": "assistant", "content": r}] for r in responses],
+                                       cfg.score_batch_size).tolist()
                 for d, responses in by_dec.items()}
             for s, by_dec in texts.items()}
+
+
+def rollout_health(cfg: DictConfig, stages: list[str]) -> dict[str, dict[str, float]]:
+    """Each RL stage's rollout health, as its artifact summarised it (its last updates)."""
+    out = {}
+    for stage in stages:
+        if stage in RL_STAGES:
+            metrics = load_artifact(stage_path(cfg.paths.run_dir, stage), stage).metrics
+            out[stage] = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("health/")}
+    return out
 
 
 # --- outputs ------------------------------------------------------------------------------------
 
 
-def save_plots(folder: Path, report: dict, history: Optional[Path]) -> list[str]:
-    """Per decoding, gold score by category and stage; PPO's reward and KL when it ran."""
+def save_plots(folder: Path, report: dict, histories: dict[str, Path]) -> list[str]:
+    """Per decoding, gold score by category and stage (the RM score by stage outside the world);
+    each RL stage's reward and KL over its updates."""
     names = []
     for dec in report["stages"][next(iter(report["stages"]))]:
-        scores = {s: report["categories"][s][dec] for s in report["stages"]}
-        plot_category_scores(scores, f"gold score by category ({dec})", folder / f"categories_{dec}.png")
-        names.append(f"categories_{dec}.png")
-    if history is not None:
-        plot_ppo_history(read_history(history), folder / "ppo_history.png")
-        names.append("ppo_history.png")
+        if report["categories"] is not None:
+            scores = {s: report["categories"][s][dec] for s in report["stages"]}
+            plot_category_scores(scores, f"gold score by category ({dec})", folder / f"categories_{dec}.png")
+            names.append(f"categories_{dec}.png")
+        elif all(report["stages"][s][dec]["rm_score"] is not None for s in report["stages"]):
+            scores = {s: report["stages"][s][dec]["rm_score"] for s in report["stages"]}
+            plot_stage_scores(scores, f"RM score by stage ({dec})", folder / f"rm_scores_{dec}.png")
+            names.append(f"rm_scores_{dec}.png")
+    if histories:
+        plot_rl_history({s: read_history(p) for s, p in histories.items()}, folder / "rl_history.png")
+        names.append("rl_history.png")
     return names
 
 
@@ -174,10 +202,10 @@ def log_to_wandb(tracker, report: dict, folder: Path, plots: list[str], records:
     tracker.log(flat_metrics(report))
     tracker.log({f"plots/{Path(name).stem}": wandb.Image(str(folder / name)) for name in plots})
     pairs = [(s, d) for s, by_dec in report["stages"].items() for d in by_dec]
-    columns = ["prompt", "category"] + [f"{s}/{d} {k}" for s, d in pairs for k in ("response", "gold")]
-    rows = [[r["prompt"], r["category"]]
-            + [v for s, d in pairs
-               for v in (r["responses"][s][d]["response"], r["responses"][s][d]["gold_score"])]
+    score = "gold_score" if report["judge"] == "gold" else "rm_score"
+    columns = ["prompt", "category"] + [f"{s}/{d} {k}" for s, d in pairs for k in ("response", score)]
+    rows = [[str(r["prompt"]), r["category"]]
+            + [v for s, d in pairs for v in (r["responses"][s][d]["response"], r["responses"][s][d][score])]
             for r in records[:n_rows]]
     tracker.table("responses", columns, rows)
     tracker.summary(flat_metrics(report))
@@ -188,61 +216,78 @@ def log_to_wandb(tracker, report: dict, folder: Path, plots: list[str], records:
 
 def run(cfg: DictConfig) -> dict:
     started = time.time()
+    check_ranges(cfg)
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.num_threads)
 
-    # --- compose: which policies, which prompts, which world the judge knows ---
+    # --- compose: which policies, which prompts, whether the world's judge applies ---
     for dec in cfg.decodings.values():
         check_decoding(dec)
     stages, skipped = find_policies(cfg)
     world = world_from_config(WorldConfig(**OmegaConf.to_container(cfg.world, resolve=True)))
-    prompts, tasks = load_tasks(cfg, world)
-    print(f"eval: {', '.join(stages)} on {len(prompts)} prompts x {', '.join(cfg.decodings)}")
+    rows = load_prompts(cfg)
+    tasks = world_tasks(rows, world)
+    conversations = [r["messages"] for r in rows]
+    nll_texts = held_out_texts(cfg)
+    judge = "the gold judge" if tasks is not None else "the RM (not the embedded world's prompts)"
+    print(f"eval: {', '.join(stages)} on {len(rows)} prompts x {', '.join(cfg.decodings)}, judged by {judge}")
 
     # --- load and generate: every policy under every decoding, KL to SFT on the samples ---
     reference = load_policy("sft", cfg) if "sft" in stages else None
     rollouts: dict[str, dict[str, Rollout]] = {}
     kls: dict[str, dict[str, Optional[float]]] = {}
+    nlls: dict[str, Optional[float]] = {}
     for stage in stages:
         t0 = time.time()
         policy = reference if stage == "sft" else load_policy(stage, cfg)
         rollouts[stage], kls[stage] = {}, {}
         for name, dec in cfg.decodings.items():
-            rollouts[stage][name] = generate_rollout(*policy, prompts, dec, cfg.batch_size, cfg.seed)
+            rollouts[stage][name] = generate_rollout(*policy, conversations, dec, cfg.batch_size, cfg.seed)
             kls[stage][name] = kl_to_sft(stage, policy, reference, rollouts[stage][name], dec)
+        nlls[stage] = None if nll_texts is None else corpus_nll(*policy, nll_texts, cfg.nll_block_size,
+                                                                 cfg.batch_size)
         print(f"eval: {stage} generated in {time.time() - t0:.1f}s")
         del policy
 
-    # --- judge: the gold label of every response ---
+    # --- judge: the gold label of every response (world prompts only), and the RM's score ---
     texts = {s: {d: r.texts for d, r in by_dec.items()} for s, by_dec in rollouts.items()}
-    verdicts = {s: {d: [judge_task(t, x, world) for t, x in zip(tasks, xs)] for d, xs in by_dec.items()}
-                for s, by_dec in texts.items()}
-    scores = {s: {d: [v.score for v in vs] for d, vs in by_dec.items()} for s, by_dec in verdicts.items()}
-
-    # --- score: the run's reward model, when it has one ---
-    rm_scores = reward_scores(cfg, prompts, texts)
+    verdicts = None if tasks is None else {
+        s: {d: [judge_task(t, x, world) for t, x in zip(tasks, xs)] for d, xs in by_dec.items()}
+        for s, by_dec in texts.items()}
+    scores = None if verdicts is None else {
+        s: {d: [v.score for v in vs] for d, vs in by_dec.items()} for s, by_dec in verdicts.items()}
+    rm_scores = reward_scores(cfg, conversations, texts)
+    if tasks is None and rm_scores is None:
+        raise PipelineError("these prompts are not the embedded world's, so the gold judge cannot score them, "
+                            f"and the run has no reward model at {stage_path(cfg.paths.run_dir, 'rm')}: "
+                            "run `make rm` first (same run_name) to compare the stages with it")
 
     # --- report ---
-    metrics = {s: {d: stage_metrics(verdicts[s][d], rollouts[s][d],
-                                    None if rm_scores is None else rm_scores[s][d], kls[s][d])
+    metrics = {s: {d: stage_metrics(None if verdicts is None else verdicts[s][d], rollouts[s][d],
+                                    None if rm_scores is None else rm_scores[s][d], kls[s][d], nlls[s])
                    for d in cfg.decodings} for s in stages}
-    categories = {s: {d: category_scores(vs) for d, vs in by_dec.items()} for s, by_dec in verdicts.items()}
-    report = build_report(cfg.run_name, len(prompts), metrics, win_rates(scores), categories, skipped,
-                          seconds=round(time.time() - started, 1))
+    categories = None if verdicts is None else {
+        s: {d: category_scores(vs) for d, vs in by_dec.items()} for s, by_dec in verdicts.items()}
+    report = build_report(cfg.run_name, len(rows), metrics, None if scores is None else win_rates(scores),
+                          None if rm_scores is None else win_rates(rm_scores), categories,
+                          rollout_health(cfg, stages), skipped, seconds=round(time.time() - started, 1))
     table = render_markdown(report)
-    records = response_records(prompts, [t.category for t in tasks], texts, scores, rm_scores)
+    records = response_records([r["prompt"] for r in rows],
+                               [t.category for t in tasks] if tasks else [r.get("category") for r in rows],
+                               texts, scores, rm_scores)
 
     # --- save: swapped into artifacts/<run>/eval only once every file is written ---
-    history = stage_path(cfg.paths.run_dir, "ppo") / "history.jsonl"
+    histories = {s: stage_path(cfg.paths.run_dir, s) / "history.jsonl" for s in stages if s in RL_STAGES}
     parent = eval_parent(cfg.paths.run_dir)
     with staged_artifact(output_run_dir(cfg), "eval", resolved(cfg), parent=parent) as art:
         (art.dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (art.dir / "report.md").write_text(table)
         write_jsonl(art.dir / "responses.jsonl", records)
-        plots = save_plots(art.dir, report, history if "ppo" in stages and history.is_file() else None)
+        plots = save_plots(art.dir, report, {s: p for s, p in histories.items() if p.is_file()})
         art.metrics = flat_metrics(report)
     tracker = start_tracking(cfg, "eval")
     log_to_wandb(tracker, report, art.final, plots, records, cfg.logger.num_samples)
+    tracker.log_artifact(art.artifact)
     tracker.finish()
     print(f"\n{table}\neval: {report['seconds']:.0f}s, report in {art.final}")
     return report

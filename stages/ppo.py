@@ -1,13 +1,17 @@
-"""Stage 3 of InstructGPT: PPO against the reward model, KL-anchored to the SFT policy.
+"""Stage 3 of InstructGPT: RL of the SFT policy against the reward model, KL-anchored to the SFT policy.
 
     maximise  E[ r(x, y) - beta * KL(pi(.|x) || pi_SFT(.|x)) ]
 
-with the clipped PPO objective (Schulman et al. 2017), GAE advantages, a per-token KL
-penalty (k1 or k3) under a fixed or adaptive coefficient (Ziegler et al. 2019), all four
-models as LoRA adapters on one frozen base (pipeline/rl/shared_model.py).
+with the clipped surrogate (Schulman et al. 2017) and the advantage estimator of
+``conf/algorithm/`` (pipeline/rl/trainer.py): PPO with GAE and a value model (the default),
+or the critic-free RLOO, GRPO / Dr.GRPO and REINFORCE++, which sample k responses per prompt.
+Every role is a LoRA adapter on one frozen base (pipeline/rl/shared_model.py). The artifact is
+written under the algorithm's name: ``artifacts/<run>/ppo``, ``.../rloo``, ``.../grpo``, ...
 
     make ppo
-    make ppo ARGS="ppo.total_updates=100 ppo.kl.controller=fixed ppo.kl.init_coef=0.1"
+    make ppo ARGS="algorithm=rloo"
+    make ppo ARGS="algorithm=grpo ppo.total_updates=60"
+    make ppo ARGS="ppo.ptx_coef=0.5"                                 # PPO-ptx (InstructGPT eq. 2)
     make ppo ARGS="+reward.sources.gold='{_target_: pipeline.rl.rewards.GoldJudgeReward, weight: 1.0, seed: 0, n_entities: 40, n_unknown: 40}'"
     accelerate launch --multi_gpu --num_processes 2 -m stages.ppo   # data parallel (GPUs, or
                                                                     # CPU processes on gloo)
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import hydra
@@ -30,18 +33,21 @@ from tqdm import tqdm
 
 import pipeline.config  # noqa: F401  (registers the schemas)
 from pipeline.artifacts import find_parent, require_built_on, staged_artifact
-from pipeline.data import load_validated, prompt_row
+from pipeline.data import load_validated, prompt_row, text_row
 from pipeline.reward import load_sft_tokenizer
-from pipeline.rl.checkpoint import config_hash, latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.rl.ppo import PPOTrainer, check_config
-from pipeline.rl.rewards import build_reward_fn
+from pipeline.rl import health
+from pipeline.rl.checkpoint import Checkpoints, config_hash
+from pipeline.rl.config import check_config, check_rm_accuracy
+from pipeline.rl.rewards import build_reward_fn, reward_scale
 from pipeline.rl.shared_model import SharedBaseActorCritic
-from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_everything, user_errors
+from pipeline.rl.trainer import PtxBatches, RLTrainer
+from pipeline.runtime import output_run_dir, resolved, seed_everything, user_errors
+from pipeline.tiny import pack_corpus
 from pipeline.tracking import Tracker, start_tracking
 from pipeline.training import precision_flags
 
 
-def prompt_batch(prompts: list[str], update: int, per_process: int, rank: int, world: int, seed: int) -> list[str]:
+def prompt_batch(prompts: list, update: int, per_process: int, rank: int, world: int, seed: int) -> list:
     """This process's prompts for ``update``: a pure function of the update number, so a
     resumed run sees exactly the batches an uninterrupted one would.
 
@@ -67,68 +73,76 @@ def accelerator_for(precision: str) -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed)
 
 
+def ptx_batches(cfg: DictConfig, fmt) -> PtxBatches:
+    """PPO-ptx's pretraining text (``data.pretrain``: rows with a ``text`` field), packed."""
+    texts = [r["text"] for r in load_validated([cfg.data.pretrain], cfg.data.hub_split, text_row, cfg.data.columns)]
+    return PtxBatches(pack_corpus(texts, fmt.tokenizer), cfg.ppo.ptx_block_size, cfg.ppo.ptx_batch_size, cfg.seed)
+
+
 def run(cfg: DictConfig) -> dict:
     check_config(cfg)
     acc = accelerator_for(cfg.ppo.precision)
     torch.set_num_threads(cfg.num_threads)
-    out_dir = output_run_dir(cfg)
+    out_dir, stage, k = output_run_dir(cfg), cfg.algorithm.name, cfg.algorithm.samples_per_prompt
 
     # --- parents, prompts and reward sources: checked before any model loads ---
     sft = find_parent(cfg.paths.run_dir, "sft", cfg.parents.sft)
     rm = find_parent(cfg.paths.run_dir, "rm", cfg.parents.rm)
     require_built_on(rm, sft)  # the RM scores for the SFT model it was trained on
-    prompts = [r["prompt"] for r in load_validated(cfg.data.ppo_prompts, cfg.data.hub_split, prompt_row)]
+    check_rm_accuracy(rm, cfg.reward)
+    fmt = load_sft_tokenizer(sft)
+    rows = load_validated(cfg.data.ppo_prompts, cfg.data.hub_split, prompt_row, cfg.data.columns)
     reward_fn = build_reward_fn(cfg.reward, rm.metrics)
+    ptx = ptx_batches(cfg, fmt) if cfg.ppo.ptx_coef > 0 else None
 
-    # --- one base, four roles: SFT (policy init, reference), RM (reward, value init) ---
+    # --- one base, every role: SFT (policy init, reference), RM (reward, value init) ---
     seed_everything(cfg.seed)  # the same initial weights in every process
-    tokenizer = load_sft_tokenizer(sft)
-    model = SharedBaseActorCritic.from_artifacts(sft, rm, cfg.model, tokenizer, cfg.ppo.value_init).to(acc.device)
-    trainer = PPOTrainer(model, tokenizer, cfg.ppo, acc, reward_fn)
+    value_init = cfg.ppo.value_init if cfg.algorithm.advantage == "gae" else None
+    model = SharedBaseActorCritic.from_artifacts(sft, rm, cfg.model, fmt, value_init,
+                                                 reward_scale(cfg.reward, rm.metrics)).to(acc.device)
+    trainer = RLTrainer(model, fmt, cfg.ppo, cfg.algorithm, acc, reward_fn, ptx)
     seed_everything(cfg.seed + acc.process_index)  # each process samples its own responses
 
     # --- resume from the last checkpoint of an interrupted run ---
     config = resolved(cfg)
-    ckpt_root, chash, history = Path(out_dir) / ".work" / "ppo" / "checkpoints", config_hash(config), []
-    if not cfg.resume and acc.is_main_process:
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # starting over: old checkpoints would mislead a later resume
-    last = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if last is not None:
-        try:
-            history = load_checkpoint(last, model, trainer, chash, acc)
-        except ValueError as e:
-            raise PipelineError(str(e)) from e
-        acc.print(f"ppo: resuming from {last} (update {trainer.update}/{cfg.ppo.total_updates})")
+    ckpts = Checkpoints(Path(out_dir) / ".work" / stage / "checkpoints", config_hash(config), acc)
+    history, run_id = ckpts.resume(model, trainer) if cfg.resume else ckpts.start_over()
+    if trainer.update:
+        acc.print(f"{stage}: resuming from update {trainer.update}/{cfg.ppo.total_updates}")
 
     # --- train ---
-    tracker = start_tracking(cfg, "ppo") if acc.is_main_process else Tracker(None)
+    tracker = start_tracking(cfg, stage, run_id) if acc.is_main_process else Tracker(None)
     bar = tqdm(range(trainer.update, cfg.ppo.total_updates), initial=trainer.update,
-               total=cfg.ppo.total_updates, disable=not acc.is_main_process, desc="ppo")
+               total=cfg.ppo.total_updates, disable=not acc.is_main_process, desc=stage)
     for update in bar:
-        batch = prompt_batch(prompts, update, cfg.ppo.rollout_batch_size, acc.process_index,
+        batch = prompt_batch(rows, update, cfg.ppo.rollout_batch_size // k, acc.process_index,
                              acc.num_processes, cfg.seed)
-        metrics, rollout, texts = trainer.step(batch)
+        batch = [row for row in batch for _ in range(k)]  # a prompt's k samples side by side
+        metrics, rollout, texts = trainer.step([r["prompt"] for r in batch], [r["messages"] for r in batch])
         history.append(metrics)
-        bar.set_postfix(reward=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
+        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
+        health.check(metrics, dict(cfg.health.thresholds), list(cfg.health.abort_on), trainer.update, bar.write)
         if update % cfg.log_every == 0:
             tracker.log(metrics, step=trainer.update)
         if update % cfg.table_every == 0:
-            log_samples(tracker, batch, texts, rollout, cfg.logger.num_samples, trainer.update)
+            log_samples(tracker, [r["prompt"] for r in batch], texts, rollout, cfg.logger.num_samples,
+                        trainer.update)
         if trainer.update % cfg.checkpoint_every == 0 and trainer.update < cfg.ppo.total_updates:
-            save_checkpoint(ckpt_root, trainer.update, model, trainer, history, chash, acc)
+            ckpts.save(trainer.update, model, trainer, history, tracker.run_id)
 
-    # --- save: policy adapter, value adapter + head, history ---
+    # --- save: policy adapter (+ value adapter and head), history ---
     trainer.check_replicas_in_sync()
     final = summarise(history, cfg.summary_window)
     if acc.is_main_process:
-        with staged_artifact(out_dir, "ppo", config, parent=rm) as art:
-            model.save_final(art.dir, tokenizer)
+        with staged_artifact(out_dir, stage, config, parent=rm) as art:
+            model.save_final(art.dir, fmt)
             (art.dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             art.metrics = final
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # the artifact supersedes them
-        acc.print(f"ppo: {trainer.update} updates, score {final['objective/scores']:.3f}, "
-                  f"KL {final['objective/kl']:.3f}, EOS rate {final['rollout/eos_rate']:.1%}")
+        ckpts.remove()  # the artifact supersedes them
+        acc.print(f"{stage}: {trainer.update} updates, score {final['objective/scores']:.3f}, "
+                  f"KL {final['objective/kl']:.3f}, stop rate {final['rollout/eos_rate']:.1%}")
         tracker.summary(final)
+        tracker.log_artifact(art.artifact)
         tracker.finish()
     acc.wait_for_everyone()
     return final
@@ -146,7 +160,7 @@ def summarise(history: list[dict], window: int) -> dict:
 
 def log_samples(tracker: Tracker, prompts, texts, rollout, n: int, step: int) -> None:
     kl = rollout.kl.sum(1).tolist()
-    rows = [[p, t, s, k] for p, t, s, k in zip(prompts, texts, rollout.scores.tolist(), kl)][:n]
+    rows = [[str(p), t, s, k] for p, t, s, k in zip(prompts, texts, rollout.scores.tolist(), kl)][:n]
     tracker.table(f"samples/update_{step}", ["prompt", "response", "score", "kl"], rows)
 
 

@@ -27,38 +27,45 @@ from trl import RewardConfig, RewardTrainer
 
 import pipeline.config  # noqa: F401  (registers the schemas)
 from pipeline.artifacts import find_parent, staged_artifact
-from pipeline.data import load_validated, margin_preference_rows, preference_rows
+from pipeline.data import (load_validated, margin_preference_rows, preference_example, preference_rows,
+                           tokenized)
 from pipeline.models import lora_config
 from pipeline.reward import (GroupedRewardTrainer, evaluate_pairs, load_sft_tokenizer,
                              reward_stats, sft_backbone_classifier)
 from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_everything, user_errors
+from pipeline.validation import check_ranges
 from pipeline.tracking import start_tracking
-from pipeline.training import NonFiniteLossGuard, final_train_loss, trainer_args
+from pipeline.training import NonFiniteLossGuard, final_train_loss, report_truncation, trainer_args
 
 
-def as_dataset(rows: list[dict], use_margin: bool) -> Dataset:
-    """TRL's RewardTrainer subtracts a ``margin`` column whenever one exists: drop it unless asked."""
-    if not use_margin:
-        rows = [{k: v for k, v in r.items() if k != "margin"} for r in rows]
-    return Dataset.from_list(rows)
+def as_dataset(rows: list[dict], use_margin: bool, max_length: int) -> Dataset:
+    """Tokenized pairs for TRL's RewardTrainer. It subtracts a ``margin`` column whenever one
+    exists (dropped unless asked), and would silently drop pairs over ``max_length``: they are
+    dropped here instead, after :func:`report_truncation` has said how many."""
+    keep = ("chosen_ids", "rejected_ids", "group") + (("margin",) if use_margin else ())
+    return Dataset.from_list([{k: r[k] for k in keep if k in r} for r in rows
+                              if max(len(r["chosen_ids"]), len(r["rejected_ids"])) <= max_length])
 
 
 def run(cfg: DictConfig) -> dict:
+    check_ranges(cfg)
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.train.num_threads)
     if cfg.train.group_pairs and cfg.train.group_by_length:
         raise PipelineError("train.group_pairs=true and train.group_by_length=true both choose the batch "
                             "order; set one of them to false")
 
-    # --- parent and data (ranked lists expanded): both checked before any model loads ---
+    # --- parent and data (ranked lists expanded, tokenized): checked before any model loads ---
     sft = find_parent(cfg.paths.run_dir, "sft", cfg.parents.sft)
-    rows = margin_preference_rows if cfg.train.use_margin else preference_rows
-    train_rows = load_validated(cfg.data.prefs.train, cfg.data.hub_split, rows)
-    eval_rows = load_validated(cfg.data.prefs.eval, cfg.data.hub_split, rows)
+    fmt = load_sft_tokenizer(sft)
+    pairs = margin_preference_rows if cfg.train.use_margin else preference_rows
+    encode = tokenized(pairs, lambda row: preference_example(fmt, row))
+    train_rows = load_validated(cfg.data.prefs.train, cfg.data.hub_split, encode, cfg.data.columns)
+    eval_rows = load_validated(cfg.data.prefs.eval, cfg.data.hub_split, encode, cfg.data.columns)
+    too_long = report_truncation("rm", train_rows, cfg.train.max_length)
 
     # --- backbone: the SFT model, with a fresh scalar head ---
-    tokenizer = load_sft_tokenizer(sft)
-    model = sft_backbone_classifier(sft, cfg.model, tokenizer)
+    model = sft_backbone_classifier(sft, cfg.model, fmt)
 
     # --- trainer: new LoRA adapter + trainable head ---
     tracker = start_tracking(cfg, "rm")
@@ -70,9 +77,9 @@ def run(cfg: DictConfig) -> dict:
     )
     trainer_cls = GroupedRewardTrainer if cfg.train.group_pairs else RewardTrainer
     trainer = trainer_cls(
-        model=model, args=args, processing_class=tokenizer,
-        train_dataset=as_dataset(train_rows, cfg.train.use_margin),
-        eval_dataset=as_dataset(eval_rows, cfg.train.use_margin),
+        model=model, args=args, processing_class=fmt.tokenizer,
+        train_dataset=as_dataset(train_rows, cfg.train.use_margin, cfg.train.max_length),
+        eval_dataset=as_dataset(eval_rows, cfg.train.use_margin, cfg.train.max_length),
         peft_config=lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]),
         callbacks=[NonFiniteLossGuard()],
     )
@@ -80,9 +87,9 @@ def run(cfg: DictConfig) -> dict:
     rm = trainer.model.eval()
 
     # --- held-out pairs: accuracy, margin, spread; stats PPO normalises with ---
-    pair_metrics, r_c, r_r = evaluate_pairs(rm, tokenizer, eval_rows, cfg.score_batch_size)
+    pair_metrics, r_c, r_r = evaluate_pairs(rm, fmt, eval_rows, cfg.score_batch_size)
     metrics = {"train_loss": final_train_loss(trainer.state.log_history, train_out.training_loss),
-               "train_loss_mean": train_out.training_loss,
+               "train_loss_mean": train_out.training_loss, "train_pairs_dropped_too_long": too_long,
                **{f"eval_{k}": v for k, v in pair_metrics.items()},
                **reward_stats(torch.cat([r_c, r_r]))}
     print(f"rm: held-out pairwise accuracy {metrics['eval_accuracy']:.3f} "
@@ -93,7 +100,7 @@ def run(cfg: DictConfig) -> dict:
     # --- save: RM adapter + head, tokenizer ---
     with staged_artifact(output_run_dir(cfg), "rm", resolved(cfg), parent=sft) as art:
         rm.save_pretrained(art.dir / "adapter")
-        tokenizer.save_pretrained(art.dir / "adapter")
+        fmt.save(art.dir / "adapter")
         art.metrics = metrics
     tracker.summary(metrics)
     tracker.finish()

@@ -1,9 +1,10 @@
 """Stage 1 of InstructGPT: supervised fine-tuning on demonstrations, with LoRA.
 
 The base model stays frozen; a LoRA adapter on every linear layer learns to answer
-in the chat format. The loss covers assistant tokens only (TRL's ``assistant_only_loss``
-with the chat template's generation markers), so the model is never trained to write
-the user's side of the conversation.
+in the chat format. The loss covers assistant tokens only: each answer and the end-of-turn
+token that closes it, found by rendering the conversation prefix by prefix with the
+tokenizer's own chat template (pipeline/chat.py), so the model is never trained to write the
+user's side of the conversation and always learns to stop.
 
     make sft
     make sft ARGS="lora.r=4 train.learning_rate=1e-3 train.lr_scheduler_type=linear"
@@ -22,27 +23,29 @@ from trl import SFTConfig, SFTTrainer
 
 import pipeline.config  # noqa: F401  (registers the schemas)
 from pipeline.artifacts import staged_artifact
-from pipeline.data import load_validated, prompt_row, sft_row
+from pipeline.chat import ChatFormat
+from pipeline.data import load_validated, prompt_row, sft_example, sft_row, tokenized
 from pipeline.generation import check_decoding
 from pipeline.models import base_model_source, load_causal_lm, load_tokenizer, lora_config
 from pipeline.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.sampling import sample_responses, sample_stats
+from pipeline.validation import check_ranges
 from pipeline.tracking import start_tracking
-from pipeline.training import NonFiniteLossGuard, final_train_loss, trainer_args
+from pipeline.training import NonFiniteLossGuard, final_train_loss, report_truncation, trainer_args
 
 
-def sft_trainer(cfg: DictConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
+def sft_trainer(cfg: DictConfig, model, fmt: ChatFormat, train_rows: list[dict], eval_rows: list[dict],
                 report_to: str) -> SFTTrainer:
-    """TRL's SFTTrainer with a LoRA adapter; labels are -100 outside assistant turns."""
+    """TRL's SFTTrainer with a LoRA adapter on tokenized rows ``{"input_ids", "assistant_masks"}``:
+    TRL turns the mask into labels, -100 outside the answers."""
     args = SFTConfig(
         **trainer_args(cfg.train, str(Path(output_run_dir(cfg)) / ".work" / "sft"), cfg.seed, report_to,
                        evaluate=bool(eval_rows)),
-        assistant_only_loss=True,
         packing=cfg.train.packing,
         train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
     )
     return SFTTrainer(
-        model=model, args=args, processing_class=tokenizer,
+        model=model, args=args, processing_class=fmt.tokenizer,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=[NonFiniteLossGuard()],
@@ -50,26 +53,30 @@ def sft_trainer(cfg: DictConfig, model, tokenizer, train_rows: list[dict], eval_
 
 
 def run(cfg: DictConfig) -> dict:
+    check_ranges(cfg)
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.train.num_threads)
 
-    # --- parent, data and sampling settings: all checked before any model loads ---
+    # --- parent, chat template, data and sampling settings: all checked before any model loads ---
     check_decoding(cfg.samples.decoding)
     source, base = base_model_source(cfg, cfg.parents.base)
-    train_rows = load_validated(cfg.data.sft.train, cfg.data.hub_split, sft_row)
-    eval_rows = load_validated(cfg.data.sft.eval, cfg.data.hub_split, sft_row)  # [] skips evaluation
-    prompts = [r["prompt"] for r in load_validated(cfg.data.eval_prompts, cfg.data.hub_split, prompt_row)]
+    fmt = load_tokenizer(source, cfg.model)
+    encode = tokenized(sft_row, lambda row: sft_example(fmt, row))
+    train_rows = load_validated(cfg.data.sft.train, cfg.data.hub_split, encode, cfg.data.columns)
+    eval_rows = load_validated(cfg.data.sft.eval, cfg.data.hub_split, encode, cfg.data.columns)  # [] skips eval
+    prompts = [r["messages"] for r in load_validated(cfg.data.eval_prompts, cfg.data.hub_split, prompt_row,
+                                                     cfg.data.columns)]
+    truncated = report_truncation("sft", train_rows, cfg.train.max_length)
 
-    # --- model and tokenizer: the frozen base ---
-    tokenizer = load_tokenizer(source, cfg.model)
-    model = load_causal_lm(source, cfg.model, tokenizer)
+    # --- model: the frozen base ---
+    model = load_causal_lm(source, cfg.model, fmt)
 
     # --- trainer: LoRA on the base, loss on assistant tokens ---
     tracker = start_tracking(cfg, "sft")
-    trainer = sft_trainer(cfg, model, tokenizer, train_rows, eval_rows, "wandb" if tracker.enabled else "none")
+    trainer = sft_trainer(cfg, model, fmt, train_rows, eval_rows, "wandb" if tracker.enabled else "none")
     train_out = trainer.train()
     metrics = {"train_loss": final_train_loss(trainer.state.log_history, train_out.training_loss),
-               "train_loss_mean": train_out.training_loss}
+               "train_loss_mean": train_out.training_loss, "train_rows_truncated": truncated}
     if eval_rows:
         final_eval = trainer.evaluate()
         metrics.update(eval_loss=final_eval["eval_loss"],
@@ -77,22 +84,22 @@ def run(cfg: DictConfig) -> dict:
     policy = trainer.model
 
     # --- held-out samples: does it answer in format and stop? ---
-    samples = sample_responses(policy, tokenizer, prompts[: cfg.samples.num_prompts],
+    samples = sample_responses(policy, fmt, prompts[: cfg.samples.num_prompts],
                                cfg.samples.decoding, cfg.samples.batch_size, cfg.seed)
     metrics.update({f"samples/{k}": v for k, v in sample_stats(samples).items()})
     print(f"sft: train loss {metrics['train_loss']:.3f}, eval loss {metrics.get('eval_loss', float('nan')):.3f}, "
-          f"EOS rate {metrics['samples/eos_rate']:.1%}, format {metrics['samples/format_rate']:.1%}")
+          f"stop rate {metrics['samples/eos_rate']:.1%}, format {metrics['samples/format_rate']:.1%}")
     tracker.table("samples", ["prompt", "response", "ended_with_eos"],
                   [[s.prompt, s.response, s.ended] for s in samples[: cfg.logger.num_samples]])
 
-    # --- save: adapter + tokenizer (+ merged model on request) ---
+    # --- save: adapter + tokenizer and stop set (+ merged model on request) ---
     with staged_artifact(output_run_dir(cfg), "sft", resolved(cfg), parent=base) as art:
         policy.save_pretrained(art.dir / "adapter")
-        tokenizer.save_pretrained(art.dir / "adapter")
+        fmt.save(art.dir / "adapter")
         if cfg.save_merged:
             merged = policy.merge_and_unload()
             merged.save_pretrained(art.dir / "merged")
-            tokenizer.save_pretrained(art.dir / "merged")
+            fmt.save(art.dir / "merged")
         art.metrics = metrics
     tracker.summary(metrics)
     tracker.finish()

@@ -1,10 +1,11 @@
-"""PPO checkpoints: everything a killed run needs to resume exactly.
+"""RL checkpoints: everything a killed run needs to resume exactly.
 
-``<run>/.work/ppo/checkpoints/update-<n>/`` holds the trainable weights (policy and value
-adapters, value head) as safetensors, the optimizer / scheduler / KL-controller state and
-counters, each process's RNG states, and the metric history so far. A checkpoint is
-written into a temporary folder and renamed into place, so the newest complete one is
-always readable; older ones are deleted once a newer one exists.
+``<run>/.work/<algorithm>/checkpoints/update-<n>/`` holds the trainable weights (policy and
+value adapters, value head) as safetensors, the optimizer / scheduler / KL-controller state and
+counters, each process's RNG states, and the metric history so far. A checkpoint is written
+into a temporary folder and renamed into place, so the newest complete one is always readable;
+older ones are deleted once a newer one exists. The W&B run id sits beside them, so a resumed
+run continues the same W&B run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import random
 import shutil
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -23,9 +25,15 @@ from safetensors.torch import load_file, save_file
 STATE = "state.json"
 
 
+# Settings that change what is logged or kept, never what is trained.
+NOT_RESULTS = ("logger", "resume", "hydra", "log_every", "table_every", "checkpoint_every", "summary_window",
+               "health")
+
+
 def config_hash(config: dict) -> str:
-    """What must match for a resume: the resolved config without logging/resume switches."""
-    relevant = {k: v for k, v in config.items() if k not in ("logger", "resume", "hydra")}
+    """What must match for a resume: the resolved config without the settings that only decide
+    logging, checkpoint cadence and health warnings (``NOT_RESULTS``)."""
+    relevant = {k: v for k, v in config.items() if k not in NOT_RESULTS}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -92,3 +100,44 @@ def load_checkpoint(path: Path, model, trainer, cfg_hash: str, accelerator) -> l
     trainer.load_state_dict(torch.load(path / "trainer.pt", weights_only=True))
     set_rng_state(torch.load(path / f"rng-rank{accelerator.process_index}.pt", weights_only=True))
     return json.loads((path / "history.json").read_text())
+
+
+RUN_ID = "wandb_run_id"
+
+
+class Checkpoints:
+    """The checkpoints of one RL stage run under ``root``: resume, save, start over, remove."""
+
+    def __init__(self, root: Path, cfg_hash: str, accelerator):
+        self.root, self.hash, self.acc = root, cfg_hash, accelerator
+
+    def resume(self, model, trainer) -> tuple[list[dict], str]:
+        """Restore the newest checkpoint; returns the history so far and the W&B run id.
+        Without a checkpoint this is a fresh start."""
+        last = latest_checkpoint(self.root)
+        if last is None:
+            return self.start_over()
+        try:
+            history = load_checkpoint(last, model, trainer, self.hash, self.acc)
+        except ValueError as e:
+            from pipeline.runtime import PipelineError
+            raise PipelineError(str(e)) from e
+        run_id = self.root / RUN_ID
+        return history, run_id.read_text().strip() if run_id.is_file() else uuid.uuid4().hex[:12]
+
+    def start_over(self) -> tuple[list[dict], str]:
+        """Drop old checkpoints (they would mislead a later resume); a new W&B run id."""
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            shutil.rmtree(self.root, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return [], uuid.uuid4().hex[:12]
+
+    def save(self, update: int, model, trainer, history: list[dict], run_id: str) -> Path:
+        path = save_checkpoint(self.root, update, model, trainer, history, self.hash, self.acc)
+        if self.acc.is_main_process:
+            (self.root / RUN_ID).write_text(run_id)
+        return path
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 Shapes: ``B`` is the batch, ``T`` the response length, ``V`` the vocabulary. A ``mask`` is a
 0/1 tensor (float or bool) of shape ``[B, T]`` that is 1 on the valid response tokens, i.e.
-up to and including the first EOS. Masks are always carried explicitly and never rebuilt
+up to and including the first stop token (end-of-turn or eos). Masks are always carried explicitly and never rebuilt
 from token ids, because with ``pad == eos`` the real EOS becomes indistinguishable from
 padding (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO").
 
@@ -25,11 +25,15 @@ import torch.nn.functional as F
 __all__ = [
     "logprobs_from_logits",
     "entropy_from_logits",
+    "rloo_advantages",
+    "grpo_advantages",
+    "returns_to_go",
+    "loss_weights",
     "masked_mean",
     "masked_var",
     "masked_whiten",
-    "response_mask_until_eos",
-    "has_eos",
+    "stop_mask",
+    "ends_with_stop",
     "last_token_index",
     "kl_per_token",
     "shape_rewards",
@@ -53,25 +57,69 @@ AllReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
 # --------------------------------------------------------------------------- log-probs
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each label: ``log_softmax(logits)[b, t, labels[b, t]]``.
+def _rows_per_chunk(vocab: int) -> int:
+    # ~8M logits (32 MB in fp32) per chunk: the fp32 working copy never grows with B * T.
+    return max(1, (1 << 23) // max(1, vocab))
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """``log softmax(logits / T)[label]`` in row chunks, with an exact hand-written backward.
+
+    Autograd through ``log_softmax`` would keep a full fp32 ``[N, V]`` copy (and with bf16
+    logits an upcast copy too). Here only the logits the caller already holds and one
+    log-sum-exp per row are saved; the backward recomputes the softmax chunk by chunk::
+
+        d logp / d logits_v = ([v == label] - softmax(logits / T)_v) / T
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature):  # logits [N, V], labels [N] -> [N] fp32 (or fp64)
+        chunk, dtype = _rows_per_chunk(logits.shape[-1]), torch.promote_types(logits.dtype, torch.float32)
+        out = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        lse = torch.empty_like(out)
+        for s in range(0, logits.shape[0], chunk):
+            x = logits[s:s + chunk].to(dtype) / temperature
+            lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
+            out[s:s + chunk] = x.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, lse = ctx.saved_tensors
+        T, chunk = ctx.temperature, _rows_per_chunk(logits.shape[-1])
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], chunk):
+            g = grad_out[s:s + chunk, None].to(lse.dtype)
+            p = torch.exp(logits[s:s + chunk].to(lse.dtype) / T - lse[s:s + chunk, None])
+            d = (-p * g).scatter_add_(-1, labels[s:s + chunk, None], g)
+            grad[s:s + chunk] = (d / T).to(grad.dtype)
+        return grad, None, None
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each label under ``softmax(logits / temperature)``.
+
+    Memory-light in both directions (see ``_TokenLogprob``): no fp32 ``[B, T, V]`` copy is
+    made or kept, whatever the logits' dtype, and the gradient is exact.
 
     Args:
-        logits: ``[B, T, V]``, already divided by the sampling temperature.
+        logits: ``[B, T, V]`` raw logits (any float dtype).
         labels: ``[B, T]`` token ids.
+        temperature: the sampling temperature the labels were drawn at.
 
     Returns:
-        ``[B, T]`` float32 log-probs.
+        ``[B, T]`` float32 log-probs (float64 for float64 logits). At least fp32 because bf16
+        log-probs are too coarse for a ratio that must be 1 at the start.
     """
-    # float32 because bf16 log-probs are too coarse for a ratio that must be 1 at the start.
-    logits = logits.float()
-    # gather - logsumexp equals gathering log_softmax without materialising a [B, T, V] copy.
-    picked = torch.gather(logits, -1, labels.long().unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    B, T, V = logits.shape
+    flat = _TokenLogprob.apply(logits.reshape(B * T, V), labels.reshape(-1).long(), float(temperature))
+    return flat.view(B, T)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution ``H = -sum_v p_v log p_v``.
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)``, ``H = -sum_v p_v log p_v``, in row chunks.
 
     Args:
         logits: ``[B, T, V]``.
@@ -79,11 +127,15 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[B, T]`` float32 entropies (not masked).
     """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    # A -inf logit (masked vocabulary) has p = 0 and must contribute 0, not 0 * -inf = nan,
-    # in the forward and in the backward pass.
-    logp_finite = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
-    return -(logp.exp() * logp_finite).sum(dim=-1)
+    B, T, V = logits.shape
+    flat, chunk, out = logits.reshape(B * T, V), _rows_per_chunk(V), []
+    for s in range(0, B * T, chunk):
+        logp = F.log_softmax(flat[s:s + chunk].float() / temperature, dim=-1)
+        # A -inf logit (masked vocabulary) has p = 0 and must contribute 0, not 0 * -inf = nan,
+        # in the forward and in the backward pass.
+        logp_finite = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
+        out.append(-(logp.exp() * logp_finite).sum(dim=-1))
+    return torch.cat(out).view(B, T) if out else flat.new_zeros(B, T, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- masked statistics
@@ -161,47 +213,40 @@ def masked_whiten(
 # --------------------------------------------------------------------------- masks and EOS
 
 
-def response_mask_until_eos(
-    response_ids: torch.Tensor, eos_id: int, pad_mask: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """Mask of the response up to and including its first EOS.
+def stop_mask(response_ids: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
+    """Mask of each response up to and including its first stop token.
 
-    Pad ids are never looked at: validity beyond EOS comes only from ``pad_mask``, so a
-    tokenizer with ``pad == eos`` cannot hide the real stop token.
+    Pad ids are never looked at, so a tokenizer whose pad id equals a stop id cannot hide the
+    real stop, and a model that emits the pad token cannot end a response early.
 
     Args:
         response_ids: ``[B, T]`` generated token ids.
-        eos_id: the stop token id.
-        pad_mask: optional ``[B, T]`` 0/1 mask of positions that were actually generated;
-            an EOS outside it does not count.
+        stop_ids: ``[S]`` the stop set (end-of-turn token, eos, generation-config eos ids).
 
     Returns:
-        ``[B, T]`` bool mask: 1 up to and including the first EOS, 0 after. A row with no
-        EOS (truncated at max length) stays 1 wherever ``pad_mask`` is 1.
+        ``[B, T]`` bool: 1 up to and including the first stop token, 0 after. A row with no
+        stop token (truncated at max length) is all 1.
+
+    Example: stop set {2, 9}, ids ``[5, 9, 7, 2]`` -> ``[1, 1, 0, 0]``.
     """
-    is_eos = response_ids == eos_id
-    if pad_mask is not None:
-        is_eos = is_eos & pad_mask.bool()
-    # Exclusive cumsum: EOS tokens strictly before t. The first EOS itself stays valid.
-    eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
-    mask = eos_before == 0
-    if pad_mask is not None:
-        mask = mask & pad_mask.bool()
-    return mask
+    is_stop = torch.isin(response_ids, stop_ids).long()
+    # Exclusive cumsum: stop tokens strictly before t. The first stop itself stays valid.
+    return (torch.cumsum(is_stop, dim=-1) - is_stop) == 0
 
 
-def has_eos(response_ids: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Whether each response contains the real stop token within its valid part.
+def ends_with_stop(response_ids: torch.Tensor, mask: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
+    """Whether each response's last valid token is a stop token (it finished, not truncated).
 
     Args:
         response_ids: ``[B, T]``.
-        mask: ``[B, T]`` response mask.
-        eos_id: the stop token id.
+        mask: ``[B, T]`` response mask (e.g. from :func:`stop_mask`).
+        stop_ids: ``[S]`` the stop set.
 
     Returns:
-        ``[B]`` bool; the missing-EOS penalty keys on ``~has_eos``.
+        ``[B]`` bool; the missing-EOS penalty keys on ``~ends_with_stop``.
     """
-    return ((response_ids == eos_id) & mask.bool()).any(dim=-1)
+    last = response_ids.gather(-1, last_token_index(mask).unsqueeze(-1)).squeeze(-1)
+    return torch.isin(last, stop_ids) & mask.bool().any(dim=-1)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -338,6 +383,118 @@ def gae(
     return advantages, returns
 
 
+# --------------------------------------------------------------------------- critic-free estimators
+#
+# Each turns sequence rewards into advantages without a value model; the advantage of a
+# sequence is broadcast to all its tokens. Rows come in groups of k consecutive samples of the
+# same prompt: ``rewards.view(-1, k)`` is one group per row. (shared/notes/rl-algorithms.md)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024; Kool et al. 2019).
+
+    ``A_i = R_i - 1/(k-1) * sum_{j != i} R_j`` within each group of k samples of one prompt.
+
+    Args:
+        rewards: ``[B]`` sequence rewards, ``B = n_prompts * k``, a prompt's samples adjacent.
+        k: samples per prompt, ``>= 2``.
+
+    Returns:
+        ``[B]`` advantages; each group sums to 0.
+    """
+    if k < 2:
+        raise ValueError(f"RLOO needs k >= 2 samples per prompt, got {k}")
+    g = rewards.view(-1, k)
+    baseline = (g.sum(dim=1, keepdim=True) - g) / (k - 1)
+    return (g - baseline).reshape(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, k: int, scale_by_std: bool, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath).
+
+    ``A_i = (R_i - mean_g R) / (std_g R + eps)``, the unbiased std of the group; with
+    ``scale_by_std=False`` only the mean is removed (Dr.GRPO, Liu et al. 2025), which removes
+    the bias towards groups whose rewards barely differ.
+
+    Args:
+        rewards: ``[B]``, groups of k adjacent samples.
+        k: samples per prompt, ``>= 2``.
+
+    Returns:
+        ``[B]``. A group whose k rewards are equal gets all-zero advantages (no signal).
+    """
+    if k < 2:
+        raise ValueError(f"GRPO needs k >= 2 samples per prompt, got {k}")
+    g = rewards.view(-1, k)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (g.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def group_centred(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """``R_i - mean_g R``: REINFORCE++-baseline's first step. ``[B] -> [B]``."""
+    g = rewards.view(-1, k)
+    return (g - g.mean(dim=1, keepdim=True)).reshape(-1)
+
+
+def equal_reward_groups(rewards: torch.Tensor, k: int, tol: float = 1e-6) -> torch.Tensor:
+    """Share of groups whose k rewards are all equal (their group advantages carry no signal)."""
+    g = rewards.view(-1, k)
+    return ((g.max(dim=1).values - g.min(dim=1).values) <= tol).float().mean()
+
+
+@torch.no_grad()
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++'s per-token return with gamma = 1 (Hu 2025): ``G_t = sum_{s >= t} r_s``.
+
+    Args:
+        rewards: ``[B, T]`` per-token rewards (:func:`shape_rewards`: the score on the last
+            token, and the per-token KL penalty when the KL is in the reward).
+        mask: ``[B, T]``.
+
+    Returns:
+        ``[B, T]``, 0 on masked positions. Normalise over the batch with :func:`masked_whiten`.
+    """
+    r = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
+    return torch.where(mask.bool(), r.flip(-1).cumsum(-1).flip(-1), torch.zeros_like(r))
+
+
+# --------------------------------------------------------------------------- loss aggregation
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "constant")
+
+
+def loss_weights(mask: torch.Tensor, mode: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights ``w`` and units ``u`` so that the loss is ``sum(w * l) / sum(u)``.
+
+    The sums run over every micro-batch and process of a minibatch, so splitting a minibatch
+    (gradient accumulation, data parallel) never changes the loss.
+
+    - ``token_mean``: ``w = mask``, ``u`` = valid tokens. Each token counts once (PPO).
+    - ``seq_mean``: ``w = mask / n_i``, ``u`` = sequences. Each sequence counts once (GRPO).
+    - ``constant``: ``w = mask / max_len``, ``u`` = sequences: token sums over a constant
+      (Dr.GRPO), so long responses are not down-weighted per token.
+
+    Args:
+        mask: ``[B, T]`` response mask.
+        mode: one of ``LOSS_AGGREGATIONS``.
+        max_len: the maximum response length (``max_new_tokens``), for ``constant``.
+
+    Returns:
+        ``(w [B, T] float32, u scalar float32)``.
+    """
+    m = mask.float()
+    if mode == "token_mean":
+        return m, m.sum()
+    rows = torch.tensor(float(m.shape[0]), device=m.device)
+    if mode == "seq_mean":
+        return m / m.sum(-1, keepdim=True).clamp_min(1.0), rows
+    if mode == "constant":
+        return m / float(max_len), rows
+    raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
+
+
 # --------------------------------------------------------------------------- losses
 
 
@@ -348,22 +505,23 @@ def policy_loss(
     mask: torch.Tensor,
     clip_range: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), per token, as a loss.
 
-    ``L = masked_mean(max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)))`` with
-    ``rho = exp(logp - old_logp)``.
+    ``l_t = max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))`` with
+    ``rho_t = exp(logp_t - old_logp_t)``; aggregate with :func:`loss_weights`.
 
     Args:
         logp: ``[B, T]`` log-probs under the current policy (carries gradient).
         old_logp: ``[B, T]`` rollout log-probs.
-        advantages: ``[B, T]`` (usually whitened).
+        advantages: ``[B, T]`` (whitened GAE, or a sequence advantage on every token).
         mask: ``[B, T]`` response mask.
         clip_range: ``eps``.
 
     Returns:
-        ``(loss, stats)``; stats are detached scalars: ``approxkl``
-        (``0.5 * masked_mean((logp - old_logp)^2)``), ``clipfrac`` (fraction of tokens
-        where the clipped term is active) and ``ratio`` (masked mean of ``rho``).
+        ``(l [B, T], stats)``: ``l`` is 0 on masked positions; stats are detached masked
+        means over this batch: ``approxkl`` (``0.5 * (logp - old_logp)^2``), ``clipfrac``
+        (share of tokens where the clipped term is active), ``ratio`` (mean ``rho``) and
+        ``logprob_gap`` (mean ``|logp - old_logp|``).
     """
     valid = mask.bool()
     # Mask the log-ratio before exp: padding may hold -inf log-probs, whose exp would
@@ -373,14 +531,15 @@ def policy_loss(
     advantages = advantages.detach()
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = torch.where(valid, torch.maximum(unclipped, clipped), torch.zeros_like(ratio))
     with torch.no_grad():
         stats = {
             "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
             "ratio": masked_mean(ratio, mask),
+            "logprob_gap": masked_mean(log_ratio.abs(), mask),
         }
-    return loss, {k: v.detach() for k, v in stats.items()}
+    return loss, stats
 
 
 def value_loss(
@@ -390,7 +549,7 @@ def value_loss(
     mask: torch.Tensor,
     clip_range_value: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss ``0.5 * masked_mean(max((v - R)^2, (clip(v, v_old +- c) - R)^2))``.
+    """Clipped value loss per token, ``0.5 * max((v - R)^2, (clip(v, v_old +- c) - R)^2)``.
 
     Args:
         values: ``[B, T]`` current value predictions (carry gradient).
@@ -400,8 +559,8 @@ def value_loss(
         clip_range_value: ``c``.
 
     Returns:
-        ``(loss, stats)``; ``stats["clipfrac"]`` is the detached fraction of tokens where
-        the clipped term is the larger one.
+        ``(l [B, T], stats)``: ``l`` is 0 on masked positions; ``stats["clipfrac"]`` is the
+        detached share of tokens where the clipped term is the larger one.
     """
     old_values = old_values.detach()
     returns = returns.detach()
@@ -409,7 +568,7 @@ def value_loss(
     clipped_values = old_values + torch.clamp(values - old_values, -c, c)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    loss = 0.5 * torch.where(mask.bool(), torch.maximum(loss_unclipped, loss_clipped), torch.zeros_like(values))
     clipfrac = masked_mean((loss_clipped > loss_unclipped).to(values.dtype), mask)
     return loss, {"clipfrac": clipfrac.detach()}
 

@@ -6,8 +6,9 @@ A source is configured under ``reward.sources.<name>``:
     gold: {_target_: pipeline.rl.rewards.GoldJudgeReward, weight: 0.5,
            seed: 0, n_entities: 40, n_unknown: 40}        # any callable
 
-A callable takes ``(prompts: list[str], responses: list[str])`` and returns one float per
-response; a class named by ``_target_`` is instantiated with the remaining keys first.
+A callable takes ``(prompts, responses: list[str])`` and returns one float per response;
+each prompt is as the prompt file gives it (text, or a list of ``{"role", "content"}``
+messages). A class named by ``_target_`` is instantiated with the remaining keys first.
 The total score is ``sum_i weight_i * source_i``.
 """
 
@@ -24,12 +25,19 @@ from pipeline.judge import judge
 from pipeline.runtime import ConfigError
 from pipeline.world import build_world
 
-RewardFn = Callable[[list[str], list[str], torch.Tensor], torch.Tensor]
+RewardFn = Callable[[list, list[str], torch.Tensor], torch.Tensor]
 
 
 def normalise(scores: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """Standardise raw RM scores with the RM's reference statistics: (s - mean) / std."""
     return (scores - mean) / std
+
+
+def reward_scale(reward_cfg, rm_metrics: dict) -> tuple[float, float]:
+    """``(mean, std)`` the RM's scores are normalised with; ``(0, 1)`` when they are not."""
+    if reward_cfg.normalize:
+        return rm_metrics["reward_mean"], rm_metrics["reward_std"]
+    return 0.0, 1.0
 
 
 def _callable_source(spec: dict) -> Callable[[list[str], list[str]], list[float]]:
@@ -53,18 +61,15 @@ def build_reward_fn(reward_cfg, rm_metrics: dict) -> RewardFn:
         if "_target_" not in spec:  # the learned reward model
             if spec:
                 raise ConfigError(f"reward.sources.{name}: the RM source takes only `weight`, got {sorted(spec)}")
-            if reward_cfg.normalize:
-                mean, std = rm_metrics["reward_mean"], rm_metrics["reward_std"]
-                terms.append((weight, lambda p, r, rm, m=mean, s=std: normalise(rm, m, s)))
-            else:
-                terms.append((weight, lambda p, r, rm: rm))
+            mean, std = reward_scale(reward_cfg, rm_metrics)
+            terms.append((weight, lambda p, r, rm, m=mean, s=std: normalise(rm, m, s)))
             continue
         fn = _callable_source(spec)
         terms.append((weight, lambda p, r, rm, fn=fn, name=name: _as_scores(fn(p, r), len(r), name, rm.device)))
     if not terms:
         raise ConfigError("reward.sources is empty: configure at least one reward source")
 
-    def total(prompts: list[str], responses: list[str], rm_scores: torch.Tensor) -> torch.Tensor:
+    def total(prompts: list, responses: list[str], rm_scores: torch.Tensor) -> torch.Tensor:
         return sum(w * fn(prompts, responses, rm_scores) for w, fn in terms)
 
     return total

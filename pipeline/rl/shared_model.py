@@ -1,30 +1,36 @@
-"""Four PPO roles on one frozen base model, as LoRA adapters plus two scalar heads.
+"""The RL roles on one frozen base model, as LoRA adapters plus scalar heads.
 
     role       adapters active          trainable   head
     policy     policy                   yes         lm_head (base, frozen)
     reference  ref (= SFT adapter)      no          lm_head
     reward     ref + reward (RM)        no          reward_head (RM's score head)
-    value      ref + value              yes         value_head (init: RM's head)
+    value      ref + value              yes         value_head (init: RM's head, rescaled)
 
 The reference is the SFT model (base + SFT adapter), *not* the base with adapters
 disabled: under LoRA that would be the plain pretrained model, the wrong KL anchor.
 The RM was trained on base + SFT merged, so reward = base + SFT delta + RM delta, which
 is what activating both adapters computes. The base weights exist once in memory.
+Critic-free estimators (RLOO, GRPO, REINFORCE++) build no value adapter or head.
+
+Shapes: ``B`` rows, ``L`` tokens (left-padded prompt of ``P`` then response of ``T``),
+``H`` hidden size, ``V`` vocabulary.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Optional
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.artifacts import Artifact
+from pipeline.chat import ChatFormat
 from pipeline.models import load_causal_lm
 from pipeline.policies import base_source_for
+from pipeline.rl.core import logprobs_from_logits
 
 SCORE_KEY = "score."  # the RM head inside the saved adapter (peft modules_to_save)
 
@@ -34,55 +40,82 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def split_rm_state(rm_dir: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], torch.Tensor]:
-    """The RM adapter's LoRA config, its LoRA weights, and its score head weight (1, H)."""
-    cfg = json.loads((rm_dir / "adapter_config.json").read_text())
-    lora = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"],
-                      lora_dropout=0.0, bias=cfg["bias"], task_type="CAUSAL_LM")
+def rm_adapter(rm_dir: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], torch.Tensor]:
+    """The RM adapter's own LoRA config as saved, its LoRA weights, and its score head weight (1, H).
+
+    The config is read whole (rank and alpha patterns, rsLoRA, DoRA, ``layers_to_transform``
+    ...), so the reward role computes exactly the function the RM artifact was evaluated with;
+    only what makes it a sequence classifier (task type, the head as a module to save) is
+    dropped, since the head is applied by hand.
+    """
+    config = PeftConfig.from_pretrained(rm_dir)
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"{rm_dir}: the RM adapter is a {type(config).__name__}, not LoRA")
+    config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, True
     state = load_file(rm_dir / "adapter_model.safetensors")
     head = [v for k, v in state.items() if SCORE_KEY in k and k.endswith("weight")]
     if len(head) != 1:
         raise ValueError(f"{rm_dir}: expected one score head weight in the RM adapter, found {len(head)}")
-    lora_state = {k: v for k, v in state.items() if SCORE_KEY not in k}
-    return lora, lora_state, head[0]
+    return config, {k: v for k, v in state.items() if SCORE_KEY not in k}, head[0]
+
+
+def load_adapter_state(peft: PeftModel, state: dict[str, torch.Tensor], adapter: str) -> None:
+    """``set_peft_model_state_dict`` that refuses a partial load: every LoRA weight of ``adapter``
+    must come from ``state`` and every entry of ``state`` must land somewhere."""
+    result = set_peft_model_state_dict(peft, state, adapter_name=adapter)
+    missing = [k for k in result.missing_keys if f".{adapter}." in k and "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"adapter {adapter!r} loaded partially: missing {missing[:3]}, "
+                         f"unexpected {list(result.unexpected_keys)[:3]}")
 
 
 class SharedBaseActorCritic(nn.Module):
-    """Policy, reference, reward and value models sharing one frozen base (see module doc)."""
+    """Policy, reference, reward and (optionally) value models sharing one frozen base."""
 
-    def __init__(self, peft: PeftModel, reward_head: nn.Linear, value_head: nn.Linear):
+    def __init__(self, peft: PeftModel, reward_head: nn.Linear, value_head: Optional[nn.Linear]):
         super().__init__()
         self.peft, self.reward_head, self.value_head = peft, reward_head, value_head
         self.reward_head.requires_grad_(False)
+        value_params = list(value_head.parameters()) if value_head is not None else []
         self.trainable = [p for n, p in peft.named_parameters()
-                          if ".policy." in n or ".value." in n] + list(value_head.parameters())
+                          if ".policy." in n or ".value." in n] + value_params
         self._activate(["policy"])
 
     # --- construction ---------------------------------------------------------------
 
     @classmethod
-    def from_artifacts(cls, sft: Artifact, rm: Artifact, model_cfg, tokenizer, value_init: str):
-        base = load_causal_lm(base_source_for(sft), model_cfg, tokenizer)
+    def from_artifacts(cls, sft: Artifact, rm: Artifact, model_cfg, fmt: ChatFormat, value_init: Optional[str],
+                       reward_scale: tuple[float, float] = (0.0, 1.0)):
+        """``value_init``: ``rm`` (value = RM adapter and head), ``fresh`` (a new adapter, B = 0, and a
+        zero head) or None (no value role). ``reward_scale`` is the ``(mean, std)`` the RM's scores
+        are normalised with, so that a value started from the RM predicts the normalised score."""
+        base = load_causal_lm(base_source_for(sft), model_cfg, fmt)
         peft = PeftModel.from_pretrained(base, sft.path / "adapter", adapter_name="ref", is_trainable=False)
         peft.load_adapter(sft.path / "adapter", adapter_name="policy", is_trainable=True)
-        lora, rm_state, rm_head = split_rm_state(rm.path / "adapter")
+        lora, rm_state, rm_head = rm_adapter(rm.path / "adapter")
         peft.add_adapter("reward", lora)
-        set_peft_model_state_dict(peft, rm_state, adapter_name="reward")
-        peft.add_adapter("value", lora)
+        load_adapter_state(peft, rm_state, "reward")
         hidden = rm_head.shape[1]
-        reward_head = nn.Linear(hidden, 1, bias=False)
-        value_head = nn.Linear(hidden, 1, bias=False)
-        with torch.no_grad():
-            reward_head.weight.copy_(rm_head)
-            if value_init == "rm":  # the usual choice: V starts as the RM (adapter and head)
-                set_peft_model_state_dict(peft, rm_state, adapter_name="value")
-                value_head.weight.copy_(rm_head)
-            elif value_init == "fresh":  # a new LoRA adapter (B = 0) and a zero head
-                value_head.weight.zero_()
-            else:
-                raise ValueError(f"ppo.value_init must be 'rm' or 'fresh', got {value_init!r}")
         # The heads stay fp32 whatever the base dtype: Adam's small updates to the value head
         # would round away in bf16.
+        reward_head = nn.Linear(hidden, 1, bias=False)
+        with torch.no_grad():
+            reward_head.weight.copy_(rm_head)
+        value_head = None
+        if value_init is not None:
+            peft.add_adapter("value", lora)
+            value_head = nn.Linear(hidden, 1, bias=True)
+            with torch.no_grad():
+                if value_init == "rm":  # V starts as the RM, on the scale rewards are normalised to
+                    load_adapter_state(peft, rm_state, "value")
+                    mean, std = reward_scale
+                    value_head.weight.copy_(rm_head / std)
+                    value_head.bias.fill_(-mean / std)
+                elif value_init == "fresh":
+                    value_head.weight.zero_()
+                    value_head.bias.zero_()
+                else:
+                    raise ValueError(f"ppo.value_init must be 'rm' or 'fresh', got {value_init!r}")
         return cls(peft, reward_head, value_head).to(base.device)
 
     # --- adapters -------------------------------------------------------------------
@@ -100,11 +133,25 @@ class SharedBaseActorCritic(nn.Module):
 
     # --- roles ----------------------------------------------------------------------
 
-    def policy_logits(self, ids, mask, adapter: str = "policy") -> torch.Tensor:
-        """(B, L, V) logits of the policy (or ``adapter="ref"`` for the SFT reference)."""
+    def response_logits(self, ids, mask, response_len: int, adapter: str = "policy") -> torch.Tensor:
+        """(B, T, V) logits that predict the last ``response_len`` tokens, of the policy (or
+        ``adapter="ref"``): the LM head runs only at those positions, never over the prompt."""
         self._activate([adapter])
-        return self.peft(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                         use_cache=False).logits
+        out = self.peft(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                        use_cache=False, logits_to_keep=response_len + 1)
+        return out.logits[:, :-1]  # position P - 1 + t predicts response token t
+
+    def response_logprobs(self, ids, mask, response_ids, temperature: float, adapter: str = "policy"):
+        """(B, T) log-probs of ``response_ids`` (the last T tokens of ``ids``) under softmax(logits / T)."""
+        logits = self.response_logits(ids, mask, response_ids.shape[1], adapter)
+        return logprobs_from_logits(logits, response_ids, temperature)
+
+    def sequence_logprobs(self, ids) -> torch.Tensor:
+        """(B, L - 1) policy log-probs of each next token of unpadded ``ids`` (B, L): PPO-ptx's
+        language-modelling term on pretraining text."""
+        self._activate(["policy"])
+        logits = self.peft(input_ids=ids, use_cache=False).logits[:, :-1]
+        return logprobs_from_logits(logits, ids[:, 1:])
 
     def _hidden(self, names: list[str], ids, mask) -> torch.Tensor:
         self._activate(names)
@@ -127,29 +174,49 @@ class SharedBaseActorCritic(nn.Module):
         self._activate(["policy"])
         return self.peft.generate(**kwargs)
 
+    def gradient_checkpointing(self, enable: bool) -> None:
+        """Recompute activations in the backward pass instead of keeping them (HF checkpointing only
+        runs in train mode, so the update then runs in train mode with every dropout at 0)."""
+        if not enable:
+            return
+        self.peft.base_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        for m in self.peft.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+            if hasattr(m, "attention_dropout"):
+                m.attention_dropout = 0.0
+
     @property
     def device(self) -> torch.device:
         return next(self.peft.parameters()).device
 
     # --- saving -----------------------------------------------------------------------
 
+    def _adapters(self) -> tuple[str, ...]:
+        return ("policy", "value") if self.value_head is not None else ("policy",)
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Policy and value adapters plus the value head: everything PPO changes."""
-        state = {f"policy.{k}": v for k, v in get_peft_model_state_dict(self.peft, adapter_name="policy").items()}
-        state.update({f"value.{k}": v for k, v in get_peft_model_state_dict(self.peft, adapter_name="value").items()})
-        state["value_head.weight"] = self.value_head.weight
+        """Policy (and value) adapters plus the value head: everything RL changes."""
+        state = {f"{a}.{k}": v for a in self._adapters()
+                 for k, v in get_peft_model_state_dict(self.peft, adapter_name=a).items()}
+        if self.value_head is not None:
+            state.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        for adapter in ("policy", "value"):
-            sub = {k[len(adapter) + 1:]: v for k, v in state.items() if k.startswith(adapter + ".")}
-            set_peft_model_state_dict(self.peft, sub, adapter_name=adapter)
-        with torch.no_grad():
-            self.value_head.weight.copy_(state["value_head.weight"])
+        for adapter in self._adapters():
+            load_adapter_state(self.peft, {k[len(adapter) + 1:]: v for k, v in state.items()
+                                           if k.startswith(adapter + ".")}, adapter)
+        if self.value_head is not None:
+            self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in state.items()
+                                             if k.startswith("value_head.")})
 
-    def save_final(self, out: Path, tokenizer) -> None:
-        """``policy/`` (a LoRA adapter on the base, loadable with PeftModel) and ``value/``."""
-        self.peft.save_pretrained(out, selected_adapters=["policy", "value"])
-        tokenizer.save_pretrained(out / "policy")
-        save_file({"weight": self.value_head.weight.detach().cpu().contiguous()},
-                  out / "value" / "value_head.safetensors")
+    def save_final(self, out: Path, fmt: ChatFormat) -> None:
+        """``policy/`` (a LoRA adapter on the base, loadable with AutoPeftModelForCausalLM) and,
+        with a critic, ``value/`` (adapter + ``value_head.safetensors``)."""
+        self.peft.save_pretrained(out, selected_adapters=list(self._adapters()))
+        fmt.save(out / "policy")
+        if self.value_head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                      out / "value" / "value_head.safetensors")

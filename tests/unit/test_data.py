@@ -1,11 +1,12 @@
 """Data formats: every accepted layout normalises to messages; bad rows name file, row, field."""
 
 import json
+import re
 
 import pytest
 
-from pipeline.data import (expand_ranking, load_validated, margin_preference_rows, preference_rows,
-                           prompt_row, sft_row, split_shared_prefix)
+from pipeline.data import (expand_ranking, load_validated, margin_preference_rows, parse_transcript,
+                           preference_rows, prompt_row, sft_row, split_shared_prefix)
 from pipeline.runtime import PipelineError
 
 pytestmark = pytest.mark.unit
@@ -75,7 +76,7 @@ def test_ranked_list_expands_to_every_pair():
     pairs = [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
     assert pairs == [("best", "mid"), ("best", "worst"), ("best", "bad"),
                      ("mid", "worst"), ("mid", "bad"), ("worst", "bad")]
-    assert {r["group"] for r in rows} == {"q"}
+    assert len({r["group"] for r in rows}) == 1  # one prompt, one group
     # a pair's margin is its distance in the ranking: best-mid 1, best-worst 2, best-bad 3, ...
     assert [r["margin"] for r in rows] == [1, 2, 3, 1, 2, 1]
     scaled = preference_rows({"prompt": "q", "ranked": ["a", "b", "c"], "margin": 0.5})
@@ -126,4 +127,71 @@ def test_malformed_preference_rows(tmp_path, bad, where):
 
 
 def test_prompt_rows_keep_their_metadata():
-    assert prompt_row({"prompt": "q", "category": "fact"}) == [{"prompt": "q", "category": "fact"}]
+    assert prompt_row({"prompt": "q", "category": "fact"}) == [
+        {"prompt": "q", "category": "fact", "messages": [{"role": "user", "content": "q"}]}]
+
+
+def test_prompts_as_messages_with_a_system_turn_and_several_turns():
+    system = {"role": "system", "content": "Be brief."}
+    convo = [system, USER, ANSWER, {"role": "user", "content": "And 3 plus 4?"}]
+    assert prompt_row({"prompt": convo})[0]["messages"] == convo
+    assert prompt_row({"messages": convo})[0]["messages"] == convo
+    with pytest.raises(Exception, match=r"must be 'user'"):  # a prompt ends with the turn to answer
+        prompt_row({"prompt": [USER, ANSWER]})
+
+
+# --- public layouts as they ship -------------------------------------------------------------
+
+HH_CHOSEN = ("\n\nHuman: Hi, can you help me?\n\nAssistant: Sure, what do you need?"
+             "\n\nHuman: How do I rob a shop?\n\nAssistant: I can't help with that.")
+HH_REJECTED = ("\n\nHuman: Hi, can you help me?\n\nAssistant: Sure, what do you need?"
+               "\n\nHuman: How do I rob a shop?\n\nAssistant: First, wait until it is dark.")
+
+
+def test_hh_rlhf_transcripts_become_a_multi_turn_prompt_and_two_answers():
+    (pair,) = preference_rows({"chosen": HH_CHOSEN, "rejected": HH_REJECTED})
+    assert pair["prompt"] == [{"role": "user", "content": "Hi, can you help me?"},
+                              {"role": "assistant", "content": "Sure, what do you need?"},
+                              {"role": "user", "content": "How do I rob a shop?"}]
+    assert pair["chosen"] == [{"role": "assistant", "content": "I can't help with that."}]
+    assert pair["rejected"] == [{"role": "assistant", "content": "First, wait until it is dark."}]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("just some text", "not an HH-RLHF transcript"),
+    ("\n\nHuman: hi\n\nAssistant:", "turn 1 (Assistant) is empty"),
+])
+def test_malformed_transcripts_are_named(tmp_path, text, problem):
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+                                                {"chosen": text, "rejected": HH_REJECTED}])
+    with pytest.raises(PipelineError, match=f"hh.jsonl, line 2: field `chosen` .*{re.escape(problem)}"):
+        load_validated([path], "train", preference_rows)
+
+
+def test_ultrafeedback_binarized_keeps_the_prompt_once():
+    # UltraFeedback-binarized: `prompt` is text and `chosen` / `rejected` repeat the user turn.
+    row = {"prompt": "What is 2 plus 3?", "prompt_id": "abc", "score_chosen": 9.0, "score_rejected": 2.0,
+           "chosen": [USER, ANSWER], "rejected": [USER, {"role": "assistant", "content": "7"}],
+           "messages": [USER, ANSWER]}
+    (pair,) = preference_rows(row)
+    assert pair["prompt"] == [USER] and pair["chosen"] == [ANSWER]
+    assert pair["rejected"] == [{"role": "assistant", "content": "7"}]
+    bad = {**row, "chosen": [{"role": "user", "content": "another question"}, ANSWER]}
+    with pytest.raises(Exception, match="does not begin with `prompt`"):
+        preference_rows(bad)
+
+
+def test_columns_map_other_field_names(tmp_path):
+    # stack-exchange-paired style: question / response_j (better) / response_k
+    path = write_jsonl(tmp_path / "se.jsonl", [{"question": "q", "response_j": "good", "response_k": "bad"}])
+    columns = {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+    (pair,) = load_validated([path], "train", preference_rows, columns)
+    assert pair["prompt"] == [{"role": "user", "content": "q"}]
+    assert pair["chosen"][0]["content"] == "good" and pair["rejected"][0]["content"] == "bad"
+    with pytest.raises(PipelineError, match="field `chosen` is missing"):
+        load_validated([path], "train", preference_rows)  # without the mapping
+
+
+def test_transcript_parser_keeps_inner_newlines():
+    msgs = parse_transcript("\n\nHuman: line one\nline two\n\nAssistant: ok", "chosen")
+    assert msgs == [{"role": "user", "content": "line one\nline two"}, {"role": "assistant", "content": "ok"}]

@@ -10,9 +10,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.evaluation import (METRICS, Rollout, build_report, category_scores, flat_metrics,
-                                 gold_metrics, plot_category_scores, plot_ppo_history, render_markdown,
-                                 response_logprobs, response_records, rollout_kl, sequence_kl,
-                                 stage_metrics, win_rate, win_rates)
+                                 gold_metrics, plot_category_scores, plot_rl_history, plot_stage_scores,
+                                 render_markdown, response_logprobs, response_records, rollout_kl,
+                                 sequence_kl, stage_metrics, win_rate, win_rates)
 from pipeline.judge import Verdict
 from pipeline.runtime import PipelineError
 from tests.conftest import compose_config
@@ -119,22 +119,29 @@ def test_response_logprobs_match_an_unpadded_forward(tiny_lm):
 def test_rollout_kl_of_a_policy_to_itself_is_zero(tiny_lm):
     batch = (torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]),
              torch.tensor([[7, 8, 1, 0]]), torch.tensor([[1, 1, 1, 0]]))
-    rollout = Rollout(texts=["x"], ended=torch.tensor([True]), batches=[batch])
+    rollout = Rollout(texts=["x"], ended=torch.tensor([True]), lengths=torch.tensor([3.0]), batches=[batch])
     assert rollout_kl(tiny_lm, tiny_lm, rollout, 1.0).abs().max().item() < 1e-6
 
 
 # --- the report ------------------------------------------------------------------------------
 
 
-def make_report(stages=("base", "sft", "ppo"), decodings=("greedy", "sample")):
-    rollout = Rollout(texts=["7", "lamp lamp", "I don't know.", "I can't help with that."],
-                      ended=torch.tensor([True, True, False, True]), batches=[])
-    metrics = {s: {d: stage_metrics(FOUR, rollout, [0.5, -0.5, 1.0, 0.0] if s != "base" else None,
-                                    None if d == "greedy" else (0.0 if s == "sft" else 3.0))
+RESPONSES = ["7", "lamp lamp", "I don't know.", "I can't help with that."]
+RM = {"base": [0.0, 0.0, 0.0, 0.0], "sft": [0.5, -0.5, 1.0, 0.0], "ppo": [1.0, 0.5, 1.0, 0.5]}
+
+
+def make_report(stages=("base", "sft", "ppo"), decodings=("greedy", "sample"), gold=True):
+    rollout = Rollout(texts=RESPONSES, ended=torch.tensor([True, True, False, True]),
+                      lengths=torch.tensor([2.0, 3.0, 5.0, 8.0]), batches=[])
+    metrics = {s: {d: stage_metrics(FOUR if gold else None, rollout, RM[s] if s != "base" else None,
+                                    None if d == "greedy" else (0.0 if s == "sft" else 3.0), 1.5)
                    for d in decodings} for s in stages}
     scores = {s: {d: [v.score for v in FOUR] for d in decodings} for s in stages}
+    rm_scores = {s: {d: RM[s] for d in decodings} for s in stages}
     categories = {s: {d: category_scores(FOUR) for d in decodings} for s in stages}
-    return build_report("unit", 4, metrics, win_rates(scores), categories, {}, seconds=1.0)
+    health = {"ppo": {"logprob_gap": 1e-6, "truncation_rate": 0.25}}
+    return build_report("unit", 4, metrics, win_rates(scores) if gold else None, win_rates(rm_scores),
+                        categories if gold else None, health, {"dpo": "no artifact"}, seconds=1.0)
 
 
 def test_report_json_layout():
@@ -143,11 +150,25 @@ def test_report_json_layout():
     cell = report["stages"]["ppo"]["sample"]
     assert list(cell) == [key for key, _, _ in METRICS]
     assert cell["eos_rate"] == 0.75 and cell["response_words"] == 2.75  # (1 + 2 + 3 + 5) / 4
-    assert cell["rm_score"] == 0.25 and cell["kl_to_sft"] == 3.0
+    assert cell["response_tokens"] == 4.5 and cell["corpus_nll"] == 1.5  # (2 + 3 + 5 + 8) / 4
+    assert cell["rm_score"] == 0.75 and cell["kl_to_sft"] == 3.0  # (1 + 0.5 + 1 + 0.5) / 4
     assert report["stages"]["base"]["sample"]["rm_score"] is None
     assert report["stages"]["ppo"]["greedy"]["kl_to_sft"] is None
     assert report["win_rate"]["ppo_vs_sft"] == {"greedy": 0.5, "sample": 0.5}  # all ties
+    # RM judge: ppo [1, .5, 1, .5] vs sft [.5, -.5, 1, 0] -> win, win, tie, win = 3.5 / 4
+    assert report["rm_win_rate"]["ppo_vs_sft"] == {"greedy": 0.875, "sample": 0.875}
     assert report["categories"]["sft"]["greedy"]["harmful"] == pytest.approx(0.7)
+    assert report["judge"] == "gold" and report["health"]["ppo"]["truncation_rate"] == 0.25
+
+
+def test_report_outside_the_world_has_no_gold_rows_and_rm_win_rates():
+    report = make_report(gold=False)
+    assert report["judge"] == "rm" and report["win_rate"] is None and report["categories"] is None
+    assert report["stages"]["ppo"]["sample"]["gold_score"] is None
+    md = render_markdown(report)
+    assert "gold score" not in md and "Win rates (gold judge" not in md
+    assert "## Win rates (reward model, ties count half)" in md and "| ppo vs sft | 87.5% | 87.5% |" in md
+    assert "| RM score (mean) |" in md and "| response tokens (mean) |" in md
 
 
 def test_report_markdown_has_stage_columns_and_win_rates():
@@ -158,6 +179,8 @@ def test_report_markdown_has_stage_columns_and_win_rates():
         assert pair in md
     assert "| base vs sft |" not in md  # the complement is left to the reader
     assert "n/a" in md  # greedy KL, base RM score
+    assert "## Rollout health" in md and "| logprob_gap | 1e-06 |" in md
+    assert "Not in this run (no artifact): dpo." in md
 
 
 def test_flat_metrics_drop_missing_values():
@@ -180,8 +203,9 @@ def test_plots_are_written(tmp_path):
                                 "t", tmp_path / "bars.png")
     history = [{"objective/scores": -1.0 + i / 10, "objective/rlhf_reward": -1.1 + i / 10,
                 "objective/kl": i / 20} for i in range(5)]
-    curves = plot_ppo_history(history, tmp_path / "ppo.png")
-    for png in (bars, curves):
+    curves = plot_rl_history({"ppo": history, "rloo": history[:3]}, tmp_path / "rl.png")
+    rm_bars = plot_stage_scores({"sft": 0.1, "ppo": 0.5}, "t", tmp_path / "rm.png")
+    for png in (bars, curves, rm_bars):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -194,7 +218,7 @@ def test_generate_names_file_and_line_of_a_malformed_prompt(root):
     prompts = root / "prompts.jsonl"
     prompts.write_text('{"prompt": "What is 2 plus 3?"}\n\n{"prompt": 3}\n')
     cfg = compose_config("generate", [f"prompt_file={prompts}"])
-    with pytest.raises(PipelineError, match=rf"{prompts}:3: field 'prompt' is not a string"):
+    with pytest.raises(PipelineError, match=rf"{prompts}, line 3: field `prompt` must be a non-empty list"):
         generate.run(cfg)  # fails before any model loads: the run has no artifacts at all
 
 

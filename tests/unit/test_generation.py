@@ -15,9 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from pipeline.generation import (DecodingConfig, decode_responses, encode_prompts, generate,
-                                 generate_ids, generation_kwargs, mask_after_first_eos,
-                                 read_prompt_file)
+from pipeline.chat import chat_format
+from pipeline.generation import (DecodingConfig, as_conversation, decode_responses, encode_prompts, generate,
+                                 generate_ids, generation_config)
+from pipeline.rl.core import stop_mask
 
 pytestmark = pytest.mark.unit
 
@@ -28,6 +29,7 @@ SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "where is the re
              "the river runs to the sea", "who lives in the old house"]
 PROMPTS = ["the cat sat", "where is the red tower", "a dog",
            "who lives in the old house by the sea", "the river"]
+CONVS = [as_conversation(p) for p in PROMPTS]
 
 
 def dec(name="greedy", do_sample=False, temperature=1.0, top_k=0, top_p=1.0, num_beams=1,
@@ -70,32 +72,41 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
+def fmt(tokenizer):
+    return chat_format(tokenizer)
+
+
+@pytest.fixture(scope="module")
 def model(tokenizer):
     return build_model(tokenizer)
 
 
 @pytest.fixture(scope="module")
-def batch(tokenizer):
-    return encode_prompts(tokenizer, PROMPTS)
+def batch(fmt):
+    return encode_prompts(fmt, CONVS)
 
 
-def run(model, tokenizer, batch, d, seed=None):
-    return generate_ids(model, *batch, d, tokenizer, generator_seed=seed)
+def run(model, fmt, batch, d, seed=None):
+    return generate_ids(model, *batch, d, fmt, generator_seed=seed)
+
+
+def first_eos_mask(ids, eos):
+    return stop_mask(ids, torch.tensor([eos])).long()
 
 
 # --- decoding strategies --------------------------------------------------------------
 
 
-def test_greedy_equals_beam_search_with_one_beam(model, tokenizer, batch):
-    greedy_ids, _ = run(model, tokenizer, batch, GREEDY)
-    beam_ids, _ = run(model, tokenizer, batch, dec("beam", num_beams=1))
+def test_greedy_equals_beam_search_with_one_beam(model, fmt, batch):
+    greedy_ids, _ = run(model, fmt, batch, GREEDY)
+    beam_ids, _ = run(model, fmt, batch, dec("beam", num_beams=1))
     assert torch.equal(greedy_ids, beam_ids)
 
 
-def test_greedy_with_kv_cache_equals_argmax_of_full_forward(model, tokenizer):
+def test_greedy_with_kv_cache_equals_argmax_of_full_forward(model, fmt):
     # The cached incremental decode must pick what a from-scratch forward pass picks.
-    input_ids, attention_mask = encode_prompts(tokenizer, [PROMPTS[0]])
-    ids, _ = generate_ids(model, input_ids, attention_mask, dec(max_new_tokens=6), tokenizer, None)
+    input_ids, attention_mask = encode_prompts(fmt, CONVS[:1])
+    ids, _ = generate_ids(model, input_ids, attention_mask, dec(max_new_tokens=6), fmt, None)
     seq = input_ids
     with torch.no_grad():
         for _ in range(6):
@@ -104,25 +115,25 @@ def test_greedy_with_kv_cache_equals_argmax_of_full_forward(model, tokenizer):
     assert torch.equal(ids, seq[:, input_ids.shape[1]:])
 
 
-def test_top_k_1_sampling_equals_greedy(model, tokenizer, batch):
-    greedy_ids, _ = run(model, tokenizer, batch, GREEDY)
-    top1_ids, _ = run(model, tokenizer, batch, dec("top1", do_sample=True, top_k=1), seed=123)
+def test_top_k_1_sampling_equals_greedy(model, fmt, batch):
+    greedy_ids, _ = run(model, fmt, batch, GREEDY)
+    top1_ids, _ = run(model, fmt, batch, dec("top1", do_sample=True, top_k=1), seed=123)
     assert torch.equal(greedy_ids, top1_ids)
 
 
-def test_seeded_sample_reproduces_and_another_seed_differs(model, tokenizer, batch):
-    a, mask_a = run(model, tokenizer, batch, SAMPLE, seed=7)
-    b, mask_b = run(model, tokenizer, batch, SAMPLE, seed=7)
-    c, _ = run(model, tokenizer, batch, SAMPLE, seed=8)
+def test_seeded_sample_reproduces_and_another_seed_differs(model, fmt, batch):
+    a, mask_a = run(model, fmt, batch, SAMPLE, seed=7)
+    b, mask_b = run(model, fmt, batch, SAMPLE, seed=7)
+    c, _ = run(model, fmt, batch, SAMPLE, seed=8)
     assert torch.equal(a, b) and torch.equal(mask_a, mask_b)
     width = min(a.shape[1], c.shape[1])
     assert not torch.equal(a[:, :width], c[:, :width])
 
 
-def test_beam_search_runs_and_returns_only_new_tokens(model, tokenizer, batch):
-    ids, mask = run(model, tokenizer, batch, dec("beam", num_beams=4, max_new_tokens=8))
+def test_beam_search_runs_and_returns_only_new_tokens(model, fmt, batch):
+    ids, mask = run(model, fmt, batch, dec("beam", num_beams=4, max_new_tokens=8))
     assert ids.shape[0] == len(PROMPTS) and ids.shape[1] <= 8 and mask.shape == ids.shape
-    assert torch.equal(mask, mask_after_first_eos(ids, tokenizer.eos_token_id))
+    assert torch.equal(mask, first_eos_mask(ids, fmt.tokenizer.eos_token_id))
 
 
 @pytest.mark.parametrize("p, kept", [
@@ -144,30 +155,47 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
     assert torch.allclose(out[0][survived], probs.log()[survived])  # survivors untouched
 
 
-# --- generation_kwargs: what reaches HF ------------------------------------------------
+# --- generation_config: what reaches HF ------------------------------------------------
 
 
-def test_generation_kwargs_are_explicit(tokenizer):
-    kw = generation_kwargs(SAMPLE, tokenizer)
-    assert kw["eos_token_id"] == tokenizer.eos_token_id == 1 and kw["pad_token_id"] == 0
-    assert (kw["top_k"], kw["top_p"], kw["temperature"]) == (0, 1.0, 1.0)  # 0, not HF's 50
-    assert kw["repetition_penalty"] == 1.0 and kw["min_length"] == 0 and kw["use_cache"]
-    # Greedy/beam leave the warper settings out (HF ignores and warns about them there).
-    assert not {"top_k", "top_p", "temperature"} & set(generation_kwargs(GREEDY, tokenizer))
+def test_generation_config_is_explicit(fmt):
+    gc = generation_config(SAMPLE, fmt)
+    assert gc.eos_token_id == [fmt.tokenizer.eos_token_id] == [1] and gc.pad_token_id == 0
+    assert (gc.top_k, gc.top_p, gc.temperature) == (0, 1.0, 1.0)  # 0, not HF's 50
+    assert gc.repetition_penalty == 1.0 and gc.min_new_tokens == 0 and gc.no_repeat_ngram_size == 0
+    # Greedy/beam leave the warper settings unset (HF ignores and warns about them there).
+    greedy = generation_config(GREEDY, fmt)
+    assert greedy.top_k is None and greedy.top_p is None and greedy.temperature is None
 
 
-def test_generation_kwargs_refuse_pad_equal_to_eos(tokenizer):
-    same = build_tokenizer()
-    same.pad_token = same.eos_token
-    with pytest.raises(ValueError, match="dedicated pad token"):
-        generation_kwargs(GREEDY, same)
-
-
-def test_generation_kwargs_reject_bad_settings(tokenizer):
+def test_generation_config_rejects_bad_settings(fmt):
     with pytest.raises(ValueError, match="temperature"):
-        generation_kwargs(dec(do_sample=True, temperature=0.0), tokenizer)
+        generation_config(dec(do_sample=True, temperature=0.0), fmt)
     with pytest.raises(ValueError, match="top_p"):
-        generation_kwargs(dec(do_sample=True, top_p=0.0), tokenizer)
+        generation_config(dec(do_sample=True, top_p=0.0), fmt)
+
+
+def test_hub_generation_config_does_not_leak_through_the_loader(model, tokenizer, fmt, batch, tmp_path):
+    # A checkpoint whose generation_config.json forbids repeats, forces a minimum length and
+    # suppresses the eos token, as hub models may: loaded the pipeline's way, none of it applies.
+    from transformers import GenerationConfig
+
+    from pipeline.models import load_causal_lm, load_tokenizer
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    GenerationConfig(no_repeat_ngram_size=1, min_new_tokens=12, suppress_tokens=[1], repetition_penalty=1.5,
+                     do_sample=True, top_k=3, eos_token_id=1, pad_token_id=0).save_pretrained(tmp_path)
+    cfg = OmegaConf.create({"chat_template": None, "trust_remote_code": False, "dtype": "float32",
+                            "load_in_4bit": False})
+    loaded_fmt = load_tokenizer(str(tmp_path), cfg)
+    loaded = load_causal_lm(str(tmp_path), cfg, loaded_fmt).eval()
+    for d in (GREEDY, SAMPLE):
+        want, _ = run(model, fmt, batch, d, seed=5)
+        got, _ = run(loaded, loaded_fmt, batch, d, seed=5)
+        assert torch.equal(got, want), d.name
+    assert not torch.equal(run(model, fmt, batch, dec(max_new_tokens=16), seed=5)[0],
+                           model.generate(input_ids=batch[0], attention_mask=batch[1], max_new_tokens=16,
+                                          do_sample=False, no_repeat_ngram_size=1, pad_token_id=0))
 
 
 @pytest.mark.parametrize("d, expect_top_k, expect_top_p", [
@@ -175,7 +203,7 @@ def test_generation_kwargs_reject_bad_settings(tokenizer):
     (dec("top_k", do_sample=True, top_k=10), True, False),
     (dec("top_p", do_sample=True, top_p=0.9), False, True),
 ])
-def test_only_the_configured_warpers_run(model, tokenizer, batch, monkeypatch, d, expect_top_k,
+def test_only_the_configured_warpers_run(model, fmt, batch, monkeypatch, d, expect_top_k,
                                          expect_top_p):
     # A checkpoint whose generation_config.json asks for top_k=5 and a repetition penalty
     # (as some hub models do) must not change our decoding: explicit kwargs win.
@@ -194,7 +222,7 @@ def test_only_the_configured_warpers_run(model, tokenizer, batch, monkeypatch, d
 
     for cls in (TopKLogitsWarper, TopPLogitsWarper, RepetitionPenaltyLogitsProcessor):
         spy_on(cls)
-    run(model, tokenizer, batch, dec(d.name, d.do_sample, d.temperature, d.top_k, d.top_p,
+    run(model, fmt, batch, dec(d.name, d.do_sample, d.temperature, d.top_k, d.top_p,
                                      max_new_tokens=3), seed=0)
     assert ("TopKLogitsWarper" in called) == expect_top_k
     assert ("TopPLogitsWarper" in called) == expect_top_p
@@ -214,12 +242,12 @@ def test_mask_stops_after_first_eos():
                              [1, 1, 1, 1, 1],
                              [1, 0, 0, 0, 0],
                              [1, 1, 1, 0, 0]])
-    assert torch.equal(mask_after_first_eos(ids, eos), expected)
+    assert torch.equal(first_eos_mask(ids, eos), expected)
 
 
-def test_generated_mask_matches_first_eos(model, tokenizer, batch):
-    ids, mask = run(model, tokenizer, batch, SAMPLE, seed=0)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+def test_generated_mask_matches_first_eos(model, fmt, batch):
+    ids, mask = run(model, fmt, batch, SAMPLE, seed=0)
+    eos, pad = fmt.tokenizer.eos_token_id, fmt.pad_id
     lengths = mask.sum(1)
     # The case must be non-trivial: some rows end with EOS, some run to the limit.
     assert (lengths < ids.shape[1]).any() and (lengths == SAMPLE.max_new_tokens).any()
@@ -229,10 +257,9 @@ def test_generated_mask_matches_first_eos(model, tokenizer, batch):
             assert (row[n:] == pad).all()  # HF fills finished rows with the pad id
 
 
-def test_encode_prompts_left_pads(tokenizer):
-    tokenizer.padding_side = "right"
-    input_ids, attention_mask = encode_prompts(tokenizer, ["the cat", "where is the red tower now"])
-    assert tokenizer.padding_side == "right"  # restored
+def test_encode_prompts_left_pads(tokenizer, fmt):
+    input_ids, attention_mask = encode_prompts(fmt, [as_conversation("the cat"),
+                                                     as_conversation("where is the red tower now")])
     pad = tokenizer.pad_token_id
     # "<|user|> the cat <|eos|> <|assistant|>" is 5 tokens, the long one 9: 4 pads, left.
     assert attention_mask.tolist() == [[0] * 4 + [1] * 5, [1] * 9]
@@ -241,72 +268,31 @@ def test_encode_prompts_left_pads(tokenizer):
         "<|user|>", "the", "cat", "<|eos|>", "<|assistant|>"]
 
 
-def test_batched_greedy_equals_one_prompt_at_a_time(model, tokenizer, batch):
-    ids, mask = run(model, tokenizer, batch, GREEDY)
+def test_batched_greedy_equals_one_prompt_at_a_time(model, fmt, batch):
+    ids, mask = run(model, fmt, batch, GREEDY)
     assert (mask.sum(1) < ids.shape[1]).any()  # one prompt stops early: padding after EOS
-    for i, prompt in enumerate(PROMPTS):
-        alone_ids, alone_mask = generate_ids(model, *encode_prompts(tokenizer, [prompt]), GREEDY,
-                                             tokenizer, None)
+    for i, prompt in enumerate(CONVS):
+        alone_ids, alone_mask = generate_ids(model, *encode_prompts(fmt, [prompt]), GREEDY, fmt, None)
         t = alone_ids.shape[1]
         assert torch.equal(ids[i, :t], alone_ids[0]) and torch.equal(mask[i, :t], alone_mask[0])
         assert not mask[i, t:].any()
-    texts = generate(model, tokenizer, PROMPTS, GREEDY, batch_size=len(PROMPTS), seed=None)
-    assert texts == generate(model, tokenizer, PROMPTS, GREEDY, batch_size=2, seed=None)
+    texts = generate(model, fmt, CONVS, GREEDY, batch_size=len(PROMPTS), seed=None)
+    assert texts == generate(model, fmt, CONVS, GREEDY, batch_size=2, seed=None)
 
 
-def test_decode_stops_at_first_eos(tokenizer):
+def test_decode_stops_at_first_eos(tokenizer, fmt):
     t = tokenizer.convert_tokens_to_ids
     ids = torch.tensor([[t("the"), t("cat"), t("<|eos|>"), t("dog"), t("<|pad|>")],
                         [t("<|user|>"), t("sea"), t("runs"), t("sea"), t("sea")]])
-    texts = decode_responses(tokenizer, ids, mask_after_first_eos(ids, t("<|eos|>")))
+    texts = decode_responses(fmt, ids, first_eos_mask(ids, t("<|eos|>")))
     assert texts == ["the cat", "sea runs sea sea"]  # special tokens skipped
 
 
-def test_generate_returns_one_clean_string_per_prompt(model, tokenizer):
-    texts = generate(model, tokenizer, PROMPTS, SAMPLE, batch_size=2, seed=3)
+def test_generate_returns_one_clean_string_per_prompt(model, fmt):
+    texts = generate(model, fmt, CONVS, SAMPLE, batch_size=2, seed=3)
     assert len(texts) == len(PROMPTS) and all(isinstance(s, str) for s in texts)
     assert not any("<|" in s or s != s.strip() for s in texts)
-    assert texts == generate(model, tokenizer, PROMPTS, SAMPLE, batch_size=2, seed=3)
-
-
-# --- prompt files ---------------------------------------------------------------------
-
-
-def test_read_txt_prompts(tmp_path):
-    path = tmp_path / "p.txt"
-    path.write_text("where is the tower?\n\n  who lives there?  \n")
-    assert read_prompt_file(path) == ["where is the tower?", "who lives there?"]
-
-
-def test_read_jsonl_prompts(tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_text('{"prompt": "where is the tower?", "id": 1}\n\n{"prompt": "who?"}\n')
-    assert read_prompt_file(path) == ["where is the tower?", "who?"]
-
-
-@pytest.mark.parametrize("line, problem", [
-    ('{"prompt": "unterminated', "bad JSON"),
-    ('{"text": "no prompt here"}', "missing field 'prompt'"),
-    ('{"prompt": 3}', "not a string"),
-    ('{"prompt": "  "}', "empty"),
-    ('["prompt"]', "JSON object"),
-])
-def test_malformed_jsonl_line_is_named(tmp_path, line, problem):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"prompt": "fine"}\n' + line + "\n")
-    with pytest.raises(ValueError) as err:
-        read_prompt_file(path)
-    message = str(err.value)
-    assert f"{path}:2:" in message and problem in message and "fix:" in message
-
-
-@pytest.mark.parametrize("name, text", [("empty.txt", ""), ("blank.jsonl", "\n  \n"),
-                                        ("p.csv", "a,b\n")])
-def test_unusable_prompt_files_raise(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text)
-    with pytest.raises(ValueError, match=str(path)):
-        read_prompt_file(path)
+    assert texts == generate(model, fmt, CONVS, SAMPLE, batch_size=2, seed=3)
 
 
 # --- conf/decoding --------------------------------------------------------------------
@@ -322,7 +308,7 @@ EXPECTED = {  # (do_sample, temperature, top_k, top_p, num_beams), max_new_token
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_decoding_yaml_fits_the_schema(name, tokenizer):
+def test_decoding_yaml_fits_the_schema(name, fmt):
     raw = OmegaConf.load(DECODING_DIR / f"{name}.yaml")
     # The defaults list is Hydra's (it attaches the registered schema); the rest is data.
     assert list(raw.pop("defaults")) == ["decoding_schema", "_self_"]
@@ -330,7 +316,7 @@ def test_decoding_yaml_fits_the_schema(name, tokenizer):
     d = OmegaConf.to_object(cfg)
     assert isinstance(d, DecodingConfig) and d.name == name and d.max_new_tokens == 48
     assert (d.do_sample, d.temperature, d.top_k, d.top_p, d.num_beams) == EXPECTED[name]
-    generation_kwargs(d, tokenizer)  # and every file is a valid strategy
+    generation_config(d, fmt)  # and every file is a valid strategy
 
 
 def test_decoding_group_composes_with_hydra():

@@ -140,34 +140,33 @@ def test_masked_whiten_shift_mean_false_keeps_mean():
     assert core.masked_mean(w, mask).item() == pytest.approx(core.masked_mean(x, mask).item())
 
 
-# --------------------------------------------------------------------------- masks and EOS
+# --------------------------------------------------------------------------- masks and stop tokens
 
-EOS, PAD = 2, 0
+EOS, EOT, PAD = 2, 3, 0
+STOPS = torch.tensor([EOT, EOS])  # e.g. <|im_end|> and <|endoftext|>
 
 
-def test_response_mask_stops_at_first_eos():
+def test_stop_mask_ends_at_the_first_token_of_the_stop_set():
     ids = torch.tensor(
         [
-            [5, 6, EOS, PAD, PAD],  # EOS at 2
-            [5, EOS, 7, EOS, 9],  # first EOS at 1 wins
-            [5, 6, 7, 8, 9],  # truncated, no EOS
+            [5, 6, EOS, PAD, PAD],  # eos at 2
+            [5, EOT, 7, EOS, 9],  # the end-of-turn token at 1 wins
+            [5, 6, 7, 8, 9],  # truncated, no stop token
         ]
     )
-    mask = core.response_mask_until_eos(ids, EOS)
+    mask = core.stop_mask(ids, STOPS)
     assert mask.dtype == torch.bool
     assert mask.long().tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
-    assert core.has_eos(ids, mask, EOS).tolist() == [True, True, False]
+    assert core.ends_with_stop(ids, mask, STOPS).tolist() == [True, True, False]
 
 
-def test_response_mask_with_pad_equal_eos_uses_only_pad_mask():
-    # pad == eos: the padding after a truncated row is also EOS, but pad_mask says it
-    # was never generated, so it is not a stop token and the row has no EOS.
-    pad = EOS
-    ids = torch.tensor([[5, 6, 7, pad, pad], [5, EOS, pad, pad, pad]])
-    pad_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
-    mask = core.response_mask_until_eos(ids, EOS, pad_mask=pad_mask)
-    assert mask.long().tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
-    assert core.has_eos(ids, mask, EOS).tolist() == [False, True]
+def test_pad_never_ends_a_response():
+    # A model that emits the pad id mid-answer has not stopped: pad is not in the stop set.
+    ids = torch.tensor([[5, PAD, 6, EOT, PAD]])
+    mask = core.stop_mask(ids, STOPS)
+    assert mask.long().tolist() == [[1, 1, 1, 1, 0]]
+    assert core.ends_with_stop(ids, mask, STOPS).tolist() == [True]
+    assert core.ends_with_stop(ids, torch.tensor([[1, 1, 1, 0, 0]]), STOPS).tolist() == [False]
 
 
 def test_last_token_index():
@@ -205,8 +204,8 @@ def test_kl_unknown_estimator_raises():
 
 
 def test_terminal_reward_lands_on_last_real_token():
-    ids = torch.tensor([[5, 6, EOS, PAD, PAD]])
-    mask = core.response_mask_until_eos(ids, EOS)  # [1, 1, 1, 0, 0]
+    ids = torch.tensor([[5, 6, EOT, PAD, PAD]])
+    mask = core.stop_mask(ids, STOPS)  # [1, 1, 1, 0, 0]
     logp = torch.zeros(1, 5)
     rewards, kl, non_score = core.shape_rewards(
         torch.tensor([3.0]), logp, logp.clone(), mask, kl_coef=0.1, estimator="k1"
@@ -294,6 +293,91 @@ def test_gae_batch_rows_are_independent_and_detached():
     assert not adv.requires_grad and not ret.requires_grad
 
 
+# --------------------------------------------------------------------------- critic-free estimators
+
+
+def test_rloo_leave_one_out_worked():
+    # one prompt, k = 4, rewards [1, 2, 3, 6]: baseline_i = (12 - R_i) / 3 = [11/3, 10/3, 3, 2]
+    # A = [1 - 11/3, 2 - 10/3, 0, 4] = [-8/3, -4/3, 0, 4]; a second prompt [5, 5] -> [0, 0]
+    adv = core.rloo_advantages(t64(1.0, 2.0, 3.0, 6.0)[0], 4)
+    torch.testing.assert_close(adv, torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0], dtype=torch.float64))
+    assert core.rloo_advantages(torch.tensor([5.0, 5.0, 1.0, 3.0]), 2).tolist() == [0.0, 0.0, -2.0, 2.0]
+    with pytest.raises(ValueError, match="k >= 2"):
+        core.rloo_advantages(torch.tensor([1.0]), 1)
+
+
+def test_grpo_group_z_scores_and_dr_grpo_worked():
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 4.0, 4.0, 4.0, 4.0], dtype=torch.float64)
+    # group 1: mean 3, unbiased std sqrt((4 + 1 + 0 + 9) / 3) = sqrt(14/3) = 2.1602
+    # z = [-2, -1, 0, 3] / (2.1602 + 1e-4); group 2 is constant: all zeros
+    std = math.sqrt(14 / 3) + 1e-4
+    expected = torch.tensor([-2 / std, -1 / std, 0.0, 3 / std, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(core.grpo_advantages(r, 4, scale_by_std=True), expected)
+    # Dr.GRPO: the group mean removed, no division
+    torch.testing.assert_close(core.grpo_advantages(r, 4, scale_by_std=False),
+                               torch.tensor([-2.0, -1.0, 0.0, 3.0, 0, 0, 0, 0], dtype=torch.float64))
+    assert core.equal_reward_groups(r, 4).item() == 0.5  # the second group carries no signal
+
+
+def test_reinforce_pp_returns_to_go_and_batch_normalisation():
+    # rewards with the score on the last valid token and a KL penalty of -0.1 per token
+    rewards = t64([-0.1, -0.1, 0.9, 7.0], [-0.1, 1.9, 0.0, 0.0])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    g = core.returns_to_go(rewards, mask)
+    # row 0: [0.7, 0.8, 0.9, 0] (sum to the end, gamma = 1); row 1: [1.8, 1.9, 0, 0]
+    torch.testing.assert_close(g, t64([0.7, 0.8, 0.9, 0.0], [1.8, 1.9, 0.0, 0.0]))
+    a = core.masked_whiten(g, mask)  # REINFORCE++: normalised over the whole batch's tokens
+    assert core.masked_mean(a, mask).item() == pytest.approx(0.0, abs=1e-9)
+    assert core.masked_var(a, mask).item() == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(core.group_centred(torch.tensor([1.0, 3.0, 2.0, 2.0]), 2),
+                               torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+
+
+def test_loss_weights_worked():
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    # per-token losses l = 1 on the first row, 5 on the second
+    l = torch.tensor([[1.0, 1.0, 1.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
+    w, u = core.loss_weights(mask, "token_mean", max_len=8)
+    assert ((w * l).sum() / u).item() == pytest.approx(9 / 5)  # (4 + 5) / 5 tokens
+    w, u = core.loss_weights(mask, "seq_mean", max_len=8)
+    assert ((w * l).sum() / u).item() == pytest.approx(3.0)  # (mean 1 + mean 5) / 2 sequences
+    w, u = core.loss_weights(mask, "constant", max_len=8)
+    assert ((w * l).sum() / u).item() == pytest.approx(9 / 16)  # (4 + 5) / (8 * 2)
+    with pytest.raises(ValueError, match="token_mean"):
+        core.loss_weights(mask, "mean", 8)
+
+
+def test_split_minibatch_gives_the_same_loss():
+    # Two micro-batches with their own weights over shared units equal the whole minibatch.
+    g = torch.Generator().manual_seed(7)
+    l = torch.rand(6, 5, generator=g)
+    mask = (torch.rand(6, 5, generator=g) > 0.3).long()
+    mask[:, 0] = 1
+    for mode in core.LOSS_AGGREGATIONS:
+        w, u = core.loss_weights(mask, mode, 5)
+        whole = (w * l).sum() / u
+        parts = [core.loss_weights(mask[s], mode, 5) for s in (slice(0, 2), slice(2, 6))]
+        units = sum(p[1] for p in parts)
+        split = sum((p[0] * l[s]).sum() for p, s in zip(parts, (slice(0, 2), slice(2, 6)))) / units
+        assert split.item() == pytest.approx(whole.item()), mode
+
+
+def test_custom_logprob_backward_matches_autograd_and_temperature():
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 3, 50, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 3), generator=g)
+    weights = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    for T in (1.0, 0.7):
+        expected = torch.log_softmax(logits / T, -1).gather(-1, labels[..., None]).squeeze(-1)
+        (grad_ref,) = torch.autograd.grad((expected * weights).sum(), logits)
+        got = core.logprobs_from_logits(logits, labels, T)
+        (grad,) = torch.autograd.grad((got.double() * weights).sum(), logits)
+        torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=0)
+    # a missing division by T would show: T = 0.5 halves every logit's scale
+    assert not torch.allclose(core.logprobs_from_logits(logits, labels, 0.5), core.logprobs_from_logits(logits, labels))
+
+
 # --------------------------------------------------------------------------- policy loss
 
 
@@ -304,11 +388,11 @@ def test_policy_loss_ratio_one_when_logp_equals_old():
     mask = torch.ones(3, 5)
     mask[1, 2:] = 0
     loss, stats = core.policy_loss(logp, logp.clone(), adv, mask, clip_range=0.2)
-    # ratio will be all ones -> loss = -masked_mean(adv), nothing clipped, approxkl 0
-    torch.testing.assert_close(loss, -core.masked_mean(adv, mask))
+    # ratio will be all ones -> l = -adv on valid tokens, nothing clipped, approxkl 0
+    torch.testing.assert_close(loss, torch.where(mask.bool(), -adv, torch.zeros_like(adv)))
     assert stats["ratio"].item() == pytest.approx(1.0)
     assert stats["clipfrac"].item() == 0.0
-    assert stats["approxkl"].item() == 0.0
+    assert stats["approxkl"].item() == 0.0 and stats["logprob_gap"].item() == 0.0
 
 
 def test_policy_loss_clipping_worked():
@@ -320,14 +404,15 @@ def test_policy_loss_clipping_worked():
     # ratio will be [1.5, 0.5, 1]
     # -A * ratio       = [-1.5, -0.5, 1]
     # -A * clip(ratio) = [-1.2, -0.8, 1]
-    # max              = [-1.2, -0.5, 1] -> mean = -0.7 / 3
-    assert loss.item() == pytest.approx(-0.7 / 3)
+    # max              = [-1.2, -0.5, 1, 0 (padding)]
+    torch.testing.assert_close(loss, t64(-1.2, -0.5, 1.0, 0.0))
     assert stats["clipfrac"].item() == pytest.approx(1 / 3)  # only token 0
     assert stats["ratio"].item() == pytest.approx(3.0 / 3)  # (1.5 + 0.5 + 1) / 3
     approxkl = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3
     assert stats["approxkl"].item() == pytest.approx(approxkl)
+    assert stats["logprob_gap"].item() == pytest.approx((math.log(1.5) + math.log(2)) / 3)
     assert all(not v.requires_grad for v in stats.values())
-    loss.backward()
+    (loss.sum() / 3).backward()
     # clipped token 0 gets no gradient; token 1: d/dlogp (-A * ratio) / 3 = -0.5 / 3
     # token 2: -(-1) * 1 / 3 = 1/3; the inf padding gives 0, not nan
     torch.testing.assert_close(logp.grad, t64(0.0, -0.5 / 3, 1 / 3, 0.0))
@@ -342,12 +427,11 @@ def test_value_loss_clipping_worked():
     returns = t64(2.0, 0.0, 0.0)
     mask = torch.tensor([[1, 1, 0]])
     loss, stats = core.value_loss(values, old, returns, mask, clip_range_value=0.2)
-    # token 0: clip(1.5, 0.8, 1.2) = 1.2; (1.5 - 2)^2 = 0.25, (1.2 - 2)^2 = 0.64 -> 0.64
-    # token 1: 0.9 within range;      (0.9 - 0)^2 = 0.81 both             -> 0.81
-    # loss = 0.5 * (0.64 + 0.81) / 2 = 0.3625; clipfrac = 1/2
-    assert loss.item() == pytest.approx(0.3625)
+    # token 0: clip(1.5, 0.8, 1.2) = 1.2; (1.5 - 2)^2 = 0.25, (1.2 - 2)^2 = 0.64 -> 0.5 * 0.64
+    # token 1: 0.9 within range;      (0.9 - 0)^2 = 0.81 both             -> 0.5 * 0.81
+    torch.testing.assert_close(loss, t64(0.32, 0.405, 0.0))
     assert stats["clipfrac"].item() == pytest.approx(0.5)
-    loss.backward()
+    (loss.sum() / 2).backward()
     # token 0 is clipped -> no gradient; token 1: 0.5 * 2 * 0.9 / 2 = 0.45; padding 0
     torch.testing.assert_close(values.grad, t64(0.0, 0.45, 0.0))
 

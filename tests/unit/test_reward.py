@@ -18,14 +18,19 @@ def test_pairwise_accuracy_and_margin_worked_example():
 
 
 def test_reward_stats_guard_zero_std():
+    # constant rewards: std 0 would divide by zero in PPO's normalisation -> the fallback 1.0
     assert reward_stats(torch.tensor([2.0, 2.0])) == {"reward_mean": 2.0, "reward_std": 1.0}
-    assert reward_stats(torch.tensor([1.0, 3.0])) == {"reward_mean": 2.0, "reward_std": 1.0}
+    # [1, 5]: mean 3, population std 2 (not the fallback value, so a guard that always fires fails)
+    assert reward_stats(torch.tensor([1.0, 5.0])) == {"reward_mean": 3.0, "reward_std": 2.0}
 
 
 def test_sampler_keeps_a_prompts_pairs_adjacent_and_shuffles_prompts():
     groups = ["a", "a", "a", "b", "c", "c", "a", "b"]
     sampler = PromptGroupSampler(groups, seed=0)
-    orders = [list(sampler) for _ in range(4)]
+    orders = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
     for order in orders:
         assert sorted(order) == list(range(len(groups)))
         labels = [groups[i] for i in order]
@@ -33,3 +38,5 @@ def test_sampler_keeps_a_prompts_pairs_adjacent_and_shuffles_prompts():
         runs = [g for k, g in enumerate(labels) if k == 0 or labels[k - 1] != g]
         assert sorted(runs) == ["a", "b", "c"]
     assert len({tuple(o) for o in orders}) > 1  # prompt order is reshuffled each epoch
+    sampler.set_epoch(2)
+    assert list(sampler) == orders[2]  # a pure function of the epoch: a resumed run replays it

@@ -18,7 +18,7 @@ from pipeline.world import (CATEGORY_WEIGHTS, WorldConfig, build_world, generate
 pytestmark = pytest.mark.unit
 
 DEFAULT_YAML = Path(__file__).resolve().parents[2] / "conf" / "world" / "default.yaml"
-FILES = ("pretrain", "sft_train", "sft_eval", "prefs_train", "prefs_eval", "ranked_train",
+FILES = ("pretrain", "pretrain_eval", "sft_train", "sft_eval", "prefs_train", "prefs_eval", "ranked_train",
          "ppo_prompts", "eval_prompts")
 TRAIN_PROMPT_FILES = ("sft_train", "prefs_train", "ranked_train", "ppo_prompts")
 
@@ -102,15 +102,18 @@ def test_same_config_gives_identical_bytes(cfg, out, tmp_path):
 def test_row_counts(cfg, data):
     n_ranked = round(cfg.ranked_fraction * cfg.n_pref_train)
     assert {name: len(rows) for name, rows in data.items()} == {
-        "pretrain": len(data["pretrain"]), "sft_train": cfg.n_sft_train, "sft_eval": cfg.n_sft_eval,
+        "pretrain": len(data["pretrain"]), "pretrain_eval": len(data["pretrain_eval"]),
+        "sft_train": cfg.n_sft_train, "sft_eval": cfg.n_sft_eval,
         "prefs_train": cfg.n_pref_train - n_ranked, "prefs_eval": cfg.n_pref_eval,
         "ranked_train": n_ranked, "ppo_prompts": cfg.n_ppo_prompts, "eval_prompts": cfg.n_eval_prompts,
     }
 
 
 def test_schema(cfg, data):
-    for row in data["pretrain"]:
+    for row in data["pretrain"] + data["pretrain_eval"]:
         assert set(row) == {"text"} and isinstance(row["text"], str) and row["text"]
+    # held out: one fresh pass of phrasings, not a copy of training documents
+    assert not {r["text"] for r in data["pretrain_eval"]} & {r["text"] for r in data["pretrain"]}
     for name in ("sft_train", "sft_eval"):
         for row in data[name]:
             assert set(row) == {"messages"}
@@ -132,7 +135,7 @@ def test_schema(cfg, data):
 
 
 def test_language_is_short(data):
-    prompts = {prompt_of(n, r) for n in FILES if n != "pretrain" for r in data[n]}
+    prompts = {prompt_of(n, r) for n in FILES if not n.startswith("pretrain") for r in data[n]}
     responses = [r["messages"][1]["content"] for r in data["sft_train"]]
     responses += [t for r in data["ranked_train"] for t in r["ranked"]]
     assert max(len(p.split()) for p in prompts) <= 20

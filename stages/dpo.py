@@ -1,0 +1,110 @@
+"""Direct preference optimisation (Rafailov et al. 2023): the no-RL baseline, on the same preferences.
+
+    loss = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+
+TRL's DPOTrainer trains a copy of the SFT adapter on the base; the reference is the SFT model
+itself (TRL keeps a frozen copy of the adapter), not the bare base that "adapter disabled" would
+give under LoRA. The data is the RM's: ranked lists are expanded to all their pairs; margins are
+ignored (DPO's loss has no place for them). The artifact is a policy adapter on the base, like
+the RL stages', so `make eval`, `make generate` and `make export` treat `dpo` as one more stage.
+
+    make dpo
+    make dpo ARGS="train.beta=0.05 train.max_steps=300"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from peft import PeftModel
+from trl import DPOConfig, DPOTrainer
+
+import pipeline.config  # noqa: F401  (registers the schemas)
+from pipeline.artifacts import find_parent, staged_artifact
+from pipeline.chat import ChatFormat, fold_system_turn
+from pipeline.data import load_validated, preference_example, preference_rows, tokenized
+from pipeline.models import load_causal_lm
+from pipeline.policies import base_source_for
+from pipeline.reward import load_sft_tokenizer
+from pipeline.runtime import output_run_dir, resolved, seed_everything, user_errors
+from pipeline.tracking import start_tracking
+from pipeline.training import NonFiniteLossGuard, final_train_loss, report_truncation, trainer_args
+from pipeline.validation import check_ranges
+
+
+def dpo_rows(fmt: ChatFormat, sources: list[str], cfg: DictConfig) -> list[dict]:
+    """Preference pairs as conversations for TRL, each first checked and tokenized with the chat
+    format (a conversation the template refuses names its file and line)."""
+    def check(row: dict) -> dict:
+        return {**row, "_ids": preference_example(fmt, row)}
+
+    rows = load_validated(sources, cfg.data.hub_split, tokenized(preference_rows, check), cfg.data.columns)
+    fold = fold_system_turn if fmt.fold_system else (lambda m: m)  # TRL renders the template itself
+    return [{"prompt": fold(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"],
+             "_ids": r["_ids"]} for r in rows]
+
+
+def as_dataset(rows: list[dict], max_length: int) -> Dataset:
+    """Pairs that fit ``max_length`` (the rest were reported by :func:`report_truncation`)."""
+    fits = [r for r in rows if max(len(r["_ids"]["chosen_ids"]), len(r["_ids"]["rejected_ids"])) <= max_length]
+    return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in fits])
+
+
+def run(cfg: DictConfig) -> dict:
+    check_ranges(cfg)
+    seed_everything(cfg.seed)
+    torch.set_num_threads(cfg.train.num_threads)
+
+    # --- parent and data (ranked lists expanded): checked before any model loads ---
+    sft = find_parent(cfg.paths.run_dir, "sft", cfg.parents.sft)
+    fmt = load_sft_tokenizer(sft)
+    train_rows = dpo_rows(fmt, cfg.data.prefs.train, cfg)
+    eval_rows = dpo_rows(fmt, cfg.data.prefs.eval, cfg)
+    too_long = report_truncation("dpo", [r["_ids"] for r in train_rows], cfg.train.max_length)
+
+    # --- model: base + a trainable copy of the SFT adapter (TRL adds the frozen reference copy) ---
+    base = load_causal_lm(base_source_for(sft), cfg.model, fmt)
+    model = PeftModel.from_pretrained(base, sft.path / "adapter", is_trainable=True)
+
+    # --- trainer ---
+    tracker = start_tracking(cfg, "dpo")
+    args = DPOConfig(
+        **trainer_args(cfg.train, str(Path(output_run_dir(cfg)) / ".work" / "dpo"), cfg.seed,
+                       "wandb" if tracker.enabled else "none"),
+        beta=cfg.train.beta, loss_type=[cfg.train.loss_type],
+    )
+    trainer = DPOTrainer(model=model, args=args, processing_class=fmt.tokenizer,
+                         train_dataset=as_dataset(train_rows, cfg.train.max_length),
+                         eval_dataset=as_dataset(eval_rows, cfg.train.max_length),
+                         callbacks=[NonFiniteLossGuard()])
+    train_out = trainer.train()
+    final_eval = trainer.evaluate()
+    metrics = {"train_loss": final_train_loss(trainer.state.log_history, train_out.training_loss),
+               "train_loss_mean": train_out.training_loss, "train_pairs_dropped_too_long": too_long,
+               **{k: v for k, v in final_eval.items() if k.startswith("eval_rewards/") or k == "eval_loss"}}
+    print(f"dpo: train loss {metrics['train_loss']:.3f}, held-out preference accuracy "
+          f"{metrics.get('eval_rewards/accuracies', float('nan')):.3f}")
+
+    # --- save: the policy adapter (on the base) + chat format ---
+    with staged_artifact(output_run_dir(cfg), "dpo", resolved(cfg), parent=sft) as art:
+        trainer.model.save_pretrained(art.dir / "policy", selected_adapters=["default"])
+        fmt.save(art.dir / "policy")
+        art.metrics = metrics
+    tracker.summary(metrics)
+    tracker.log_artifact(art.artifact)
+    tracker.finish()
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="dpo")
+@user_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
