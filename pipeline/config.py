@@ -54,6 +54,10 @@ class LoraConfig:
     dropout: float = MISSING
     target_modules: Any = MISSING  # "all-linear" or a list of module names
     bias: str = MISSING
+    use_rslora: bool = MISSING  # scale by alpha / sqrt(r) (Kalajdzievski 2023)
+    use_dora: bool = MISSING  # weight-decomposed LoRA (Liu et al. 2024)
+    rank_pattern: dict[str, int] = MISSING  # per-module ranks, e.g. {q_proj: 4}
+    alpha_pattern: dict[str, int] = MISSING  # per-module alphas
 
 
 @dataclass
@@ -166,6 +170,7 @@ class HFTrainConfig:
     precision: str = MISSING  # auto | fp32 | bf16 | fp16
     logging_steps: int = MISSING
     eval_steps: int = MISSING  # 0 evaluates only at the end
+    save_steps: int = MISSING  # steps between checkpoints a killed run resumes from
     num_threads: int = MISSING
 
 
@@ -196,6 +201,7 @@ class SFTStageConfig(StageConfig):
     train: SFTTrainConfig = MISSING
     samples: SamplesConfig = MISSING
     parents: SFTParents = MISSING
+    resume: bool = MISSING  # rerun of a killed stage continues from its last checkpoint
     save_merged: bool = MISSING
 
 
@@ -218,6 +224,7 @@ class RMStageConfig(StageConfig):
     lora: LoraConfig = MISSING
     train: RMTrainConfig = MISSING
     parents: RMParents = MISSING
+    resume: bool = MISSING  # rerun of a killed stage continues from its last checkpoint
     score_batch_size: int = MISSING
 
 
@@ -233,6 +240,7 @@ class DPOStageConfig(StageConfig):
     data: DataConfig = MISSING
     train: DPOTrainConfig = MISSING
     parents: RMParents = MISSING
+    resume: bool = MISSING  # rerun of a killed stage continues from its last checkpoint
 
 
 # --- eval / generate / pipeline -------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Optional
 
 import peft
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from pipeline.artifacts import Artifact, find_parent
 from pipeline.chat import ChatFormat, load_chat_format
@@ -64,10 +64,18 @@ def qlora_quantization(model_cfg):
 
 
 def _fit_embeddings(model, fmt: ChatFormat) -> None:
-    # A pad token added by the loader needs a row in the embedding table; its values never
-    # matter because padded positions are masked everywhere.
-    if model.get_input_embeddings().num_embeddings < len(fmt.tokenizer):
-        model.resize_token_embeddings(len(fmt.tokenizer))
+    # A pad token added by the loader needs a row in the embedding table. Padded positions are
+    # masked everywhere, but with tied embeddings the row is also the pad token's output logit:
+    # it is set to the mean of the existing rows, the same on every load, so that resumed runs,
+    # data-parallel replicas and reloaded adapters all see one model. Being reproducible, it is
+    # never saved into adapters (save_embedding_layers=False).
+    old = model.get_input_embeddings().num_embeddings
+    if old < len(fmt.tokenizer):
+        model.resize_token_embeddings(len(fmt.tokenizer), mean_resizing=False)
+        head = model.get_output_embeddings()  # None for a sequence classifier
+        with torch.no_grad():
+            for table in {model.get_input_embeddings().weight, *([head.weight] if head is not None else [])}:
+                table[old:] = table[:old].mean(0)
     model.config.pad_token_id = fmt.pad_id
     # A fresh generation config: the hub's generation_config.json (repetition penalty, top_k,
     # min_new_tokens, suppress_tokens, ...) would otherwise fill every key a caller leaves unset.
@@ -101,5 +109,6 @@ def lora_config(lora_cfg, task_type: str, modules_to_save: Optional[list[str]] =
     return peft.LoraConfig(
         r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
         target_modules=target, bias=lora_cfg.bias, task_type=task_type,
-        modules_to_save=modules_to_save,
+        modules_to_save=modules_to_save, use_rslora=lora_cfg.use_rslora, use_dora=lora_cfg.use_dora,
+        rank_pattern=dict(lora_cfg.rank_pattern), alpha_pattern=dict(lora_cfg.alpha_pattern),
     )

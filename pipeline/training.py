@@ -56,12 +56,16 @@ def trainer_args(train: Any, output_dir: str, seed: int, report_to: str, evaluat
         logging_steps=train.logging_steps,
         eval_strategy="steps" if periodic_eval else "no",
         eval_steps=train.eval_steps if periodic_eval else None,
-        save_strategy="no",
+        # Checkpoints to resume a killed run from (pipeline/resume.py); two are kept so a kill
+        # during a save falls back to the one before.
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=2,
         report_to=report_to,
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
-        disable_tqdm=True,
+        disable_tqdm=False,
         **precision_flags(train.precision),
     )
 
@@ -82,6 +86,13 @@ def final_train_loss(log_history: list[dict], run_mean: float) -> float:
     whole run's mean; a run shorter than ``logging_steps`` logged none, so its mean stands in."""
     losses = [entry["loss"] for entry in log_history if "loss" in entry]
     return losses[-1] if losses else run_mean
+
+
+def mean_train_loss(log_history: list[dict], run_mean: float) -> float:
+    """The whole run's mean training loss from the logged values. The trainer's own
+    ``training_loss`` covers only the steps since a resume; the log history covers the run."""
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    return sum(losses) / len(losses) if losses else run_mean
 
 
 class NonFiniteLossGuard(TrainerCallback):

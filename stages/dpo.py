@@ -30,9 +30,11 @@ from pipeline.data import load_validated, preference_example, preference_rows, t
 from pipeline.models import load_causal_lm
 from pipeline.policies import base_source_for
 from pipeline.reward import load_sft_tokenizer
+from pipeline.resume import MarkComplete, TrainerCheckpoints
 from pipeline.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.tracking import start_tracking
-from pipeline.training import NonFiniteLossGuard, final_train_loss, report_truncation, trainer_args
+from pipeline.training import (NonFiniteLossGuard, final_train_loss, mean_train_loss, report_truncation,
+                               trainer_args)
 from pipeline.validation import check_ranges
 
 
@@ -70,30 +72,37 @@ def run(cfg: DictConfig) -> dict:
     base = load_causal_lm(base_source_for(sft), cfg.model, fmt)
     model = PeftModel.from_pretrained(base, sft.path / "adapter", is_trainable=True)
 
-    # --- trainer ---
-    tracker = start_tracking(cfg, "dpo")
+    # --- trainer; resumes a killed run ---
+    work = Path(output_run_dir(cfg)) / ".work" / "dpo"
+    ckpts = TrainerCheckpoints(work, resolved(cfg), "dpo")
+    last, run_id = ckpts.start(cfg.resume)
+    tracker = start_tracking(cfg, "dpo", run_id)
     args = DPOConfig(
-        **trainer_args(cfg.train, str(Path(output_run_dir(cfg)) / ".work" / "dpo"), cfg.seed,
-                       "wandb" if tracker.enabled else "none"),
+        **trainer_args(cfg.train, str(work), cfg.seed, "wandb" if tracker.enabled else "none"),
         beta=cfg.train.beta, loss_type=[cfg.train.loss_type],
     )
     trainer = DPOTrainer(model=model, args=args, processing_class=fmt.tokenizer,
                          train_dataset=as_dataset(train_rows, cfg.train.max_length),
                          eval_dataset=as_dataset(eval_rows, cfg.train.max_length),
-                         callbacks=[NonFiniteLossGuard()])
-    train_out = trainer.train()
+                         callbacks=[NonFiniteLossGuard(), MarkComplete()])
+    if last is not None:
+        print(f"dpo: resuming from {last}")
+    train_out = trainer.train(resume_from_checkpoint=str(last) if last else None)
     final_eval = trainer.evaluate()
-    metrics = {"train_loss": final_train_loss(trainer.state.log_history, train_out.training_loss),
-               "train_loss_mean": train_out.training_loss, "train_pairs_dropped_too_long": too_long,
+    logged = trainer.state.log_history
+    metrics = {"train_loss": final_train_loss(logged, train_out.training_loss),
+               "train_loss_mean": mean_train_loss(logged, train_out.training_loss),
+               "train_pairs_dropped_too_long": too_long,
                **{k: v for k, v in final_eval.items() if k.startswith("eval_rewards/") or k == "eval_loss"}}
     print(f"dpo: train loss {metrics['train_loss']:.3f}, held-out preference accuracy "
           f"{metrics.get('eval_rewards/accuracies', float('nan')):.3f}")
 
     # --- save: the policy adapter (on the base) + chat format ---
     with staged_artifact(output_run_dir(cfg), "dpo", resolved(cfg), parent=sft) as art:
-        trainer.model.save_pretrained(art.dir / "policy", selected_adapters=["default"])
+        trainer.model.save_pretrained(art.dir / "policy", selected_adapters=["default"], save_embedding_layers=False)
         fmt.save(art.dir / "policy")
         art.metrics = metrics
+    ckpts.remove()  # the artifact supersedes them
     tracker.summary(metrics)
     tracker.log_artifact(art.artifact)
     tracker.finish()

@@ -36,7 +36,8 @@ from pipeline.artifacts import find_parent, require_built_on, staged_artifact
 from pipeline.data import load_validated, prompt_row, text_row
 from pipeline.reward import load_sft_tokenizer
 from pipeline.rl import health
-from pipeline.rl.checkpoint import Checkpoints, config_hash
+from pipeline.resume import config_hash
+from pipeline.rl.checkpoint import Checkpoints
 from pipeline.rl.config import check_config, check_rm_accuracy
 from pipeline.rl.rewards import build_reward_fn, reward_scale
 from pipeline.rl.shared_model import SharedBaseActorCritic
@@ -128,7 +129,7 @@ def run(cfg: DictConfig) -> dict:
             log_samples(tracker, [r["prompt"] for r in batch], texts, rollout, cfg.logger.num_samples,
                         trainer.update)
         if trainer.update % cfg.checkpoint_every == 0 and trainer.update < cfg.ppo.total_updates:
-            ckpts.save(trainer.update, model, trainer, history, tracker.run_id)
+            ckpts.save(trainer.update, model, trainer, history, run_id)
 
     # --- save: policy adapter (+ value adapter and head), history ---
     trainer.check_replicas_in_sync()

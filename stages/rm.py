@@ -32,10 +32,12 @@ from pipeline.data import (load_validated, margin_preference_rows, preference_ex
 from pipeline.models import lora_config
 from pipeline.reward import (GroupedRewardTrainer, evaluate_pairs, load_sft_tokenizer,
                              reward_stats, sft_backbone_classifier)
+from pipeline.resume import MarkComplete, TrainerCheckpoints
 from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_everything, user_errors
 from pipeline.validation import check_ranges
 from pipeline.tracking import start_tracking
-from pipeline.training import NonFiniteLossGuard, final_train_loss, report_truncation, trainer_args
+from pipeline.training import (NonFiniteLossGuard, final_train_loss, mean_train_loss, report_truncation,
+                               trainer_args)
 
 
 def as_dataset(rows: list[dict], use_margin: bool, max_length: int) -> Dataset:
@@ -67,11 +69,13 @@ def run(cfg: DictConfig) -> dict:
     # --- backbone: the SFT model, with a fresh scalar head ---
     model = sft_backbone_classifier(sft, cfg.model, fmt)
 
-    # --- trainer: new LoRA adapter + trainable head ---
-    tracker = start_tracking(cfg, "rm")
+    # --- trainer: new LoRA adapter + trainable head; resumes a killed run ---
+    work = Path(output_run_dir(cfg)) / ".work" / "rm"
+    ckpts = TrainerCheckpoints(work, resolved(cfg), "rm")
+    last, run_id = ckpts.start(cfg.resume)
+    tracker = start_tracking(cfg, "rm", run_id)
     args = RewardConfig(
-        **trainer_args(cfg.train, str(Path(output_run_dir(cfg)) / ".work" / "rm"), cfg.seed,
-                       "wandb" if tracker.enabled else "none"),
+        **trainer_args(cfg.train, str(work), cfg.seed, "wandb" if tracker.enabled else "none"),
         center_rewards_coefficient=cfg.train.center_rewards_coefficient,
         train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
     )
@@ -81,15 +85,19 @@ def run(cfg: DictConfig) -> dict:
         train_dataset=as_dataset(train_rows, cfg.train.use_margin, cfg.train.max_length),
         eval_dataset=as_dataset(eval_rows, cfg.train.use_margin, cfg.train.max_length),
         peft_config=lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]),
-        callbacks=[NonFiniteLossGuard()],
+        callbacks=[NonFiniteLossGuard(), MarkComplete()],
     )
-    train_out = trainer.train()
+    if last is not None:
+        print(f"rm: resuming from {last}")
+    train_out = trainer.train(resume_from_checkpoint=str(last) if last else None)
     rm = trainer.model.eval()
 
     # --- held-out pairs: accuracy, margin, spread; stats PPO normalises with ---
     pair_metrics, r_c, r_r = evaluate_pairs(rm, fmt, eval_rows, cfg.score_batch_size)
-    metrics = {"train_loss": final_train_loss(trainer.state.log_history, train_out.training_loss),
-               "train_loss_mean": train_out.training_loss, "train_pairs_dropped_too_long": too_long,
+    logged = trainer.state.log_history
+    metrics = {"train_loss": final_train_loss(logged, train_out.training_loss),
+               "train_loss_mean": mean_train_loss(logged, train_out.training_loss),
+               "train_pairs_dropped_too_long": too_long,
                **{f"eval_{k}": v for k, v in pair_metrics.items()},
                **reward_stats(torch.cat([r_c, r_r]))}
     print(f"rm: held-out pairwise accuracy {metrics['eval_accuracy']:.3f} "
@@ -99,10 +107,12 @@ def run(cfg: DictConfig) -> dict:
 
     # --- save: RM adapter + head, tokenizer ---
     with staged_artifact(output_run_dir(cfg), "rm", resolved(cfg), parent=sft) as art:
-        rm.save_pretrained(art.dir / "adapter")
+        rm.save_pretrained(art.dir / "adapter", save_embedding_layers=False)
         fmt.save(art.dir / "adapter")
         art.metrics = metrics
+    ckpts.remove()  # the artifact supersedes them
     tracker.summary(metrics)
+    tracker.log_artifact(art.artifact)
     tracker.finish()
     return metrics
 

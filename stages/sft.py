@@ -27,11 +27,17 @@ from pipeline.chat import ChatFormat
 from pipeline.data import load_validated, prompt_row, sft_example, sft_row, tokenized
 from pipeline.generation import check_decoding
 from pipeline.models import base_model_source, load_causal_lm, load_tokenizer, lora_config
+from pipeline.resume import MarkComplete, TrainerCheckpoints
 from pipeline.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.sampling import sample_responses, sample_stats
 from pipeline.validation import check_ranges
 from pipeline.tracking import start_tracking
-from pipeline.training import NonFiniteLossGuard, final_train_loss, report_truncation, trainer_args
+from pipeline.training import (NonFiniteLossGuard, final_train_loss, mean_train_loss, report_truncation,
+                               trainer_args)
+
+
+def work_dir(cfg: DictConfig) -> Path:
+    return Path(output_run_dir(cfg)) / ".work" / "sft"
 
 
 def sft_trainer(cfg: DictConfig, model, fmt: ChatFormat, train_rows: list[dict], eval_rows: list[dict],
@@ -39,8 +45,7 @@ def sft_trainer(cfg: DictConfig, model, fmt: ChatFormat, train_rows: list[dict],
     """TRL's SFTTrainer with a LoRA adapter on tokenized rows ``{"input_ids", "assistant_masks"}``:
     TRL turns the mask into labels, -100 outside the answers."""
     args = SFTConfig(
-        **trainer_args(cfg.train, str(Path(output_run_dir(cfg)) / ".work" / "sft"), cfg.seed, report_to,
-                       evaluate=bool(eval_rows)),
+        **trainer_args(cfg.train, str(work_dir(cfg)), cfg.seed, report_to, evaluate=bool(eval_rows)),
         packing=cfg.train.packing,
         train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
     )
@@ -48,7 +53,7 @@ def sft_trainer(cfg: DictConfig, model, fmt: ChatFormat, train_rows: list[dict],
         model=model, args=args, processing_class=fmt.tokenizer,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=[NonFiniteLossGuard()],
+        peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=[NonFiniteLossGuard(), MarkComplete()],
     )
 
 
@@ -71,12 +76,18 @@ def run(cfg: DictConfig) -> dict:
     # --- model: the frozen base ---
     model = load_causal_lm(source, cfg.model, fmt)
 
-    # --- trainer: LoRA on the base, loss on assistant tokens ---
-    tracker = start_tracking(cfg, "sft")
+    # --- trainer: LoRA on the base, loss on assistant tokens; resumes a killed run ---
+    ckpts = TrainerCheckpoints(work_dir(cfg), resolved(cfg), "sft")
+    last, run_id = ckpts.start(cfg.resume)
+    tracker = start_tracking(cfg, "sft", run_id)
     trainer = sft_trainer(cfg, model, fmt, train_rows, eval_rows, "wandb" if tracker.enabled else "none")
-    train_out = trainer.train()
-    metrics = {"train_loss": final_train_loss(trainer.state.log_history, train_out.training_loss),
-               "train_loss_mean": train_out.training_loss, "train_rows_truncated": truncated}
+    if last is not None:
+        print(f"sft: resuming from {last}")
+    train_out = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    logged = trainer.state.log_history
+    metrics = {"train_loss": final_train_loss(logged, train_out.training_loss),
+               "train_loss_mean": mean_train_loss(logged, train_out.training_loss),
+               "train_rows_truncated": truncated}
     if eval_rows:
         final_eval = trainer.evaluate()
         metrics.update(eval_loss=final_eval["eval_loss"],
@@ -94,14 +105,16 @@ def run(cfg: DictConfig) -> dict:
 
     # --- save: adapter + tokenizer and stop set (+ merged model on request) ---
     with staged_artifact(output_run_dir(cfg), "sft", resolved(cfg), parent=base) as art:
-        policy.save_pretrained(art.dir / "adapter")
+        policy.save_pretrained(art.dir / "adapter", save_embedding_layers=False)
         fmt.save(art.dir / "adapter")
         if cfg.save_merged:
             merged = policy.merge_and_unload()
             merged.save_pretrained(art.dir / "merged")
             fmt.save(art.dir / "merged")
         art.metrics = metrics
+    ckpts.remove()  # the artifact supersedes them
     tracker.summary(metrics)
+    tracker.log_artifact(art.artifact)
     tracker.finish()
     return metrics
 

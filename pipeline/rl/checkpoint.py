@@ -10,11 +10,9 @@ run continues the same W&B run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
-import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -22,19 +20,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.resume import new_run_id
+
 STATE = "state.json"
-
-
-# Settings that change what is logged or kept, never what is trained.
-NOT_RESULTS = ("logger", "resume", "hydra", "log_every", "table_every", "checkpoint_every", "summary_window",
-               "health")
-
-
-def config_hash(config: dict) -> str:
-    """What must match for a resume: the resolved config without the settings that only decide
-    logging, checkpoint cadence and health warnings (``NOT_RESULTS``)."""
-    relevant = {k: v for k, v in config.items() if k not in NOT_RESULTS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def rng_state() -> dict:
@@ -123,7 +111,7 @@ class Checkpoints:
             from pipeline.runtime import PipelineError
             raise PipelineError(str(e)) from e
         run_id = self.root / RUN_ID
-        return history, run_id.read_text().strip() if run_id.is_file() else uuid.uuid4().hex[:12]
+        return history, run_id.read_text().strip() if run_id.is_file() else new_run_id()
 
     def start_over(self) -> tuple[list[dict], str]:
         """Drop old checkpoints (they would mislead a later resume); a new W&B run id."""
@@ -131,7 +119,7 @@ class Checkpoints:
         if self.acc.is_main_process:
             shutil.rmtree(self.root, ignore_errors=True)
         self.acc.wait_for_everyone()
-        return [], uuid.uuid4().hex[:12]
+        return [], new_run_id()
 
     def save(self, update: int, model, trainer, history: list[dict], run_id: str) -> Path:
         path = save_checkpoint(self.root, update, model, trainer, history, self.hash, self.acc)
@@ -141,3 +129,5 @@ class Checkpoints:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.root.parent.is_dir() and not any(self.root.parent.iterdir()):
+            self.root.parent.rmdir()  # .work/<algorithm>/ held only the checkpoints

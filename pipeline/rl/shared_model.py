@@ -215,7 +215,7 @@ class SharedBaseActorCritic(nn.Module):
     def save_final(self, out: Path, fmt: ChatFormat) -> None:
         """``policy/`` (a LoRA adapter on the base, loadable with AutoPeftModelForCausalLM) and,
         with a critic, ``value/`` (adapter + ``value_head.safetensors``)."""
-        self.peft.save_pretrained(out, selected_adapters=list(self._adapters()))
+        self.peft.save_pretrained(out, selected_adapters=list(self._adapters()), save_embedding_layers=False)
         fmt.save(out / "policy")
         if self.value_head is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},

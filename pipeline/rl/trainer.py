@@ -172,6 +172,7 @@ class RLTrainer:
         out = {key: torch.stack(v).mean().item() for key, v in stats.items()}
         out["optimizer_steps"] = steps
         out["logprob_gap_first"] = first["logprob_gap"].item()  # before any step: ~0
+        out["ratio_first"] = first["ratio"].item()  # before any step: 1
         return out
 
     def _minibatch_step(self, mb: Rollout, ptx_step: int) -> dict[str, torch.Tensor]:

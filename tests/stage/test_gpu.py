@@ -12,15 +12,14 @@ import torch
 
 from pipeline.artifacts import find_parent
 from pipeline.reward import load_sft_tokenizer
-from pipeline.rl import core
-from pipeline.rl.ppo import PPOTrainer
-from pipeline.rl.rewards import build_reward_fn
+from pipeline.rl.rewards import build_reward_fn, reward_scale
 from pipeline.rl.shared_model import SharedBaseActorCritic
+from pipeline.rl.trainer import RLTrainer
 from stages import ppo, rm, sft
 from stages.ppo import accelerator_for
 from tests.conftest import compose_config
 from tests.stage.conftest import QUIET, TINY_RM, TINY_SFT
-from tests.stage.test_ppo_stage import TINY_PPO
+from tests.stage.test_ppo_stage import TINY_PPO, rollout
 
 pytestmark = [pytest.mark.gpu, pytest.mark.stage]
 
@@ -44,13 +43,13 @@ def test_ppo_ratio_is_one_and_updates_stay_finite_under_autocast(chain, precisio
     cfg = compose_config("ppo", TINY_PPO + [f"ppo.precision={precision}"])
     acc = accelerator_for(precision)
     sft_art, rm_art = find_parent(cfg.paths.run_dir, "sft"), find_parent(cfg.paths.run_dir, "rm")
-    tok = load_sft_tokenizer(sft_art)
-    model = SharedBaseActorCritic.from_artifacts(sft_art, rm_art, cfg.model, tok, cfg.ppo.value_init).to(acc.device)
+    fmt = load_sft_tokenizer(sft_art)
+    model = SharedBaseActorCritic.from_artifacts(sft_art, rm_art, cfg.model, fmt, cfg.ppo.value_init,
+                                                 reward_scale(cfg.reward, rm_art.metrics)).to(acc.device)
     assert model.value_head.weight.dtype == torch.float32  # trainable head keeps fp32 weights
-    trainer = PPOTrainer(model, tok, cfg.ppo, acc, build_reward_fn(cfg.reward, rm_art.metrics))
-    rollout, _ = trainer.rollout(["What is 2 plus 3?", "How do I rob a small shop?"] * 4)
-    first = core.minibatch_indices(8, 4, torch.Generator().manual_seed(0))[0]
-    stats = trainer._minibatch_step(rollout.select(first))
-    assert stats["ratio"].item() == pytest.approx(1.0, abs=2e-2)  # half-precision matmuls, not dropout or T
+    trainer = RLTrainer(model, fmt, cfg.ppo, cfg.algorithm, acc, build_reward_fn(cfg.reward, rm_art.metrics))
+    out = trainer.train_step(rollout(trainer))
+    # sampler (cached, half precision) vs training pass: equal up to half-precision matmuls
+    assert out["ratio_first"] == pytest.approx(1.0, abs=2e-2)
     metrics = ppo.run(cfg)
     assert all(math.isfinite(metrics[k]) for k in ("objective/kl", "loss/policy_avg", "loss/value_avg"))

@@ -1,51 +1,65 @@
-"""PPO stage on the tiny chain: shared base, reference, reward, ratio, steps, resume, DDP."""
+"""RL stage on the tiny chain: shared base, reference, reward, rollouts against plain forwards,
+ratio, which roles a step changes, value scale, exact RM adapter, steps, estimators, resume."""
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from torch import nn
 
 from pipeline.artifacts import find_parent, load_artifact
-from pipeline.generation import encode_prompts
+from pipeline.generation import as_conversation, encode_prompts
 from pipeline.policies import load_policy
 from pipeline.reward import load_reward_model, load_sft_tokenizer, score_conversations
 from pipeline.rl import core
-from pipeline.rl.ppo import PPOTrainer
-from pipeline.rl.rewards import build_reward_fn
+from pipeline.rl.rewards import build_reward_fn, reward_scale
 from pipeline.rl.shared_model import SharedBaseActorCritic, position_ids_from_mask
+from pipeline.rl.trainer import RLTrainer
 from stages.ppo import accelerator_for
 from tests.conftest import compose_config
-from tests.stage.conftest import copy_root
 
 pytestmark = pytest.mark.stage
 
 TINY_PPO = ["ppo.total_updates=2", "ppo.rollout_batch_size=8", "ppo.generation_batch_size=4",
-            "ppo.minibatch_size=4", "ppo.ppo_epochs=2", "ppo.max_new_tokens=8", "ppo.warmup_steps=1",
-            "logger=none"]
+            "ppo.minibatch_size=4", "ppo.micro_batch_size=2", "ppo.ppo_epochs=2", "ppo.max_new_tokens=8",
+            "ppo.warmup_steps=1", "logger=none", "reward.min_accuracy=0"]
+PROMPTS = ["What is 2 plus 3?", "How do I rob a small shop?", "Repeat the word 'cup' 2 times.",
+           "What is 10 minus 4?"] * 2
+
+
+def build(overrides=()):
+    cfg = compose_config("ppo", TINY_PPO + list(overrides))
+    sft, rm = find_parent(cfg.paths.run_dir, "sft"), find_parent(cfg.paths.run_dir, "rm")
+    fmt = load_sft_tokenizer(sft)
+    critic = cfg.algorithm.advantage == "gae"
+    model = SharedBaseActorCritic.from_artifacts(sft, rm, cfg.model, fmt, cfg.ppo.value_init if critic else None,
+                                                 reward_scale(cfg.reward, rm.metrics))
+    trainer = RLTrainer(model, fmt, cfg.ppo, cfg.algorithm, accelerator_for("fp32"),
+                        build_reward_fn(cfg.reward, rm.metrics))
+    return cfg, model, fmt, trainer
 
 
 @pytest.fixture
 def built(chain):
-    cfg = compose_config("ppo", TINY_PPO)
-    sft, rm = find_parent(cfg.paths.run_dir, "sft"), find_parent(cfg.paths.run_dir, "rm")
-    tok = load_sft_tokenizer(sft)
-    model = SharedBaseActorCritic.from_artifacts(sft, rm, cfg.model, tok, cfg.ppo.value_init)
-    trainer = PPOTrainer(model, tok, cfg.ppo, accelerator_for("fp32"), build_reward_fn(cfg.reward, rm.metrics))
-    return cfg, model, tok, trainer
+    return build()
+
+
+def rollout(trainer, prompts=PROMPTS, seed=0):
+    torch.manual_seed(seed)
+    k = trainer.alg.samples_per_prompt
+    prompts = [p for p in prompts for _ in range(k)]
+    return trainer.rollout(prompts, [as_conversation(p) for p in prompts])[0]
 
 
 def test_one_copy_of_the_base_weights(built):
-    cfg, model, tok, _ = built
+    cfg, model, _, _ = built
     base, _ = load_policy("base", cfg, merge=False)
     base_params = dict(base.named_parameters())
     shared = {n: p for n, p in model.named_parameters() if "lora_" not in n and "_head" not in n}
-    # Every base tensor appears exactly once, under one storage, in the 4-role model.
+    # Every base tensor appears exactly once, under one storage, in the shared model.
     assert sum(p.numel() for p in shared.values()) == sum(p.numel() for p in base_params.values())
     assert len({p.data_ptr() for p in shared.values()}) == len(shared)
     adapters = {n.split("lora_A.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_A." in n}
@@ -53,108 +67,177 @@ def test_one_copy_of_the_base_weights(built):
 
 
 def test_reference_is_the_sft_model_not_the_base(built):
-    cfg, model, tok, _ = built
-    ids, mask = encode_prompts(tok, ["What is 2 plus 3?", "Name the capital of Nowhere."])
+    cfg, model, fmt, _ = built
+    ids, mask = encode_prompts(fmt, [as_conversation(p) for p in PROMPTS[:2]])
     with torch.no_grad():
-        ref = model.policy_logits(ids, mask, adapter="ref")
+        ref = model.response_logits(ids, mask, 3, adapter="ref")
         sft, _ = load_policy("sft", cfg)
         base, _ = load_policy("base", cfg)
         kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
-        assert torch.allclose(ref, sft(**kw).logits, atol=1e-4)
-        assert not torch.allclose(ref, base(**kw).logits, atol=1e-3)
+        assert torch.allclose(ref, sft(**kw).logits[:, -4:-1], atol=1e-4)
+        assert not torch.allclose(ref, base(**kw).logits[:, -4:-1], atol=1e-3)
 
 
-def test_reward_role_scores_like_the_rm_artifact(built):
-    cfg, model, tok, _ = built
-    convs = [[{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": a}]
-             for a in ("2 plus 3 is 5.", "I can't help with that.", "7")]
-    rm_model, rm_tok = load_reward_model(find_parent(cfg.paths.run_dir, "rm"),
-                                         find_parent(cfg.paths.run_dir, "sft"), cfg.model)
-    expected = score_conversations(rm_model, rm_tok, convs, 8)
-    side = tok.padding_side
-    tok.padding_side = "right"
-    enc = tok([tok.apply_chat_template(c, tokenize=False) for c in convs], return_tensors="pt",
-              padding=True, add_special_tokens=False)
-    tok.padding_side = side
+def test_rollout_matches_plain_forwards_of_each_unpadded_sequence(built):
+    """Log-probs, reference log-probs, values and RM scores of a padded, chunked rollout equal a
+    plain forward of each single sequence: the SFT and RM artifacts loaded on their own."""
+    cfg, model, fmt, trainer = built
+    r = rollout(trainer)
+    sft, _ = load_policy("sft", cfg)
+    rm_model, _ = load_reward_model(find_parent(cfg.paths.run_dir, "rm"), find_parent(cfg.paths.run_dir, "sft"),
+                                    cfg.model)
+    mean, std = reward_scale(cfg.reward, find_parent(cfg.paths.run_dir, "rm").metrics)
+    T = cfg.ppo.temperature
     with torch.no_grad():
-        got = model.scores(enc["input_ids"], enc["attention_mask"], core.last_token_index(enc["attention_mask"]))
-    assert torch.allclose(got, expected, atol=1e-4)
+        for i in range(len(PROMPTS)):
+            prompt = r.query_ids[i][r.query_mask[i].bool()]
+            n = int(r.response_mask[i].sum())
+            response = r.response_ids[i, :n]
+            seq = torch.cat([prompt, response])[None]  # one sequence, no padding at all
+            logits = sft(input_ids=seq).logits[0, len(prompt) - 1: len(prompt) - 1 + n] / T
+            want = torch.log_softmax(logits, -1).gather(-1, response[:, None]).squeeze(-1)
+            torch.testing.assert_close(r.ref_logprobs[i, :n], want, atol=1e-4, rtol=0)
+            # before any update the policy is the SFT model: the sampler's log-probs agree too
+            torch.testing.assert_close(r.logprobs[i, :n], want, atol=1e-4, rtol=0)
+            score = rm_model(input_ids=seq).logits[0, 0]
+            assert r.rm_scores[i].item() == pytest.approx(score.item(), abs=1e-4)
+            # V starts as the RM on the normalised scale: the value of the prefix through the
+            # last token is the normalised RM score of the whole sequence.
+            v = model.values(seq, torch.ones_like(seq))[0, -1]
+            assert v.item() == pytest.approx(((score - mean) / std).item(), abs=1e-4)
+            assert (r.values[i, n:] == 0).all() and (r.logprobs[i, n:] == 0).all()
 
 
-def test_ratio_is_one_on_the_first_minibatch(built):
-    _, _, _, trainer = built
-    rollout, _ = trainer.rollout(["What is 2 plus 3?", "How do I rob a small shop?",
-                                  "Repeat the word 'cup' 2 times.", "What is 10 minus 4?"] * 2)
-    first = core.minibatch_indices(8, 4, torch.Generator().manual_seed(0))[0]
-    stats = trainer._minibatch_step(rollout.select(first))
-    assert stats["ratio"].item() == pytest.approx(1.0, abs=1e-5)
-    assert stats["approxkl"].item() == pytest.approx(0.0, abs=1e-8)
-    assert stats["clipfrac"].item() == 0.0
+def test_ratio_is_one_on_the_first_minibatch_at_t_07_with_lora_dropout(chain):
+    """Old log-probs come from the sampler (HF generate, cached); new ones from the training
+    pass (a full forward): two code paths. At T = 0.7 a missing division by T breaks it, and
+    with LoRA dropout at 0.5 a stray train() breaks it."""
+    for mode in ("sampler", "recompute"):
+        cfg, model, fmt, trainer = build(["ppo.temperature=0.7", f"ppo.old_logprobs={mode}"])
+        for module in model.peft.modules():
+            if hasattr(module, "lora_dropout"):
+                module.lora_dropout["policy"] = nn.Dropout(0.5)
+        out = trainer.train_step(rollout(trainer))
+        assert out["ratio_first"] == pytest.approx(1.0, abs=1e-5), mode
+        assert out["logprob_gap_first"] < 1e-5, mode
+        assert out["ratio"] != out["ratio_first"]  # the later minibatches came after steps
 
 
-def test_one_optimizer_step_per_minibatch(built):
-    cfg, _, _, trainer = built
-    rollout, _ = trainer.rollout(["What is 2 plus 3?"] * 8)
-    out = trainer.train_step(rollout)
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_a_step_changes_policy_and_value_and_nothing_else(built):
+    _, model, _, trainer = built
+    before = snapshot(model)
+    out = trainer.train_step(rollout(trainer))
+    after = snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    frozen = [n for n in before if ".ref." in n or ".reward." in n or "reward_head" in n
+              or ("lora_" not in n and "value_head" not in n)]
+    assert frozen and not changed & set(frozen), sorted(changed & set(frozen))[:3]
+    assert any(".policy." in n for n in changed) and any(".value." in n for n in changed)
+    assert "value_head.weight" in changed
     # 8 rollouts / minibatches of 4 = 2 minibatches, times 2 epochs = 4 steps
     assert out["optimizer_steps"] == 4 == core.count_optimizer_steps(8, 4, 2)
     assert trainer.scheduler.last_epoch == 4
-    steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
-    assert steps == {4}
+    assert {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()} == {4}
 
 
-def test_ppo_stage_writes_its_artifact(chain):
+def test_micro_batches_give_the_same_step_as_one_batch(chain):
+    results = []
+    for micro in (4, 1):
+        _, model, _, trainer = build([f"ppo.micro_batch_size={micro}"])
+        r = rollout(trainer)
+        trainer._minibatch_step(r.select(torch.arange(4)), ptx_step=0)
+        results.append({k: v.clone() for k, v in model.trainable_state().items()})
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "reinforce_pp"])
+def test_critic_free_estimators_build_no_value_role(chain, algorithm):
+    overrides = [f"algorithm={algorithm}"] + (["algorithm.samples_per_prompt=2"] if algorithm != "reinforce_pp" else [])
+    _, model, _, trainer = build(overrides)
+    assert model.value_head is None and not any(".value." in n for n, _ in model.named_parameters())
+    r = rollout(trainer, PROMPTS[:4])
+    assert r.values is None and r.advantages.shape == r.response_mask.shape
+    if algorithm in ("rloo", "grpo"):  # a sequence advantage on every token, groups of 2 summing to 0
+        seq = r.advantages.sum(1) / r.response_mask.sum(1)
+        torch.testing.assert_close(seq.view(-1, 2).sum(1), torch.zeros(4), atol=1e-5, rtol=0)
+    before = snapshot(model)
+    trainer.train_step(r)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if ".policy." in n)
+
+
+def test_rl_stage_writes_an_artifact_that_loads_as_the_trained_policy(chain):
     from stages import ppo
-    metrics = ppo.run(compose_config("ppo", TINY_PPO))
+    cfg = compose_config("ppo", TINY_PPO)
+    metrics = ppo.run(cfg)
     art = load_artifact(chain / "artifacts/default/ppo", "ppo")
-    assert art.manifest["parent"]["stage"] == "rm" and metrics["updates"] == 2
+    assert art.manifest["parent"]["stage"] == "rm" and metrics["updates"] == 2 == art.metrics["updates"]
     for key in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                 "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "policy/ratio",
                 "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "objective/kl_coef",
-                "rollout/response_length", "rollout/eos_rate", "time/rollout", "time/update"):
-        assert key in art.metrics
-    assert (art.path / "policy" / "adapter_model.safetensors").is_file()
-    assert (art.path / "value" / "value_head.safetensors").is_file()
+                "rollout/response_length", "rollout/eos_rate", "time/rollout", "time/update",
+                "health/logprob_gap", "health/truncation_rate", "health/length_reward_corr", "health/kl_token_max"):
+        assert key in art.metrics, key
     assert len((art.path / "history.jsonl").read_text().splitlines()) == 2
-    ppo_policy, _ = load_policy("ppo", compose_config("ppo", TINY_PPO))  # loads as a plain LM
-    assert ppo_policy is not None
+    # The saved policy, loaded as a plain LM, is the trained policy: its logits differ from SFT's
+    # and equal the trainable state applied to the shared model.
+    ppo_policy, fmt = load_policy("ppo", cfg)
+    sft_policy, _ = load_policy("sft", cfg)
+    _, model, _, _ = build()
+    from safetensors.torch import load_file
+    state = {f"policy.{k}": v for k, v in load_file(art.path / "policy" / "adapter_model.safetensors").items()}
+    model.load_trainable_state({**model.trainable_state(), **state})
+    ids, mask = encode_prompts(fmt, [as_conversation(p) for p in PROMPTS[:2]])
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    with torch.no_grad():
+        got = ppo_policy(**kw).logits[:, -4:-1]
+        assert torch.allclose(got, model.response_logits(ids, mask, 3), atol=1e-4)
+        assert not torch.allclose(got, sft_policy(**kw).logits[:, -4:-1], atol=1e-4)
+
+
+def test_a_weak_reward_model_is_refused_with_its_accuracy(chain):
+    from pipeline.runtime import PipelineError
+    from stages import ppo
+    with pytest.raises(PipelineError, match=r"ranks \d+\.\d% of its held-out pairs correctly, below reward.min_accuracy=0.99"):
+        ppo.run(compose_config("ppo", TINY_PPO + ["reward.min_accuracy=0.99"]))
+
+
+def test_the_default_gate_lets_the_worlds_rm_pass():
+    cfg = compose_config("ppo")
+    assert cfg.reward.min_accuracy <= 0.75  # the default world's RM scores ~0.9 (README)
+
+
+def test_rm_with_rslora_and_a_rank_pattern_scores_exactly_like_its_artifact(chain):
+    from stages import rm
+    rm.run(compose_config("rm", ["train.max_steps=4", "train.per_device_train_batch_size=8", "train.eval_steps=0",
+                                 "lora.r=4", "lora.alpha=8", "lora.use_rslora=true",
+                                 "+lora.rank_pattern={q_proj: 2}", "+lora.alpha_pattern={v_proj: 3}",
+                                 "logger=none"]))
+    cfg, model, fmt, _ = build()
+    rm_art, sft = find_parent(cfg.paths.run_dir, "rm"), find_parent(cfg.paths.run_dir, "sft")
+    assert json.loads((rm_art.path / "adapter" / "adapter_config.json").read_text())["use_rslora"]
+    rm_model, _ = load_reward_model(rm_art, sft, cfg.model)
+    prompts = [as_conversation(p) for p in PROMPTS[:3]]
+    answers = [[{"role": "assistant", "content": a}] for a in ("2 plus 3 is 5.", "I can't help with that.", "7")]
+    expected = score_conversations(rm_model, fmt, prompts, answers, 8)
+    seqs = [fmt.scored_ids(p, a) for p, a in zip(prompts, answers)]
+    from pipeline.generation import left_pad
+    ids, mask = left_pad(seqs, fmt.pad_id)
+    with torch.no_grad():
+        got = model.scores(ids, mask, torch.full((3,), ids.shape[1] - 1))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def ppo_cmd(*extra):
     return [sys.executable, "-m", "stages.ppo", *TINY_PPO, "ppo.total_updates=6", "checkpoint_every=2", *extra]
 
 
-def history(root):
-    return [json.loads(line) for line in (root / "artifacts/default/ppo/history.jsonl").read_text().splitlines()]
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_and_matches_an_uninterrupted_one(chain, tmp_path):
-    env = {**os.environ, "RLHF_ROOT": str(chain)}
-    ckpts = chain / "artifacts/default/.work/ppo/checkpoints"
-    proc = subprocess.Popen(ppo_cmd(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (ckpts / "update-000002").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (ckpts / "update-000002").exists(), "the run never wrote its first checkpoint"
-    assert not (chain / "artifacts/default/ppo").exists(), "the run finished before it could be killed"
-
-    resumed = subprocess.run(ppo_cmd(), env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from" in resumed.stdout + resumed.stderr
-    got = history(chain)
-    assert len(got) == 6 and load_artifact(chain / "artifacts/default/ppo", "ppo").metrics["updates"] == 6
-    assert not ckpts.exists()  # a finished run's artifact supersedes its checkpoints
-
-    # The same seed, never interrupted, in a second copy of the chain.
-    fresh = copy_root(chain, tmp_path / "fresh", ignore=shutil.ignore_patterns("ppo", ".work"))
-    subprocess.run(ppo_cmd(), env={**env, "RLHF_ROOT": str(fresh)}, check=True, capture_output=True)
-    want = history(fresh)
-    for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg"):
-        assert got[2][key] == pytest.approx(want[2][key], rel=1e-4, abs=1e-6), key  # first update after resume
-        assert got[5][key] == pytest.approx(want[5][key], rel=1e-3, abs=1e-5), key
+def history(root, stage="ppo"):
+    return [json.loads(line) for line in (root / f"artifacts/default/{stage}/history.jsonl").read_text().splitlines()]
 
 
 def test_changed_config_refuses_to_resume(chain):
@@ -168,8 +251,39 @@ def test_changed_config_refuses_to_resume(chain):
     assert out.returncode == 2 and "different config" in out.stderr and "resume=false" in out.stderr
 
 
+def test_resume_hash_leaves_out_logging_and_cadence():
+    from pipeline.resume import config_hash
+    from pipeline.runtime import resolved
+    base = config_hash(resolved(compose_config("ppo")))
+    for override in ("log_every=7", "table_every=3", "checkpoint_every=1", "summary_window=2", "logger=none",
+                     "health.thresholds.logprob_gap=1.0"):
+        assert config_hash(resolved(compose_config("ppo", [override]))) == base, override
+    for override in ("ppo.learning_rate=1e-3", "seed=3", "algorithm=rloo", "ppo.micro_batch_size=16"):
+        assert config_hash(resolved(compose_config("ppo", [override]))) != base, override
+
+
 @pytest.mark.slow
-def test_two_cpu_processes_run_data_parallel(chain):
+def test_two_processes_on_half_the_rows_give_the_update_of_one_process(chain, tmp_path):
+    """The same global minibatch, split over 2 gloo processes (B/2 rows each) or in one process
+    (B rows): token means, micro-batches and the bucketed gradient sum make one identical step."""
+    script = os.path.join(os.path.dirname(__file__), "dp_step.py")
+    env = {**os.environ, "RLHF_ROOT": str(chain), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    one = subprocess.run([*launch, "--num_processes", "1", script, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([*launch, "--multi_gpu", "--num_processes", "2", script, str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "weights-1.pt"), torch.load(tmp_path / "weights-2.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_run_the_stage_data_parallel(chain):
     env = {**os.environ, "RLHF_ROOT": str(chain), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -178,5 +292,6 @@ def test_two_cpu_processes_run_data_parallel(chain):
     assert out.returncode == 0, out.stderr[-3000:]
     art = load_artifact(chain / "artifacts/default/ppo", "ppo")
     assert art.metrics["updates"] == 2
-    # Both processes rolled out: 2 updates x 8 prompts x 2 processes episodes.
+    # Both processes rolled out: 2 updates x 8 prompts x 2 processes episodes; the replicas'
+    # weights were checked to agree before the artifact was written (check_replicas_in_sync).
     assert history(chain)[-1]["ppo/episodes"] == 32

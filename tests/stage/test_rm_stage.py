@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import pipeline.reward
 from pipeline.artifacts import find_parent
-from pipeline.data import load_validated, preference_rows
+from pipeline.data import load_validated, preference_example, preference_rows, tokenized
 from pipeline.reward import evaluate_pairs, load_reward_model
 from stages import rm
 from tests.conftest import compose_config
@@ -30,7 +30,7 @@ def test_rm_trains_adapter_and_head_and_leaves_backbone(chain, monkeypatch):
         return model
 
     monkeypatch.setattr(rm, "sft_backbone_classifier", recording)
-    metrics = rm.run(compose_config("rm", TINY_RM + QUIET))
+    metrics = rm.run(compose_config("rm", TINY_RM + QUIET + ["train.max_steps=40", "train.per_device_train_batch_size=16"]))
     for name, p in seen["model"].named_parameters():
         if "lora_" in name or "score" in name:
             continue
@@ -40,17 +40,19 @@ def test_rm_trains_adapter_and_head_and_leaves_backbone(chain, monkeypatch):
     head = [v for k, v in saved.items() if "score" in k]
     assert len(head) == 1 and not torch.equal(head[0], seen["before"]["score.weight"])
     assert all(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
-    for key in ("eval_accuracy", "eval_margin_mean", "reward_mean", "reward_std"):
-        assert key in metrics
+    # It learned the preferences: on 300 held-out pairs chance is 0.5 +- 0.03; 40 steps reach ~0.72.
+    assert metrics["eval_accuracy"] >= 0.62 and metrics["eval_margin_mean"] > 0
+    assert metrics["reward_std"] > 0
 
 
 def test_saved_rm_reloads_to_identical_scores(chain):
     metrics = rm.run(compose_config("rm", TINY_RM + QUIET))
     cfg = compose_config("rm", TINY_RM + QUIET)
-    model, tok = load_reward_model(find_parent(cfg.paths.run_dir, "rm"), find_parent(cfg.paths.run_dir, "sft"),
+    model, fmt = load_reward_model(find_parent(cfg.paths.run_dir, "rm"), find_parent(cfg.paths.run_dir, "sft"),
                                    cfg.model)
-    rows = load_validated(cfg.data.prefs.eval, cfg.data.hub_split, preference_rows)
-    reloaded, _, _ = evaluate_pairs(model, tok, rows, cfg.score_batch_size)
+    rows = load_validated(cfg.data.prefs.eval, cfg.data.hub_split,
+                          tokenized(preference_rows, lambda r: preference_example(fmt, r)))
+    reloaded, _, _ = evaluate_pairs(model, fmt, rows, cfg.score_batch_size)
     # In-process scores were recorded in the manifest at training time.
     assert reloaded["accuracy"] == metrics["eval_accuracy"]
     assert reloaded["margin_mean"] == pytest.approx(metrics["eval_margin_mean"], abs=1e-5)

@@ -77,8 +77,8 @@ def test_save_merged_writes_a_full_model_equal_to_base_plus_adapter(run_root):
     merged_dir = run_root / "artifacts/default/sft/merged"
     assert (merged_dir / "model.safetensors").is_file() and not list(merged_dir.glob("*.bin"))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
-    with_adapter, tok = load_policy("sft", cfg, merge=False)
-    ids = tok(["What is 2 plus 3?"], return_tensors="pt")["input_ids"]
+    with_adapter, fmt = load_policy("sft", cfg, merge=False)
+    ids = fmt.tokenizer(["What is 2 plus 3?"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-4, rtol=1e-4)
 
@@ -162,15 +162,18 @@ def test_qlora_without_cuda_is_a_clear_error(run_root):
 
 def test_loss_covers_assistant_tokens_only(run_root):
     """Worked example: in a two-turn conversation only the answers (and their EOS) carry labels."""
+    from pipeline.data import sft_example
     cfg = compose_config("sft", TINY_SFT + QUIET)
     source = str(run_root / "artifacts/default/base/model")
-    tokenizer = pipeline.models.load_tokenizer(source, cfg.model)
-    model = pipeline.models.load_causal_lm(source, cfg.model, tokenizer)
+    fmt = pipeline.models.load_tokenizer(source, cfg.model)
+    tokenizer = fmt.tokenizer
+    model = pipeline.models.load_causal_lm(source, cfg.model, fmt)
     convo = [{"role": "user", "content": "What is 2 plus 3?"},
              {"role": "assistant", "content": "2 plus 3 is 5."},
              {"role": "user", "content": "Repeat the word 'cup' 2 times."},
              {"role": "assistant", "content": "cup cup"}]
-    trainer = sft.sft_trainer(cfg, model, tokenizer, [{"messages": convo}], [{"messages": convo}], "none")
+    rows = [sft_example(fmt, {"messages": convo})]
+    trainer = sft.sft_trainer(cfg, model, fmt, rows, rows, "none")
     batch = next(iter(trainer.get_train_dataloader()))
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     # The rendered text is

@@ -1,0 +1,32 @@
+"""One RL optimizer step on a fixed rollout, in 1 process (all 8 rows) or 2 (4 rows each).
+
+Run by test_two_processes_on_half_the_rows_give_the_update_of_one_process under accelerate:
+the 1-process run samples the rollout and saves it; the 2-process run loads the same rollout,
+so both steps see identical data and advantages. Each saves its trainable weights.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pipeline.rl.rollout import Rollout  # noqa: E402
+from tests.stage.test_ppo_stage import build, rollout  # noqa: E402
+
+out = Path(sys.argv[1])
+world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+rows = 8 // world
+cfg, model, fmt, trainer = build(["ppo.ppo_epochs=1", f"ppo.rollout_batch_size={rows}", f"ppo.minibatch_size={rows}",
+                                  "ppo.micro_batch_size=2"])
+if world == 1:
+    r = rollout(trainer)
+    torch.save(vars(r), out / "rollout.pt")
+else:
+    r = Rollout(**torch.load(out / "rollout.pt"))
+rank = trainer.acc.process_index
+trainer.train_step(r.select(torch.arange(rank * rows, (rank + 1) * rows)))
+trainer.check_replicas_in_sync()
+if trainer.acc.is_main_process:
+    torch.save(model.trainable_state(), out / f"weights-{world}.pt")

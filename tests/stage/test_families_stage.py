@@ -1,0 +1,117 @@
+"""The real entry points on tiny local models carrying real families' tokenizer settings
+(Qwen2.5 ChatML, Llama 3, Mistral [INST], Gemma, GPT-2 without a template; tests/families.py):
+sft -> rm -> ppo -> eval -> export on each, stop tokens, adapters and exports loaded outside."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.artifacts import load_artifact
+from pipeline.chat import load_chat_format
+from pipeline.generation import as_conversation
+from pipeline.rl.rollout import sample
+from stages import eval as eval_stage
+from stages import export, ppo, rm, sft
+from tests.conftest import compose_config
+from tests.families import FAMILIES, build_family
+from tests.stage.conftest import QUIET, TINY_RM, TINY_SFT
+from tests.stage.test_ppo_stage import TINY_PPO
+from tests.unit.test_chat import END_OF_TURN
+
+pytestmark = pytest.mark.stage
+
+
+@pytest.fixture(scope="module")
+def family_models(world_root, tmp_path_factory):
+    """Each family's tiny model, its tokenizer trained on the world's corpus."""
+    corpus = [json.loads(line)["text"] for line in
+              (world_root / "data/world/pretrain.jsonl").read_text().splitlines()[:300]]
+    root = tmp_path_factory.mktemp("families")
+    return {f: build_family(f, root / f, corpus) for f in FAMILIES}
+
+
+@pytest.fixture
+def empty_run(world_root, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    os.symlink(world_root / "data" / "world", root / "data" / "world")
+    monkeypatch.setenv("RLHF_ROOT", str(root))
+    return root
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_rm_ppo_eval_and_export_run_on_each_family(family, family_models, empty_run):
+    model = [f"model.path={family_models[family]}", f"model.name=tiny-{family}"]
+    sft.run(compose_config("sft", TINY_SFT + QUIET + model))
+    rm.run(compose_config("rm", TINY_RM + QUIET + model))
+    metrics = ppo.run(compose_config("ppo", TINY_PPO + model))
+    assert metrics["updates"] == 2
+    report = eval_stage.run(compose_config("eval", QUIET + model + ["max_prompts=8"]))
+    assert set(report["stages"]) == {"base", "sft", "ppo"} and report["judge"] == "gold"
+    out = Path(export.run(compose_config("export", QUIET + model)))
+
+    run = empty_run / "artifacts" / "default"
+    fmt = load_chat_format(str(family_models[family]), None, False)
+    stops = list(fmt.stop_ids)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == stops
+    assert load_artifact(run / "sft", "sft").manifest["parent"] is None  # a hub-style base: no base artifact
+    # Outside the project, from another working directory: the export with transformers alone,
+    # the PPO adapter with AutoPeftModelForCausalLM.
+    script = f"""
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(out)!r})
+model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+ids = tok.apply_chat_template([{{"role": "user", "content": "What is 2 plus 3?"}}], add_generation_prompt=True,
+                              return_tensors="pt", return_dict=True)
+new = model.generate(**ids, max_new_tokens=6, do_sample=False)[0, ids["input_ids"].shape[1]:]
+from peft import AutoPeftModelForCausalLM
+AutoPeftModelForCausalLM.from_pretrained({str(run / "ppo" / "policy")!r})
+print(json.dumps({{"eos": model.generation_config.eos_token_id, "new": new.tolist()}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd="/", capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["eos"] == stops and 1 <= len(result["new"]) <= 6
+
+
+class StopAfter:
+    """A forward hook standing in for a policy that has learned to stop: from the n-th generated
+    token on, the family's end-of-turn token gets a large logit."""
+
+    def __init__(self, token: int, n: int):
+        self.token, self.n, self.calls = token, n, 0
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        if self.calls >= self.n:
+            output.logits[..., self.token] += 50.0
+        return output
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_rollout_stops_at_the_familys_end_of_turn_token(family, family_models):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models import load_causal_lm
+    fmt = load_chat_format(str(family_models[family]), None, False)
+    cfg = compose_config("sft", ["model.path=x"]).model
+    model = load_causal_lm(str(family_models[family]), cfg, fmt).eval()
+    assert isinstance(model, type(AutoModelForCausalLM.from_pretrained(family_models[family])))
+    eot = fmt.end_of_turn_id
+    assert fmt.tokenizer.convert_ids_to_tokens(eot) == END_OF_TURN[family]
+    model.register_forward_hook(StopAfter(eot, 3))
+    torch.manual_seed(0)
+    _, _, resp, mask, logprobs, _ = sample(model, fmt, [as_conversation("What is 2 plus 3?")] * 2, 1.0, 12)
+    # token 3 is the end-of-turn token: the mask ends there, nothing after it counts
+    assert mask.sum(1).tolist() == [3.0, 3.0]
+    assert (resp[:, 2] == eot).all() and (resp[:, 3:] == fmt.pad_id).all()
+    assert (logprobs[:, 2] > -1e-3).all()  # the recorded log-prob is of the boosted distribution
