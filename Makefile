@@ -9,7 +9,7 @@ ARGS    ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data base sft rm ppo eval generate pipeline test test-unit bench clean
+.PHONY: help setup data base sft rm ppo dpo eval generate export pipeline test test-unit bench clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -39,14 +39,20 @@ sft: $(DATA) ## Stage 1: supervised fine-tuning with LoRA -> artifacts/<run>/sft
 rm: $(DATA) ## Stage 2: pairwise reward model with LoRA -> artifacts/<run>/rm
 	$(PY) -m stages.rm $(ARGS)
 
-ppo: $(DATA) ## Stage 3: PPO against the reward model, KL to the SFT reference -> artifacts/<run>/ppo
+ppo: $(DATA) ## Stage 3: RL against the reward model, KL to SFT (ARGS="algorithm=rloo|grpo|dr_grpo|reinforce_pp")
 	$(PY) -m stages.ppo $(ARGS)
 
-eval: $(DATA) ## Compare every stage of the run with the gold judge -> artifacts/<run>/eval
+dpo: $(DATA) ## Direct preference optimisation of the SFT policy (the no-RL baseline) -> artifacts/<run>/dpo
+	$(PY) -m stages.dpo $(ARGS)
+
+eval: $(DATA) ## Compare every stage of the run (gold judge on the world, the RM elsewhere) -> artifacts/<run>/eval
 	$(PY) -m stages.eval $(ARGS)
 
 generate: $(STAMP) ## Sample a stage's model: ARGS="stage=sft prompt='What is 2 plus 3?' decoding=top_p"
 	$(PY) -m stages.generate $(ARGS)
+
+export: $(STAMP) ## Merge a stage's policy into a plain HF model folder (ARGS="stage=dpo"; ppo by default)
+	$(PY) -m stages.export $(ARGS)
 
 pipeline: $(DATA) ## Run base, sft, rm, ppo and eval in order, skipping up-to-date stages
 	$(PY) -m stages.pipeline $(ARGS)
@@ -57,7 +63,7 @@ test: $(STAMP) ## Run the test suite (unit, stage and slow tiers; gpu tests skip
 test-unit: $(STAMP) ## Run only the fast unit tests
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
-bench: $(STAMP) ## Run the benchmarks in bench/ (ratios against an in-process baseline)
+bench: $(STAMP) ## Benchmarks in bench/ (ARGS=ppo: ours vs TRL 1.12's PPOTrainer, side by side)
 	$(PY) bench/run.py $(ARGS)
 
 clean: ## Remove artifacts, generated data, W&B runs and Hydra outputs (keeps .venv)

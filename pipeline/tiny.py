@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pipeline.chat import DEFAULT_TEMPLATE, PAD
@@ -102,7 +103,9 @@ def pretrain(model: LlamaForCausalLM, stream: torch.Tensor, cfg, seed: int,
                             lr=cfg.learning_rate, betas=(0.9, 0.95))
     model.train()
     start, ema = time.time(), None
-    for step in range(cfg.max_steps):
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    bar = tqdm(range(cfg.max_steps), desc="base", mininterval=2.0)
+    for step in bar:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg)
         x, y = random_blocks(stream, cfg.block_size, cfg.batch_size, gen)
@@ -117,6 +120,8 @@ def pretrain(model: LlamaForCausalLM, stream: torch.Tensor, cfg, seed: int,
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens_per_step * (step + 1) / (time.time() - start):.0f}",
+                        refresh=False)
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
             log({"train/loss": loss.item(), "train/loss_ema": ema,
                  "train/lr": opt.param_groups[0]["lr"], "train/step": step})

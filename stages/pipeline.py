@@ -9,6 +9,8 @@ built from this exact config and this exact parent is skipped; ``eval`` reruns w
 an earlier stage ran.
 
     make pipeline
+    make pipeline ARGS="algorithm=rloo"          # the RL stage with RLOO: artifacts/<run>/rloo
+    make pipeline ARGS="stages=[base,sft,rm,dpo,eval]"
     make pipeline ARGS="run_name=exp seed=1"
     make pipeline ARGS="run_name=small train.max_steps=50 arch.num_hidden_layers=2 logger=none"
 
@@ -36,8 +38,8 @@ from pipeline.runtime import PipelineError, resolved, user_errors
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # What each stage records as its parent artifact (what `staged_artifact(parent=...)` gets).
-PARENT = {"base": None, "sft": "base", "rm": "sft", "ppo": "rm"}
-STAGES = ("base", "sft", "rm", "ppo", "eval")
+PARENT = {"base": None, "sft": "base", "rm": "sft", "dpo": "sft", "ppo": "rm"}
+STAGES = ("base", "sft", "rm", "dpo", "ppo", "eval")
 
 
 # --- configs: each stage's own, with the overrides that concern it -------------------------
@@ -95,18 +97,23 @@ def parent_artifact(stage: str, cfg: DictConfig) -> Optional[Artifact]:
     return find_parent(cfg.paths.run_dir, parent, override)
 
 
+def artifact_name(stage: str, cfg: DictConfig) -> str:
+    """The RL stage writes under its algorithm's name (ppo, rloo, grpo, ...)."""
+    return cfg.algorithm.name if stage == "ppo" else stage
+
+
 def up_to_date(stage: str, cfg: DictConfig) -> bool:
     try:
         parent = parent_artifact(stage, cfg)
     except ArtifactError:
         return False  # the stage itself will say which parent is missing and how to build it
-    return is_up_to_date(cfg.paths.run_dir, stage, resolved(cfg), parent)
+    return is_up_to_date(cfg.paths.run_dir, artifact_name(stage, cfg), resolved(cfg), parent)
 
 
 def data_files(data: DictConfig) -> list[str]:
     """The local files the ``data`` config lists (hub dataset ids left out)."""
-    sources = [data.pretrain, *data.sft.train, *data.sft.eval, *data.prefs.train, *data.prefs.eval,
-               *data.ppo_prompts, *data.eval_prompts]
+    sources = [data.pretrain, *([data.pretrain_eval] if data.pretrain_eval else []), *data.sft.train,
+               *data.sft.eval, *data.prefs.train, *data.prefs.eval, *data.ppo_prompts, *data.eval_prompts]
     return [s for s in sources if Path(s).suffix in (".json", ".jsonl", ".parquet")]
 
 
@@ -138,7 +145,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
             outcome[name] = "skipped"
             continue
         if not (name == "eval" and ran_any) and up_to_date(name, stage_cfg):
-            print(f"skip {name}: up to date")
+            print(f"skip {artifact_name(name, stage_cfg)}: up to date")
             outcome[name] = "skipped"
             continue
         print(f"\n=== {name} ===")
