@@ -1,12 +1,14 @@
 """Benchmarks: every figure is a ratio against a baseline measured in the same process.
 
     make bench                      # all benchmarks
-    make bench ARGS="kv_cache"      # one of: kv_cache, merged_lora, shared_base
+    make bench ARGS="kv_cache"      # one of: kv_cache, merged_lora, shared_base, ppo
+    make bench ARGS="ppo --models b"  # our RL stage vs TRL 1.12's PPOTrainer (bench/ppo.py)
 
 - kv_cache:     sampling with the KV cache vs recomputing the prefix every step.
 - merged_lora:  a forward pass with the LoRA adapter merged into the base vs unmerged.
 - shared_base:  parameter memory of PPO's four roles on one shared base vs four
                 separate models (needs artifacts/<run>/sft and rm: `make rm` first).
+- ppo:          our RL stage against TRL 1.12's PPOTrainer, whole processes side by side.
 
 Timings take the median of several repeats after a warm-up; the machine is whatever
 runs this (2 CPU cores on CI), so only the ratios carry over.
@@ -108,9 +110,16 @@ def bench_shared_base(run_dir: str = "artifacts/default") -> None:
           f"-> {separate / one:.2f}x less parameter memory")
 
 
-BENCHES = {"kv_cache": bench_kv_cache, "merged_lora": bench_merged_lora, "shared_base": bench_shared_base}
+def bench_ppo() -> None:
+    from bench import ppo
+    ppo.main()
+
+
+BENCHES = {"kv_cache": bench_kv_cache, "merged_lora": bench_merged_lora, "shared_base": bench_shared_base,
+           "ppo": bench_ppo}
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    for name in sys.argv[1:] or BENCHES:
+    names = [a for a in sys.argv[1:] if not a.startswith("-") and a in BENCHES] or list(BENCHES)
+    for name in names:
         BENCHES[name]()

@@ -10,6 +10,7 @@ Shapes: ``B`` rollouts, ``P`` prompt tokens (left-padded), ``T`` response tokens
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -41,16 +42,11 @@ class Rollout:
         return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
                           for f in fields(self)})
 
-    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt and response side by side: ids and attention mask, (B, L)."""
-        return (torch.cat([self.query_ids, self.response_ids], 1),
-                torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], 1))
-
     def trimmed(self) -> "Rollout":
         """The same rows without columns that are padding in every row (left of the prompts,
         right of the responses): exact, since positions come from the mask, and less work."""
-        q = int(self.query_mask.bool().any(0).long().argmax()) if self.query_mask.bool().any() else 0
-        t = int(self.response_mask.bool().any(0).nonzero().max()) + 1 if self.response_mask.bool().any() else 1
+        q = int(self.query_mask.bool().any(0).long().argmax())
+        t = int(self.response_mask.bool().any(0).nonzero().max()) + 1
         out = {}
         for f in fields(self):
             x = getattr(self, f.name)
@@ -59,6 +55,58 @@ class Rollout:
             else:
                 out[f.name] = x[:, q:] if f.name.startswith("query") else x[:, :t]
         return Rollout(**out)
+
+
+def by_length(query_mask: torch.Tensor, response_mask: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices in chunks of ``size``, shortest sequences first: a chunk trimmed of the
+    columns that are padding in all its rows then pads far less than the whole batch would."""
+    lengths = query_mask.sum(1) + response_mask.sum(1)
+    return list(torch.argsort(lengths, stable=True).split(size))
+
+
+@dataclass
+class Packed:
+    """Rows re-laid as whole sequences, prompt then response, left-padded to the longest one.
+
+    Prompts are left-padded and responses right-padded, so side by side a row of a short prompt
+    and a long response and a row of the opposite pad to the sum of both maxima; packed, the
+    width is the longest single sequence. Positions come from the mask, so nothing changes but
+    the padding. Row i's response token t sits at column ``W - r_i + t``; the logits and values
+    that concern it are read at column ``W - r_i + t - 1`` (:attr:`prefix`).
+    """
+
+    ids: torch.Tensor  # (B, W)
+    mask: torch.Tensor  # (B, W)
+    prefix: torch.Tensor  # (B, T) column of the prefix before response token t (clamped past the end)
+    keep: int  # columns at the right end that hold every response and the token before it
+
+    def response_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, W, ...) -> (B, T, ...): what each response token needs, from the prefix before it."""
+        idx = self.prefix.view(*self.prefix.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        return x.gather(1, idx)
+
+
+def pack(q_ids, q_mask, r_ids, r_mask, pad_id: int) -> Packed:
+    """(B, P) left-padded prompts and (B, T) right-padded responses as one :class:`Packed` batch."""
+    q_len, r_len = q_mask.long().sum(1), r_mask.long().sum(1)
+    W = int((q_len + r_len).max())
+    B, P = q_ids.shape
+    T = r_ids.shape[1]
+    ids = torch.full((B, W), pad_id, dtype=q_ids.dtype, device=q_ids.device)
+    mask = torch.zeros((B, W), dtype=q_mask.dtype, device=q_mask.device)
+    cols = torch.arange(W, device=q_ids.device)
+    start = W - q_len - r_len  # first real column of each row
+    # prompt token j (of the q_len real ones, stored at P - q_len + j) goes to start + j
+    q_src = (P - q_len)[:, None] + (cols[None] - start[:, None])
+    in_prompt = (cols[None] >= start[:, None]) & (cols[None] < (start + q_len)[:, None])
+    r_src = cols[None] - (start + q_len)[:, None]
+    in_response = (cols[None] >= (start + q_len)[:, None])
+    ids = torch.where(in_prompt, q_ids.gather(1, q_src.clamp(0, P - 1)), ids)
+    ids = torch.where(in_response, r_ids.gather(1, r_src.clamp(0, T - 1)), ids)
+    mask = (in_prompt | in_response).to(mask.dtype)
+    t = torch.arange(T, device=q_ids.device)
+    prefix = (W - r_len[:, None] + t[None] - 1).clamp(max=W - 1)
+    return Packed(ids, mask, prefix, keep=int(r_len.max()) + 1)
 
 
 def concat(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -87,13 +135,15 @@ def concat(parts: list[Rollout], pad_id: int) -> Rollout:
 
 
 class RecordingSampler(LogitsProcessor):
-    """Turns HF ``generate`` into sampling from ``softmax(logits / T)`` that records, for every
-    sampled token, its log-prob and the entropy of the distribution it was drawn from.
+    """Samples from ``softmax(logits / T)`` inside HF ``generate`` and records, for every sampled
+    token, its log-prob and the entropy of the distribution it was drawn from.
 
-    It is the only logits processor in play (the generation config asks for temperature 1, top_k
-    0 and top_p 1, so HF adds none of its own): it divides by T itself, so what is recorded is
-    exactly the distribution sampled from. The token drawn at step t is known at step t + 1 (the
-    last column of ``input_ids``), and the last one from the output, so only one step's
+    It draws the token itself, by inverse CDF (one uniform number per row), and hands HF a score
+    row that is 0 at that token and -inf elsewhere; HF runs greedy, so its argmax takes the
+    sample. HF keeps its loop, caches and stopping; what it loses is ``torch.multinomial``,
+    which on CPUs draws one exponential per vocabulary entry per row and step (a third of the
+    sampling time at a 32k vocabulary). The token drawn at step t is known at step t + 1 (the
+    last column of ``input_ids``) and the last one from the output, so only one step's
     ``[B, V]`` log-softmax is kept at a time.
     """
 
@@ -106,10 +156,14 @@ class RecordingSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self._last is not None:
             self.logprobs.append(self._last.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        scaled = scores.float() / self.temperature
-        self._last = torch.log_softmax(scaled, dim=-1)
-        self.entropy.append(-(self._last.exp() * self._last).sum(-1))
-        return scaled
+        self._last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        probs = self._last.exp()
+        # a -inf logit (masked vocabulary) has p = 0 and adds 0, not 0 * -inf = nan
+        self.entropy.append(-(probs * self._last.nan_to_num(neginf=0.0)).sum(-1))
+        cdf = probs.cumsum(-1)
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)
+        return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
 
     def finish(self, response_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logprobs, entropy)``, each (B, T), aligned with the generated ``response_ids`` (B, T)."""
@@ -126,9 +180,9 @@ def sample(model, fmt: ChatFormat, prompts: list[list[dict]], temperature: float
     """
     q_ids, q_mask = (t.to(model.device) for t in encode_prompts(fmt, prompts))
     recorder = RecordingSampler(temperature)
-    config = fmt.generation_config(max_new_tokens=max_new_tokens, do_sample=True, num_beams=1,
-                                   temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                                   min_new_tokens=0, no_repeat_ngram_size=0, use_cache=True)
+    # Greedy over the sampler's one-hot scores; every key that could add a processor is neutral.
+    config = fmt.generation_config(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                   repetition_penalty=1.0, min_new_tokens=0, no_repeat_ngram_size=0, use_cache=True)
     out = model.generate(input_ids=q_ids, attention_mask=q_mask, generation_config=config,
                          logits_processor=LogitsProcessorList([recorder]))
     resp = out[:, q_ids.shape[1]:]

@@ -36,17 +36,11 @@ from pipeline.chat import ChatFormat
 from pipeline.generation import decode_responses
 from pipeline.rl import core
 from pipeline.rl.health import pearson
-from pipeline.rl.rollout import Rollout, concat, sample
+from pipeline.rl.rollout import Rollout, by_length, concat, pack, sample
 from pipeline.rl.shared_model import SharedBaseActorCritic
 
 RewardFn = Callable[[list, list[str], torch.Tensor], torch.Tensor]
 BUCKET_BYTES = 25 << 20  # gradient all-reduce bucket, as DDP's default
-
-
-def response_slice(x: torch.Tensor, prompt_len: int, resp_len: int) -> torch.Tensor:
-    """Positions P-1 .. P+T-2 of a (B, L) tensor: for values, V_t is the value of the prefix
-    *before* response token t, which GAE's delta_t = r_t + V_{t+1} - V_t needs."""
-    return x[:, prompt_len - 1: prompt_len - 1 + resp_len]
 
 
 class RLTrainer:
@@ -101,6 +95,7 @@ class RLTrainer:
         compute the KL and the advantages; all without grad."""
         self.model.eval()  # dropout off everywhere: the ratio must be exactly 1 at the start
         n = self.cfg.generation_batch_size
+        self.sample_seconds = 0.0
         chunks = [self._rollout_chunk(prompts[i:i + n], conversations[i:i + n])
                   for i in range(0, len(prompts), n)]
         r = concat([c[0] for c in chunks], self.fmt.pad_id)
@@ -111,15 +106,21 @@ class RLTrainer:
 
     def _rollout_chunk(self, prompts: list, conversations: list[list[dict]]) -> tuple[Rollout, list[str]]:
         with self.acc.autocast():
+            t0 = time.perf_counter()
             q_ids, q_mask, resp, mask, logprobs, entropy = sample(
                 self.model, self.fmt, conversations, self.cfg.temperature, self.cfg.max_new_tokens)
-            ids, attn = torch.cat([q_ids, resp], 1), torch.cat([q_mask, mask.to(q_mask.dtype)], 1)
-            if self.cfg.old_logprobs == "recompute":  # the exact path: a full pass, as in training
-                logprobs = self.model.response_logprobs(ids, attn, resp, self.cfg.temperature) * mask
-            ref = self.model.response_logprobs(ids, attn, resp, self.cfg.temperature, adapter="ref") * mask
-            values = (response_slice(self.model.values(ids, attn), q_ids.shape[1], resp.shape[1]).float() * mask
-                      if self.critic else None)
-            rm_scores = self.model.scores(ids, attn, q_ids.shape[1] + core.last_token_index(mask)).float()
+            self.sample_seconds += time.perf_counter() - t0
+            ref = torch.zeros_like(logprobs)
+            values = torch.zeros_like(logprobs) if self.critic else None
+            rm_scores = torch.zeros(len(prompts), device=logprobs.device)
+            for idx in by_length(q_mask, mask, self.cfg.micro_batch_size):  # scoring passes, short rows together
+                p, ri, rmask = pack(q_ids[idx], q_mask[idx], resp[idx], mask[idx], self.fmt.pad_id), resp[idx], mask[idx]
+                if self.cfg.old_logprobs == "recompute":  # the exact path: a full pass, as in training
+                    logprobs[idx] = self.model.logprobs(p, ri, self.cfg.temperature) * rmask
+                ref[idx] = self.model.logprobs(p, ri, self.cfg.temperature, adapter="ref") * rmask
+                if self.critic:
+                    values[idx] = self.model.response_values(p) * rmask
+                rm_scores[idx] = self.model.response_scores(p).float()
         texts = decode(self.fmt, resp, mask)
         scores = self.reward_fn(prompts, texts, rm_scores)
         if self.cfg.missing_eos_penalty is not None:
@@ -178,8 +179,9 @@ class RLTrainer:
     def _minibatch_step(self, mb: Rollout, ptx_step: int) -> dict[str, torch.Tensor]:
         """One optimizer step on a minibatch, accumulated over its micro-batches. Returns the
         minibatch's statistics over all processes."""
-        n = self.cfg.micro_batch_size
-        micro = [mb.select(torch.arange(i, min(i + n, len(mb.scores)))) for i in range(0, len(mb.scores), n)]
+        # Micro-batches of similar lengths, each trimmed of its own padding: the same loss (a sum over
+        # micro-batches with shared normalisers), far fewer padded positions.
+        micro = [mb.select(idx) for idx in by_length(mb.query_mask, mb.response_mask, self.cfg.micro_batch_size)]
         # Normalisers over the whole minibatch on every process, so that splitting it never
         # changes the loss: sum(w * l) / sum(units).
         weights = [core.loss_weights(m.response_mask, self.alg.loss_agg, self.cfg.max_new_tokens) for m in micro]
@@ -188,11 +190,14 @@ class RLTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         finite, sums = True, {}
         for m, (w, _) in zip(micro, weights):
-            loss, parts = self._micro_loss(m.trimmed(), w, units, tokens)
-            finite = finite and bool(torch.isfinite(loss))
-            if finite:
-                self.acc.backward(loss)
-            sums = {k: sums.get(k, 0.0) + v for k, v in parts.items()}
+            for loss, parts in self._micro_losses(m.trimmed(), w, units, tokens):
+                # One backward per term (policy, then value): the gradient of the sum, with one
+                # role's activations alive at a time.
+                finite = finite and bool(torch.isfinite(loss))
+                if finite:
+                    self.acc.backward(loss)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
         if self.ptx is not None and finite:
             loss = self._ptx_loss(ptx_step)
             finite = bool(torch.isfinite(loss))
@@ -206,13 +211,13 @@ class RLTrainer:
         self.scheduler.step()
         return dict(zip(sums, self._sum(torch.stack(list(sums.values())))))
 
-    def _micro_loss(self, m: Rollout, w: torch.Tensor, units: torch.Tensor, tokens: torch.Tensor):
-        """The micro-batch's share of the minibatch loss, and of each statistic: summed over the
-        micro-batches and processes, each part is the minibatch's value."""
-        ids, mask = m.inputs()
+    def _micro_losses(self, m: Rollout, w: torch.Tensor, units: torch.Tensor, tokens: torch.Tensor):
+        """The micro-batch's share of the minibatch loss, policy term then value term, each with its
+        share of the statistics: summed over micro-batches and processes, each is the minibatch's."""
+        p = pack(m.query_ids, m.query_mask, m.response_ids, m.response_mask, self.fmt.pad_id)
         w, share = w[:, : m.response_ids.shape[1]], m.response_mask.sum() / tokens
         with self.acc.autocast():
-            logp = self.model.response_logprobs(ids, mask, m.response_ids, self.cfg.temperature)
+            logp = self.model.logprobs(p, m.response_ids, self.cfg.temperature)
             pg, stats = core.policy_loss(logp, m.logprobs, m.advantages, m.response_mask, self.cfg.clip_range)
             loss = (w * pg).sum() / units
             parts = {key: v * share for key, v in stats.items()}  # masked means -> shares of the mean
@@ -222,15 +227,13 @@ class RLTrainer:
                 kl_loss = (w * kl).sum() / units
                 loss = loss + self.kl_ctl.value * kl_loss
                 parts["kl_loss"] = kl_loss.detach()
-            if self.critic:
-                values = response_slice(self.model.values(ids, mask), m.query_ids.shape[1],
-                                        m.response_ids.shape[1]).float()
+        yield loss, parts
+        if self.critic:
+            with self.acc.autocast():
+                values = self.model.response_values(p)
                 vf, vstats = core.value_loss(values, m.values, m.returns, m.response_mask, self.cfg.clip_range_value)
                 vf_loss = vf.sum() / tokens
-                loss = loss + self.cfg.vf_coef * vf_loss
-                parts["vf_loss"] = vf_loss.detach()
-                parts["vf_clipfrac"] = vstats["clipfrac"] * share
-        return loss, parts
+            yield self.cfg.vf_coef * vf_loss, {"vf_loss": vf_loss.detach(), "vf_clipfrac": vstats["clipfrac"] * share}
 
     def _ptx_loss(self, step: int) -> torch.Tensor:
         """PPO-ptx (InstructGPT eq. 2): mean negative log-likelihood of a pretraining batch."""
@@ -294,6 +297,7 @@ class RLTrainer:
             "policy/ratio": train["ratio"], "loss/policy_avg": train["pg_loss"],
             "ppo/optimizer_steps": train["optimizer_steps"], "ppo/lr": self.scheduler.get_last_lr()[0],
             "objective/kl_coef": self.kl_ctl.value, "time/rollout": t1 - t0, "time/update": t2 - t1,
+            "time/sample": self.sample_seconds,
             "health/logprob_gap": train["logprob_gap_first"],
         })
         if self.critic:
@@ -321,6 +325,7 @@ class RLTrainer:
             "objective/scores": self._mean(r.scores).item(),
             "objective/rm_scores": self._mean(r.rm_scores).item(),
             "rollout/response_length": self._mean(lengths).item(),
+            "rollout/prompt_length": self._mean(r.query_mask.sum(1).float()).item(),
             "rollout/eos_rate": self._mean(ended).item(),
             "health/truncation_rate": 1.0 - self._mean(ended).item(),
             "health/length_reward_corr": pearson(lengths, r.scores),

@@ -1,0 +1,57 @@
+"""pipeline.rl.rollout: the recording sampler's distribution, packing, length grouping."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.rl.rollout import RecordingSampler, by_length, pack
+
+pytestmark = pytest.mark.unit
+
+
+def test_recording_sampler_draws_from_softmax_over_t_and_records_it():
+    # logits [0, ln 2, ln 4, -inf] at T = 0.5: softmax(logits / T) = [1, 4, 16, 0] / 21
+    logits = torch.tensor([[0.0, math.log(2), math.log(4), -math.inf]]).repeat(20000, 1)
+    sampler = RecordingSampler(temperature=0.5)
+    torch.manual_seed(0)
+    scores = sampler(torch.zeros(20000, 1, dtype=torch.long), logits)
+    chosen = scores.argmax(-1)
+    assert torch.isinf(scores).sum(-1).eq(3).all() and scores.max(-1).values.eq(0).all()  # one-hot rows
+    freq = torch.bincount(chosen, minlength=4).float() / 20000
+    expected = torch.tensor([1.0, 4.0, 16.0, 0.0]) / 21
+    # binomial std at n = 20000 is at most 0.0036: 4 std
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+    logp, entropy = sampler.finish(chosen[:, None])
+    torch.testing.assert_close(logp[:, 0], expected.log()[chosen])
+    h = -(expected[:3] * expected[:3].log()).sum()
+    torch.testing.assert_close(entropy[:, 0], h.expand(20000))
+
+
+def test_recording_sampler_aligns_log_probs_with_the_tokens_of_each_step():
+    sampler = RecordingSampler(temperature=1.0)
+    step1 = torch.tensor([[0.0, 0.0, 10.0]])  # picks 2 with p ~ 1
+    step2 = torch.tensor([[10.0, 0.0, 0.0]])  # picks 0
+    sampler(torch.tensor([[7]]), step1)
+    sampler(torch.tensor([[7, 2]]), step2)
+    logp, _ = sampler.finish(torch.tensor([[2, 0]]))
+    want = torch.stack([torch.log_softmax(step1, -1)[0, 2], torch.log_softmax(step2, -1)[0, 0]])
+    torch.testing.assert_close(logp[0], want)
+
+
+def test_pack_puts_each_sequence_flush_right_and_points_at_each_prefix():
+    pad = 0
+    q = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])  # prompts of 2 and 4 tokens, left-padded
+    r = torch.tensor([[11, 12, 13], [14, 0, 0]])  # responses of 3 and 1 tokens, right-padded
+    p = pack(q, (q != pad).long(), r, torch.tensor([[1, 1, 1], [1, 0, 0]]), pad)
+    # both sequences have 5 tokens: no padding at all, where side by side needs 4 + 3 = 7 columns
+    assert p.ids.tolist() == [[5, 6, 11, 12, 13], [7, 8, 9, 10, 14]] and p.mask.all()
+    # row 0's response token 0 (11, column 2) is predicted from column 1; row 1's (14) from 3
+    assert p.prefix.tolist() == [[1, 2, 3], [3, 4, 4]] and p.keep == 4
+
+
+def test_by_length_groups_short_rows_together():
+    q = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 1, 1]])
+    r = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]])
+    chunks = by_length(q, r, 2)  # lengths 6, 2, 6, 3
+    assert [c.tolist() for c in chunks] == [[1, 3], [0, 2]]
