@@ -56,6 +56,19 @@ def as_dataset(rows: list[dict], max_length: int) -> Dataset:
     return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in fits])
 
 
+def dpo_trainer(cfg: DictConfig, sft, fmt: ChatFormat, train_rows: list[dict], eval_rows: list[dict], work: Path,
+                report_to: str) -> DPOTrainer:
+    """Base + a trainable copy of the SFT adapter; TRL adds a frozen copy as the reference."""
+    base = load_causal_lm(base_source_for(sft), cfg.model, fmt)
+    model = PeftModel.from_pretrained(base, sft.path / "adapter", is_trainable=True)
+    args = DPOConfig(**trainer_args(cfg.train, str(work), cfg.seed, report_to),
+                     beta=cfg.train.beta, loss_type=[cfg.train.loss_type])
+    return DPOTrainer(model=model, args=args, processing_class=fmt.tokenizer,
+                      train_dataset=as_dataset(train_rows, cfg.train.max_length),
+                      eval_dataset=as_dataset(eval_rows, cfg.train.max_length),
+                      callbacks=[NonFiniteLossGuard(), MarkComplete()])
+
+
 def run(cfg: DictConfig) -> dict:
     check_ranges(cfg)
     seed_everything(cfg.seed)
@@ -68,23 +81,12 @@ def run(cfg: DictConfig) -> dict:
     eval_rows = dpo_rows(fmt, cfg.data.prefs.eval, cfg)
     too_long = report_truncation("dpo", [r["_ids"] for r in train_rows], cfg.train.max_length)
 
-    # --- model: base + a trainable copy of the SFT adapter (TRL adds the frozen reference copy) ---
-    base = load_causal_lm(base_source_for(sft), cfg.model, fmt)
-    model = PeftModel.from_pretrained(base, sft.path / "adapter", is_trainable=True)
-
-    # --- trainer; resumes a killed run ---
+    # --- model and trainer: base + a trainable SFT adapter copy, the SFT model as reference ---
     work = Path(output_run_dir(cfg)) / ".work" / "dpo"
     ckpts = TrainerCheckpoints(work, resolved(cfg), "dpo")
     last, run_id = ckpts.start(cfg.resume)
     tracker = start_tracking(cfg, "dpo", run_id)
-    args = DPOConfig(
-        **trainer_args(cfg.train, str(work), cfg.seed, "wandb" if tracker.enabled else "none"),
-        beta=cfg.train.beta, loss_type=[cfg.train.loss_type],
-    )
-    trainer = DPOTrainer(model=model, args=args, processing_class=fmt.tokenizer,
-                         train_dataset=as_dataset(train_rows, cfg.train.max_length),
-                         eval_dataset=as_dataset(eval_rows, cfg.train.max_length),
-                         callbacks=[NonFiniteLossGuard(), MarkComplete()])
+    trainer = dpo_trainer(cfg, sft, fmt, train_rows, eval_rows, work, "wandb" if tracker.enabled else "none")
     if last is not None:
         print(f"dpo: resuming from {last}")
     train_out = trainer.train(resume_from_checkpoint=str(last) if last else None)

@@ -122,7 +122,6 @@ def run(cfg: DictConfig) -> dict:
         metrics, rollout, texts = trainer.step([r["prompt"] for r in batch], [r["messages"] for r in batch])
         history.append(metrics)
         bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
-        health.check(metrics, dict(cfg.health.thresholds), list(cfg.health.abort_on), trainer.update, bar.write)
         if update % cfg.log_every == 0:
             tracker.log(metrics, step=trainer.update)
         if update % cfg.table_every == 0:
@@ -130,6 +129,7 @@ def run(cfg: DictConfig) -> dict:
                         trainer.update)
         if trainer.update % cfg.checkpoint_every == 0 and trainer.update < cfg.ppo.total_updates:
             ckpts.save(trainer.update, model, trainer, history, run_id)
+        health.check(metrics, dict(cfg.health.thresholds), list(cfg.health.abort_on), trainer.update, bar.write)
 
     # --- save: policy adapter (+ value adapter and head), history ---
     trainer.check_replicas_in_sync()

@@ -304,6 +304,8 @@ class RLTrainer:
             metrics.update({"loss/value_avg": train["vf_loss"], "val/clipfrac_avg": train["vf_clipfrac"]})
         if "kl_loss" in train:
             metrics["loss/kl_avg"] = train["kl_loss"]
+        if "ptx_loss" in train:
+            metrics["loss/ptx_avg"] = train["ptx_loss"]
         # Ziegler et al.: adapt the KL coefficient to the sequence-level KL just observed.
         self.kl_ctl.update(metrics["objective/kl"], self.cfg.rollout_batch_size * self.acc.num_processes)
         self.update += 1

@@ -8,6 +8,7 @@ the stages that are already built from the same config and parent.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,36 @@ def test_eval_writes_the_report(chain):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parent"]["stage"] == "rm"  # the run's newest artifact pins the chain
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+
+
+def test_eval_on_prompts_outside_the_world_compares_the_stages_with_the_rm(chain):
+    """`make eval ARGS="data.eval_prompts=[<a file not from the world>]"`: text prompts and
+    conversations with a system turn; no gold judge, the RM judges."""
+    prompts = FIXTURES / "own_prompts.jsonl"
+    report = eval_stage.run(compose_config("eval", QUIET + [f"data.eval_prompts=[{prompts}]"]))
+    out = chain / "artifacts" / "default" / "eval"
+    assert report["judge"] == "rm" and report["num_prompts"] == 4
+    assert report["win_rate"] is None and report["categories"] is None
+    wins = report["rm_win_rate"]["sft_vs_base"]
+    assert set(wins) == {"greedy", "sample"} and all(0.0 <= v <= 1.0 for v in wins.values())
+    for stage in ("base", "sft"):
+        cell = report["stages"][stage]["sample"]
+        assert cell["gold_score"] is None and isinstance(cell["rm_score"], float)
+        assert cell["response_tokens"] > 0 and 0.0 <= cell["eos_rate"] <= 1.0 and cell["corpus_nll"] > 0
+    md = (out / "report.md").read_text()
+    assert "Judged by the run's reward model" in md and "## Win rates (reward model" in md
+    assert (out / "rm_scores_sample.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert rows[1]["prompt"][0]["role"] == "system" and rows[1]["category"] is None
+
+
+def test_eval_outside_the_world_without_an_rm_says_to_run_make_rm(base_run):
+    prompts = FIXTURES / "own_prompts.jsonl"
+    with pytest.raises(PipelineError, match="run `make rm` first"):
+        eval_stage.run(compose_config("eval", QUIET + [f"data.eval_prompts=[{prompts}]"]))
 
 
 @pytest.fixture

@@ -295,3 +295,34 @@ def test_two_cpu_processes_run_the_stage_data_parallel(chain):
     # Both processes rolled out: 2 updates x 8 prompts x 2 processes episodes; the replicas'
     # weights were checked to agree before the artifact was written (check_replicas_in_sync).
     assert history(chain)[-1]["ppo/episodes"] == 32
+
+
+def test_health_abort_stops_the_run_and_keeps_the_last_checkpoint(chain):
+    from pipeline.runtime import PipelineError
+    from stages import ppo
+    # A threshold of 0 on truncation: the tiny policy runs some of its 8 tokens out at update 1.
+    cfg = compose_config("ppo", TINY_PPO + ["ppo.total_updates=3", "checkpoint_every=1",
+                                            "health.thresholds.truncation_rate=0", "health.abort_on=[truncation_rate]"])
+    with pytest.raises(PipelineError, match="stopped at update 1: health/truncation_rate"):
+        ppo.run(cfg)
+    assert (chain / "artifacts/default/.work/ppo/checkpoints/update-000001/state.json").is_file()
+    assert not (chain / "artifacts/default/ppo").exists()
+
+
+def test_ppo_ptx_adds_the_pretraining_likelihood(chain):
+    """InstructGPT eq. 2: the policy also climbs log pi on pretraining batches (loss/ptx_avg)."""
+    from stages import ppo
+    with_ptx = ppo.run(compose_config("ppo", TINY_PPO + ["ppo.ptx_coef=1.0", "ppo.ptx_batch_size=4",
+                                                         "ppo.ptx_block_size=32"]))
+    assert with_ptx["loss/ptx_avg"] > 0  # a mean negative log-likelihood
+    without = ppo.run(compose_config("ppo", TINY_PPO))
+    assert "loss/ptx_avg" not in without
+
+
+def test_ptx_batches_are_a_pure_function_of_update_and_step():
+    from pipeline.rl.trainer import PtxBatches
+    stream = torch.arange(1000)
+    a, b = PtxBatches(stream, 16, 4, seed=0), PtxBatches(stream, 16, 4, seed=0)
+    assert torch.equal(a.batch(3, 1), b.batch(3, 1)) and not torch.equal(a.batch(3, 1), a.batch(3, 2))
+    x = a.batch(0, 0)
+    assert x.shape == (4, 16) and (x[:, 1:] - x[:, :-1] == 1).all()  # contiguous windows of the stream

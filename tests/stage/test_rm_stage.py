@@ -79,3 +79,15 @@ def test_conflicting_batch_orders_are_refused(chain):
     from pipeline.runtime import PipelineError
     with pytest.raises(PipelineError, match="group_pairs=true and train.group_by_length=true"):
         rm.run(compose_config("rm", TINY_RM + QUIET + ["train.group_by_length=true"]))
+
+
+FIXTURES = __import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "data"
+
+
+@pytest.mark.parametrize("fixture", ["hh_rlhf.jsonl", "ultrafeedback_binarized.jsonl"])
+def test_public_preference_layouts_train_the_rm(chain, fixture):
+    path = FIXTURES / fixture
+    metrics = rm.run(compose_config("rm", TINY_RM + QUIET + [f"data.prefs.train=[{path}]",
+                                                              f"data.prefs.eval=[{path}]"]))
+    assert metrics["train_loss"] > 0 and metrics["train_pairs_dropped_too_long"] == 0
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0

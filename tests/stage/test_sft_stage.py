@@ -190,3 +190,24 @@ def test_bad_sampling_settings_fail_before_training(run_root, spy_base):
     with pytest.raises(ConfigError, match="top_p=1.5 must be in"):
         sft.run(compose_config("sft", TINY_SFT + QUIET + ["samples.decoding.top_p=1.5"]))
     assert "model" not in spy_base  # refused before the base model was even loaded
+
+
+def test_wandb_lineage_base_sft_offline_and_one_run_per_resumed_stage(run_root):
+    """Each stage logs its artifact as a W&B reference artifact and its parent as an input, offline
+    too; a stage resumed from a checkpoint continues the same W&B run."""
+    from pipeline.resume import TrainerCheckpoints
+    from pipeline.runtime import resolved
+    from tests.stage.wandb_records import artifacts
+    cfg = compose_config("sft", TINY_SFT + ["logger=wandb"])
+    sft.run(cfg)
+    (run_file,) = (run_root / "wandb").glob("offline-run-*/run-*.wandb")
+    stages = [a for a in artifacts(run_file) if a[1] != "run_table"]  # W&B stores tables as artifacts too
+    assert stages == [("default-base", "base", True), ("default-sft", "sft", False)]
+    # The run id a resumed stage reuses: kept beside the checkpoints, new when starting over.
+    ckpts = TrainerCheckpoints(run_root / "work-sft", resolved(cfg), "sft")
+    _, first = ckpts.start(resume=True)
+    (ckpts.dir / "checkpoint-4").mkdir()
+    (ckpts.dir / "checkpoint-4" / "complete.json").write_text("{}")
+    last, again = ckpts.start(resume=True)
+    assert again == first and last.name == "checkpoint-4"
+    assert ckpts.start(resume=False)[1] != first
