@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 MANIFEST = "manifest.json"
 
 # The RL stage writes its artifact under the name of its algorithm (conf/algorithm/).
-RL_STAGES = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce_pp")
+RL_STAGES = ("ppo", "ppo_ptx", "rloo", "grpo", "dr_grpo", "reinforce_pp")
 
 # Which command produces each stage's artifact: named in every "missing parent" error.
 PRODUCER = {

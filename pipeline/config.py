@@ -331,7 +331,6 @@ class PPOConfig:
     value_init: str = MISSING  # rm | fresh (gae only)
     old_logprobs: str = MISSING  # sampler (recorded while sampling) | recompute (an extra full pass)
     gradient_checkpointing: bool = MISSING
-    ptx_coef: float = MISSING  # PPO-ptx: weight of the pretraining log-likelihood; 0 = off
     ptx_batch_size: int = MISSING  # pretraining sequences per optimizer step
     ptx_block_size: int = MISSING  # tokens per pretraining sequence
     precision: str = MISSING  # auto | fp32 | bf16 | fp16
@@ -343,13 +342,14 @@ class PPOConfig:
 class AlgorithmConfig:
     """The advantage estimator of the RL stage (conf/algorithm/)."""
 
-    name: str = MISSING  # the artifact's folder: ppo | rloo | grpo | dr_grpo | reinforce_pp
+    name: str = MISSING  # the artifact's folder: ppo | ppo_ptx | rloo | grpo | dr_grpo | reinforce_pp
     advantage: str = MISSING  # gae | rloo | grpo | reinforce_pp
     samples_per_prompt: int = MISSING  # k
     kl_in: str = MISSING  # reward (Ziegler et al.) | loss (k3 with gradient, as GRPO)
     loss_agg: str = MISSING  # token_mean | seq_mean | constant (Dr.GRPO)
     scale_by_std: bool = MISSING  # grpo: divide by the group's std (false: Dr.GRPO)
     group_baseline: bool = MISSING  # reinforce_pp: subtract the group mean first (REINFORCE++-baseline)
+    ptx_coef: float = MISSING  # PPO-ptx (InstructGPT eq. 2): weight of the pretraining log-likelihood; 0 = off
 
 
 @dataclass

@@ -11,7 +11,7 @@ written under the algorithm's name: ``artifacts/<run>/ppo``, ``.../rloo``, ``...
     make ppo
     make ppo ARGS="algorithm=rloo"
     make ppo ARGS="algorithm=grpo ppo.total_updates=60"
-    make ppo ARGS="ppo.ptx_coef=0.5"                                 # PPO-ptx (InstructGPT eq. 2)
+    make ppo ARGS="algorithm=ppo_ptx"                                # PPO-ptx (InstructGPT eq. 2)
     make ppo ARGS="+reward.sources.gold='{_target_: pipeline.rl.rewards.GoldJudgeReward, weight: 1.0, seed: 0, n_entities: 40, n_unknown: 40}'"
     accelerate launch --multi_gpu --num_processes 2 -m stages.ppo   # data parallel (GPUs, or
                                                                     # CPU processes on gloo)
@@ -94,7 +94,7 @@ def run(cfg: DictConfig) -> dict:
     fmt = load_sft_tokenizer(sft)
     rows = load_validated(cfg.data.ppo_prompts, cfg.data.hub_split, prompt_row, cfg.data.columns)
     reward_fn = build_reward_fn(cfg.reward, rm.metrics)
-    ptx = ptx_batches(cfg, fmt) if cfg.ppo.ptx_coef > 0 else None
+    ptx = ptx_batches(cfg, fmt) if cfg.algorithm.ptx_coef > 0 else None
 
     # --- one base, every role: SFT (policy init, reference), RM (reward, value init) ---
     seed_everything(cfg.seed)  # the same initial weights in every process

@@ -303,3 +303,17 @@ def build_family(family: str, out_dir: Path, corpus: list[str], seed: int = 0, *
             config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n",
                                    encoding="utf-8")
     return out_dir
+
+
+if __name__ == "__main__":
+    # python -m tests.families qwen2.5 /tmp/tiny-qwen [corpus.jsonl]: a local stand-in to try the
+    # pipeline's "bring your own model" commands on without a hub (README).
+    import sys
+
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in FAMILIES:
+        raise SystemExit(f"usage: python -m tests.families {{{','.join(FAMILIES)}}} OUT_DIR [CORPUS.jsonl]")
+    source = Path(sys.argv[3] if len(sys.argv) == 4 else "data/world/pretrain.jsonl")
+    if not source.is_file():
+        raise SystemExit(f"{source} not found: run `make data` first, or give a .jsonl of {{\"text\": ...}} rows")
+    texts = [json.loads(line)["text"] for line in source.read_text().splitlines()[:300]]
+    print(build_family(sys.argv[1], Path(sys.argv[2]), texts))

@@ -202,7 +202,7 @@ class RLTrainer:
             loss = self._ptx_loss(ptx_step)
             finite = bool(torch.isfinite(loss))
             if finite:
-                self.acc.backward(self.cfg.ptx_coef * loss)
+                self.acc.backward(self.alg.ptx_coef * loss)
             sums["ptx_loss"] = loss.detach() / self.acc.num_processes
         self._agree_finite(finite)
         self._sum_gradients()

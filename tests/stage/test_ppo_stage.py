@@ -312,9 +312,10 @@ def test_health_abort_stops_the_run_and_keeps_the_last_checkpoint(chain):
 def test_ppo_ptx_adds_the_pretraining_likelihood(chain):
     """InstructGPT eq. 2: the policy also climbs log pi on pretraining batches (loss/ptx_avg)."""
     from stages import ppo
-    with_ptx = ppo.run(compose_config("ppo", TINY_PPO + ["ppo.ptx_coef=1.0", "ppo.ptx_batch_size=4",
+    with_ptx = ppo.run(compose_config("ppo", TINY_PPO + ["algorithm=ppo_ptx", "ppo.ptx_batch_size=4",
                                                          "ppo.ptx_block_size=32"]))
     assert with_ptx["loss/ptx_avg"] > 0  # a mean negative log-likelihood
+    assert load_artifact(chain / "artifacts/default/ppo_ptx", "ppo_ptx").metrics == with_ptx
     without = ppo.run(compose_config("ppo", TINY_PPO))
     assert "loss/ptx_avg" not in without
 
