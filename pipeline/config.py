@@ -231,7 +231,8 @@ class RMStageConfig(StageConfig):
 @dataclass
 class DPOTrainConfig(HFTrainConfig):
     beta: float = MISSING  # the implicit KL coefficient
-    loss_type: str = MISSING  # TRL's DPO loss: sigmoid | ipo | hinge | ...
+    loss_type: list[str] = MISSING  # TRL's DPO losses, summed: sigmoid (DPO), ipo, hinge, sft (NLL on chosen), ...
+    loss_weights: Optional[list[float]] = MISSING  # one per loss_type; null = all 1
 
 
 @dataclass

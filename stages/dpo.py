@@ -62,7 +62,8 @@ def dpo_trainer(cfg: DictConfig, sft, fmt: ChatFormat, train_rows: list[dict], e
     base = load_causal_lm(base_source_for(sft), cfg.model, fmt)
     model = PeftModel.from_pretrained(base, sft.path / "adapter", is_trainable=True)
     args = DPOConfig(**trainer_args(cfg.train, str(work), cfg.seed, report_to),
-                     beta=cfg.train.beta, loss_type=[cfg.train.loss_type])
+                     beta=cfg.train.beta, loss_type=list(cfg.train.loss_type),
+                     loss_weights=None if cfg.train.loss_weights is None else list(cfg.train.loss_weights))
     return DPOTrainer(model=model, args=args, processing_class=fmt.tokenizer,
                       train_dataset=as_dataset(train_rows, cfg.train.max_length),
                       eval_dataset=as_dataset(eval_rows, cfg.train.max_length),

@@ -3,6 +3,7 @@
 Run by test_two_processes_on_half_the_rows_give_the_update_of_one_process under accelerate:
 the 1-process run samples the rollout and saves it; the 2-process run loads the same rollout,
 so both steps see identical data and advantages. Each saves its trainable weights.
+With a third argument `nan`, process 1's advantages are NaN (its loss alone is non-finite).
 """
 
 import sys
@@ -26,7 +27,14 @@ if world == 1:
 else:
     r = Rollout(**torch.load(out / "rollout.pt"))
 rank = trainer.acc.process_index
-trainer.train_step(r.select(torch.arange(rank * rows, (rank + 1) * rows)))
+mine = r.select(torch.arange(rank * rows, (rank + 1) * rows))
+if sys.argv[2:] == ["nan"] and rank == 1:
+    mine.advantages[:] = float("nan")
+try:
+    trainer.train_step(mine)
+except FloatingPointError as e:
+    print(f"rank {rank} stopped: {e}", flush=True)
+    raise SystemExit(3)
 trainer.check_replicas_in_sync()
 if trainer.acc.is_main_process:
     torch.save(model.trainable_state(), out / f"weights-{world}.pt")

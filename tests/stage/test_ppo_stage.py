@@ -283,6 +283,23 @@ def test_two_processes_on_half_the_rows_give_the_update_of_one_process(chain, tm
 
 
 @pytest.mark.slow
+def test_a_non_finite_loss_on_one_process_stops_every_process_with_one_message(chain, tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "dp_step.py")
+    env = {**os.environ, "RLHF_ROOT": str(chain), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    assert subprocess.run([*launch, "--num_processes", "1", script, str(tmp_path)], env=env, capture_output=True,
+                          timeout=600).returncode == 0  # the shared rollout
+    # Raising on process 1 alone would leave process 0 in the gradient all-reduce until the
+    # launcher tore it down; both must stop on their own, with the same message.
+    out = subprocess.run([*launch, "--multi_gpu", "--num_processes", "2", script, str(tmp_path), "nan"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} stopped: the RL loss became non-finite at update 1 (on 1 of 2 processes)" in out.stdout
+
+
+@pytest.mark.slow
 def test_two_cpu_processes_run_the_stage_data_parallel(chain):
     env = {**os.environ, "RLHF_ROOT": str(chain), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
