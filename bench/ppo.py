@@ -85,7 +85,7 @@ def chain_a() -> Path:
 def chain_b() -> Path:
     """A random 36M Llama with a 32k vocabulary, and SFT / RM adapters one step from it."""
     root = WORK / "model-b"
-    if (root / "artifacts/default/rm/manifest.json").is_file():
+    if (root / "artifacts/default/rm/manifest.json").is_file() and (root / "base" / "config.json").is_file():
         return root
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     tok_dir = ROOT / "artifacts/default/base/model"

@@ -179,7 +179,8 @@ def sft_row(row: Row) -> list[Row]:
     if "messages" in row:
         msgs = _messages(row["messages"], "messages")
         if msgs[-1]["role"] != "assistant":
-            raise RowError(f"messages[{len(msgs) - 1}].role", "must be 'assistant': a demonstration ends with the answer")
+            raise RowError(f"messages[{len(msgs) - 1}].role",
+                           "must be 'assistant': a demonstration ends with the answer")
         if not any(m["role"] == "user" for m in msgs):
             raise RowError("messages", "has no user turn")
         return [{"messages": msgs}]

@@ -86,7 +86,8 @@ def pairwise_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[s
     }
 
 
-def evaluate_pairs(model, fmt: ChatFormat, rows: list[dict], batch_size: int) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+def evaluate_pairs(model, fmt: ChatFormat, rows: list[dict],
+                   batch_size: int) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """Score each held-out tokenized pair; returns metrics and the chosen / rejected rewards (N,)."""
     r_c = score_ids(model, fmt.pad_id, [r["chosen_ids"] for r in rows], batch_size)
     r_r = score_ids(model, fmt.pad_id, [r["rejected_ids"] for r in rows], batch_size)

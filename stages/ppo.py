@@ -12,7 +12,8 @@ written under the algorithm's name: ``artifacts/<run>/ppo``, ``.../rloo``, ``...
     make ppo ARGS="algorithm=rloo"
     make ppo ARGS="algorithm=grpo ppo.total_updates=60"
     make ppo ARGS="algorithm=ppo_ptx"                                # PPO-ptx (InstructGPT eq. 2)
-    make ppo ARGS="+reward.sources.gold='{_target_: pipeline.rl.rewards.GoldJudgeReward, weight: 1.0, seed: 0, n_entities: 40, n_unknown: 40}'"
+    make ppo ARGS="+reward.sources.gold='{_target_: pipeline.rl.rewards.GoldJudgeReward,
+                   weight: 1.0, seed: 0, n_entities: 40, n_unknown: 40}'"        # (one line)
     accelerate launch --multi_gpu --num_processes 2 -m stages.ppo   # data parallel (GPUs, or
                                                                     # CPU processes on gloo)
 

@@ -114,7 +114,8 @@ class RLTrainer:
             values = torch.zeros_like(logprobs) if self.critic else None
             rm_scores = torch.zeros(len(prompts), device=logprobs.device)
             for idx in by_length(q_mask, mask, self.cfg.micro_batch_size):  # scoring passes, short rows together
-                p, ri, rmask = pack(q_ids[idx], q_mask[idx], resp[idx], mask[idx], self.fmt.pad_id), resp[idx], mask[idx]
+                ri, rmask = resp[idx], mask[idx]
+                p = pack(q_ids[idx], q_mask[idx], ri, rmask, self.fmt.pad_id)
                 if self.cfg.old_logprobs == "recompute":  # the exact path: a full pass, as in training
                     logprobs[idx] = self.model.logprobs(p, ri, self.cfg.temperature) * rmask
                 ref[idx] = self.model.logprobs(p, ri, self.cfg.temperature, adapter="ref") * rmask

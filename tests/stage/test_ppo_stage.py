@@ -202,7 +202,8 @@ def test_rl_stage_writes_an_artifact_that_loads_as_the_trained_policy(chain):
 def test_a_weak_reward_model_is_refused_with_its_accuracy(chain):
     from pipeline.runtime import PipelineError
     from stages import ppo
-    with pytest.raises(PipelineError, match=r"ranks \d+\.\d% of its held-out pairs correctly, below reward.min_accuracy=0.99"):
+    below = r"ranks \d+\.\d% of its held-out pairs correctly, below reward.min_accuracy=0.99"
+    with pytest.raises(PipelineError, match=below):
         ppo.run(compose_config("ppo", TINY_PPO + ["reward.min_accuracy=0.99"]))
 
 

@@ -30,7 +30,8 @@ def test_rm_trains_adapter_and_head_and_leaves_backbone(chain, monkeypatch):
         return model
 
     monkeypatch.setattr(rm, "sft_backbone_classifier", recording)
-    metrics = rm.run(compose_config("rm", TINY_RM + QUIET + ["train.max_steps=40", "train.per_device_train_batch_size=16"]))
+    metrics = rm.run(compose_config("rm", TINY_RM + QUIET + ["train.max_steps=40",
+                                                             "train.per_device_train_batch_size=16"]))
     for name, p in seen["model"].named_parameters():
         if "lora_" in name or "score" in name:
             continue

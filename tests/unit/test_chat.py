@@ -112,7 +112,8 @@ def test_a_conversation_the_template_refuses_names_its_file_and_line(formats, tm
     encode = tokenized(sft_row, lambda row: sft_example(formats["mistral"], row))
     with pytest.raises(PipelineError, match=r"sft.jsonl, line 2: field `messages` the chat template refuses"):
         load_validated([str(path)], "train", encode)
-    assert len(load_validated([str(path)], "train", tokenized(sft_row, lambda r: sft_example(formats["qwen2.5"], r)))) == 2
+    example = tokenized(sft_row, lambda r: sft_example(formats["qwen2.5"], r))
+    assert len(load_validated([str(path)], "train", example)) == 2
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -138,7 +139,8 @@ def test_an_unusable_template_is_refused_in_one_line_naming_the_setting(families
     with pytest.raises(ChatTemplateError) as e:
         chat_format(tok)
     message = str(e.value)
-    assert "\n" not in message and message.startswith("model.chat_template:") and "Fix: set model.chat_template=" in message
+    assert "\n" not in message and message.startswith("model.chat_template:")
+    assert "Fix: set model.chat_template=" in message
     # Not prefix-consistent: the prompt is rendered differently from the same prompt plus an answer.
     tok.chat_template = ("{{ messages | length }}{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>"
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>{% endif %}")
