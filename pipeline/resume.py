@@ -52,7 +52,15 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class MarkComplete(TrainerCallback):
-    """Marks a checkpoint folder complete once the trainer has finished writing it."""
+    """Marks a checkpoint folder complete once the trainer has finished writing it, and logs at
+    every checkpoint step. The trainer logs the mean loss since its previous log, and a resumed
+    trainer starts counting at its checkpoint: unless a log falls on every checkpoint, the
+    resumed run's first log would average fewer steps than the uninterrupted run's."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # set by the default flow callback, which runs first
+            control.should_log = True
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

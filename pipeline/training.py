@@ -89,10 +89,17 @@ def final_train_loss(log_history: list[dict], run_mean: float) -> float:
 
 
 def mean_train_loss(log_history: list[dict], run_mean: float) -> float:
-    """The whole run's mean training loss from the logged values. The trainer's own
-    ``training_loss`` covers only the steps since a resume; the log history covers the run."""
-    losses = [entry["loss"] for entry in log_history if "loss" in entry]
-    return sum(losses) / len(losses) if losses else run_mean
+    """The whole run's mean training loss from the log history (the trainer's own
+    ``training_loss`` covers only the steps since a resume). Each logged loss is the mean over
+    the steps since the previous log, so it weighs as many steps:
+    sum_i loss_i * (step_i - step_{i-1}) / step_last."""
+    logged = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    if not logged:
+        return run_mean
+    total, last = 0.0, 0
+    for step, loss in logged:
+        total, last = total + loss * (step - last), step
+    return total / last
 
 
 class NonFiniteLossGuard(TrainerCallback):

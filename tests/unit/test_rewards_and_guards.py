@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.rl.rewards import build_reward_fn, normalise
-from pipeline.training import NonFiniteLossGuard
+from pipeline.training import NonFiniteLossGuard, mean_train_loss
 
 pytestmark = pytest.mark.unit
 
@@ -78,3 +78,21 @@ def test_non_finite_loss_stops_training_with_the_fix(bad):
     with pytest.raises(FloatingPointError, match=r"loss became .* at step 7; nothing was saved.*learning_rate"):
         NonFiniteLossGuard().on_log(None, State(), None, logs={"loss": bad})
     NonFiniteLossGuard().on_log(None, State(), None, logs={"loss": 0.5})  # finite: no error
+
+
+def test_mean_train_loss_weights_each_log_by_the_steps_it_covers():
+    # logs at steps 4, 6 (a checkpoint), 8: means over 4, 2 and 2 steps
+    history = [{"loss": 2.0, "step": 4}, {"loss": 1.0, "step": 6}, {"eval_loss": 9.0, "step": 6},
+               {"loss": 0.5, "step": 8}]
+    assert mean_train_loss(history, run_mean=7.0) == pytest.approx((2.0 * 4 + 1.0 * 2 + 0.5 * 2) / 8)
+    assert mean_train_loss([{"eval_loss": 1.0, "step": 3}], run_mean=7.0) == 7.0  # nothing logged
+
+
+def test_every_checkpoint_step_is_also_a_log_step():
+    from transformers import TrainerControl
+
+    from pipeline.resume import MarkComplete
+    control = TrainerControl(should_save=True)
+    assert MarkComplete().on_step_end(None, None, control).should_log
+    control = TrainerControl(should_save=False)
+    assert not MarkComplete().on_step_end(None, None, control).should_log
