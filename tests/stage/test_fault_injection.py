@@ -44,14 +44,25 @@ class ArtifactWatch(threading.Thread):
 
     def run(self):
         while not self.stop.is_set():
-            if self.path.exists():
+            folder = self._folder()
+            if folder is not None:
                 try:
                     load_artifact(self.path, self.path.name)
                     self.seen += 1
                 except ArtifactError as e:
-                    if self.path.exists():  # not a swap that completed between exists() and load
+                    # A rerun replaces a finished artifact by renaming a new folder into place;
+                    # if that happened mid-read, the read mixed two whole artifacts. A failure
+                    # is the artifact's only if the same folder is still there.
+                    if self._folder() == folder:
                         self.problems.append(str(e))
             time.sleep(0.01)
+
+    def _folder(self):
+        """The identity (inode) of the folder now at the path, or None."""
+        try:
+            return self.path.stat().st_ino
+        except FileNotFoundError:
+            return None
 
 
 def run_stage(stage: str, root: Path, extra=()) -> subprocess.CompletedProcess:
