@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 
 from pipeline.runtime import PipelineError
 
@@ -79,6 +80,23 @@ def report_truncation(stage: str, rows: list[dict], max_length: int) -> int:
         print(f"{stage}: {over} of {len(rows)} rows are longer than train.max_length={max_length} tokens "
               f"(longest {max(lengths)}); raise train.max_length to keep them whole")
     return over
+
+
+def train_or_resume(trainer, last: Optional[Path], stage: str) -> float:
+    """Train, resuming from checkpoint ``last`` when given; returns the trainer's mean loss.
+
+    A checkpoint at the final step means training had ended before the kill (during the
+    evaluation or the save): its weights and log are the result. Resumed from there, the HF
+    trainer would take one step past ``max_steps`` before checking the limit."""
+    if last is None:
+        return trainer.train().training_loss
+    print(f"{stage}: resuming from {last}")
+    state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
+    if state.global_step < state.max_steps:
+        return trainer.train(resume_from_checkpoint=str(last)).training_loss
+    trainer._load_from_checkpoint(str(last))  # what train() itself calls to load a checkpoint
+    trainer.state = state
+    return mean_train_loss(state.log_history, float("nan"))
 
 
 def final_train_loss(log_history: list[dict], run_mean: float) -> float:

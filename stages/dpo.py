@@ -34,7 +34,7 @@ from pipeline.resume import MarkComplete, TrainerCheckpoints
 from pipeline.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.tracking import start_tracking
 from pipeline.training import (NonFiniteLossGuard, final_train_loss, mean_train_loss, report_truncation,
-                               trainer_args)
+                               train_or_resume, trainer_args)
 from pipeline.validation import check_ranges
 
 
@@ -88,13 +88,10 @@ def run(cfg: DictConfig) -> dict:
     last, run_id = ckpts.start(cfg.resume)
     tracker = start_tracking(cfg, "dpo", run_id)
     trainer = dpo_trainer(cfg, sft, fmt, train_rows, eval_rows, work, "wandb" if tracker.enabled else "none")
-    if last is not None:
-        print(f"dpo: resuming from {last}")
-    train_out = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    run_mean = train_or_resume(trainer, last, "dpo")
     final_eval = trainer.evaluate()
     logged = trainer.state.log_history
-    metrics = {"train_loss": final_train_loss(logged, train_out.training_loss),
-               "train_loss_mean": mean_train_loss(logged, train_out.training_loss),
+    metrics = {"train_loss": final_train_loss(logged, run_mean), "train_loss_mean": mean_train_loss(logged, run_mean),
                "train_pairs_dropped_too_long": too_long,
                **{k: v for k, v in final_eval.items() if k.startswith("eval_rewards/") or k == "eval_loss"}}
     print(f"dpo: train loss {metrics['train_loss']:.3f}, held-out preference accuracy "

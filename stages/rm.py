@@ -37,7 +37,7 @@ from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_every
 from pipeline.validation import check_ranges
 from pipeline.tracking import start_tracking
 from pipeline.training import (NonFiniteLossGuard, final_train_loss, mean_train_loss, report_truncation,
-                               trainer_args)
+                               train_or_resume, trainer_args)
 
 
 def as_dataset(rows: list[dict], use_margin: bool, max_length: int) -> Dataset:
@@ -87,16 +87,13 @@ def run(cfg: DictConfig) -> dict:
         peft_config=lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]),
         callbacks=[NonFiniteLossGuard(), MarkComplete()],
     )
-    if last is not None:
-        print(f"rm: resuming from {last}")
-    train_out = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    run_mean = train_or_resume(trainer, last, "rm")
     rm = trainer.model.eval()
 
     # --- held-out pairs: accuracy, margin, spread; stats PPO normalises with ---
     pair_metrics, r_c, r_r = evaluate_pairs(rm, fmt, eval_rows, cfg.score_batch_size)
     logged = trainer.state.log_history
-    metrics = {"train_loss": final_train_loss(logged, train_out.training_loss),
-               "train_loss_mean": mean_train_loss(logged, train_out.training_loss),
+    metrics = {"train_loss": final_train_loss(logged, run_mean), "train_loss_mean": mean_train_loss(logged, run_mean),
                "train_pairs_dropped_too_long": too_long,
                **{f"eval_{k}": v for k, v in pair_metrics.items()},
                **reward_stats(torch.cat([r_c, r_r]))}

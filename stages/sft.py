@@ -33,7 +33,7 @@ from pipeline.sampling import sample_responses, sample_stats
 from pipeline.validation import check_ranges
 from pipeline.tracking import start_tracking
 from pipeline.training import (NonFiniteLossGuard, final_train_loss, mean_train_loss, report_truncation,
-                               trainer_args)
+                               train_or_resume, trainer_args)
 
 
 def work_dir(cfg: DictConfig) -> Path:
@@ -81,12 +81,9 @@ def run(cfg: DictConfig) -> dict:
     last, run_id = ckpts.start(cfg.resume)
     tracker = start_tracking(cfg, "sft", run_id)
     trainer = sft_trainer(cfg, model, fmt, train_rows, eval_rows, "wandb" if tracker.enabled else "none")
-    if last is not None:
-        print(f"sft: resuming from {last}")
-    train_out = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    run_mean = train_or_resume(trainer, last, "sft")
     logged = trainer.state.log_history
-    metrics = {"train_loss": final_train_loss(logged, train_out.training_loss),
-               "train_loss_mean": mean_train_loss(logged, train_out.training_loss),
+    metrics = {"train_loss": final_train_loss(logged, run_mean), "train_loss_mean": mean_train_loss(logged, run_mean),
                "train_rows_truncated": truncated}
     if eval_rows:
         final_eval = trainer.evaluate()

@@ -211,3 +211,25 @@ def test_wandb_lineage_base_sft_offline_and_one_run_per_resumed_stage(run_root):
     last, again = ckpts.start(resume=True)
     assert again == first and last.name == "checkpoint-4"
     assert ckpts.start(resume=False)[1] != first
+
+
+def test_a_kill_after_the_last_checkpoint_resumes_without_an_extra_step(run_root, monkeypatch, capsys):
+    """Killed between the final checkpoint and the artifact: the rerun's result is the
+    finished training's, not one more step (the HF trainer checks max_steps only after a step)."""
+    import shutil
+
+    from pipeline.resume import TrainerCheckpoints
+    overrides = TINY_SFT + QUIET + ["train.save_steps=4", "train.logging_steps=2", "train.lr_scheduler_type=constant"]
+    with monkeypatch.context() as m:  # the first run keeps its checkpoints, as a kill would
+        m.setattr(TrainerCheckpoints, "remove", lambda self: None)
+        first = sft.run(compose_config("sft", overrides))
+    art = run_root / "artifacts" / "default" / "sft"
+    weights = load_file(art / "adapter" / "adapter_model.safetensors")
+    shutil.rmtree(art)
+    capsys.readouterr()
+    again = sft.run(compose_config("sft", overrides))
+    out = capsys.readouterr().out
+    assert "sft: resuming from" in out and "checkpoint-8" in out  # the final step's checkpoint
+    assert again["train_loss"] == first["train_loss"] and again["train_loss_mean"] == first["train_loss_mean"]
+    resumed = load_file(art / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)
