@@ -249,7 +249,7 @@ class SharedBaseActorCritic(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Policy (and value) adapters plus the value head: everything RL changes."""
         state = {f"{a}.{k}": v for a in self._adapters()
-                 for k, v in get_peft_model_state_dict(self.peft, adapter_name=a).items()}
+                 for k, v in get_peft_model_state_dict(self.peft, adapter_name=a, save_embedding_layers=False).items()}
         if self.value_head is not None:
             state.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
