@@ -18,7 +18,7 @@ The two sides alternate (ours, TRL, ours, TRL, ...: ``--rounds``) and each figur
 over its rounds: on a shared 2-core machine the same run varies by 10-20% from minute to
 minute, and alternating keeps that drift out of the ratios.
 
-    make bench ARGS=ppo                 # everything (about 15 minutes on 2 CPU cores)
+    make bench ARGS=ppo                 # everything (about 25 minutes on 2 CPU cores)
     make bench ARGS="ppo --models b"    # one model
 """
 
