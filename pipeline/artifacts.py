@@ -291,7 +291,9 @@ def recorded_parent(child: Artifact) -> Optional[Artifact]:
 def is_up_to_date(run_dir: str | Path, stage: str, config: dict[str, Any],
                   parent: Optional[Artifact]) -> bool:
     """True when the stage's artifact exists, is intact, and was built from this exact
-    config and this exact parent — so ``make pipeline`` may skip it."""
+    config and this exact parent — so ``make pipeline`` may skip it. Settings that change only
+    logging, checkpoint cadence or health warnings don't count (as for a resume)."""
+    from pipeline.resume import config_hash  # resume depends on nothing here: no cycle
     try:
         art = load_artifact(stage_path(run_dir, stage), stage)
     except ArtifactError:
@@ -301,4 +303,5 @@ def is_up_to_date(run_dir: str | Path, stage: str, config: dict[str, Any],
         parent is not None and recorded_parent is not None
         and recorded_parent["checksum"] == parent.checksum
     )
-    return same_parent and art.manifest["config"] == json.loads(json.dumps(config, default=str))
+    same_config = config_hash(art.manifest["config"]) == config_hash(json.loads(json.dumps(config, default=str)))
+    return same_parent and same_config

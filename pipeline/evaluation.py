@@ -339,7 +339,7 @@ def render_markdown(report: dict) -> str:
                          + " |")
         lines.append("")
     if report["skipped"]:
-        lines.append(f"Not in this run (no artifact): {', '.join(report['skipped'])}.")
+        lines.append("Not in this report: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items()) + ".")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -62,6 +62,16 @@ def eval_parent(run_dir: str) -> Optional[Artifact]:
     return None
 
 
+def stale(art: Artifact) -> Optional[str]:
+    """Why ``art`` no longer fits its run (an artifact up its chain was rebuilt since), or None."""
+    try:
+        while art is not None:
+            art = recorded_parent(art)
+    except ArtifactError as e:
+        return str(e)
+    return None
+
+
 def find_policies(cfg: DictConfig) -> tuple[list[str], dict[str, str]]:
     """The stages of ``cfg.policies`` the run has, and a note for each one it lacks."""
     present, skipped = [], {}
@@ -69,7 +79,11 @@ def find_policies(cfg: DictConfig) -> tuple[list[str], dict[str, str]]:
         if stage not in POLICY_STAGES:
             raise PipelineError(f"policies: {stage!r} is not a policy stage; "
                                 f"use some of {list(POLICY_STAGES)}")
-        if (stage == "base" and cfg.model.path) or optional_artifact(cfg.paths.run_dir, stage) is not None:
+        art = None if stage == "base" and cfg.model.path else optional_artifact(cfg.paths.run_dir, stage)
+        if art is not None and (why := stale(art)):
+            print(f"eval: skip {stage}: {why}")
+            skipped[stage] = why
+        elif art is not None or (stage == "base" and cfg.model.path):
             present.append(stage)
         else:
             where = stage_path(cfg.paths.run_dir, stage)

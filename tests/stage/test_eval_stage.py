@@ -114,3 +114,22 @@ def test_pipeline_skips_a_built_base(base_run, capsys):
 def test_pipeline_skips_a_built_sft_with_its_base_parent(chain, capsys):
     # When sft reruns (seed=1), the chain's rm no longer fits it: eval says so and skips rm_score.
     check_pipeline_skips("sft", TINY_SFT, capsys)
+
+
+def test_eval_skips_a_stage_built_on_an_older_parent_and_says_why(chain, capsys):
+    """After `make sft` is rerun, a DPO/RL artifact built on the old SFT no longer fits: eval
+    reports the rest and names the stale stage and its fix, instead of failing at the end."""
+    import shutil
+
+    from pipeline.artifacts import find_parent, staged_artifact
+    run = chain / "artifacts" / "default"
+    sft = find_parent(run, "sft")
+    with staged_artifact(run, "dpo", {}, parent=sft) as art:  # a DPO policy built on this SFT ...
+        shutil.copytree(sft.path / "adapter", art.dir / "policy")
+    manifest = json.loads((run / "dpo" / "manifest.json").read_text())
+    manifest["parent"]["checksum"] = "an older sft"  # ... which was rebuilt since
+    (run / "dpo" / "manifest.json").write_text(json.dumps(manifest))
+    report = eval_stage.run(compose_config("eval", QUIET + ["max_prompts=8"]))
+    assert set(report["stages"]) == {"base", "sft"}
+    assert "was not built on the `sft` artifact" in report["skipped"]["dpo"]
+    assert "eval: skip dpo:" in capsys.readouterr().out

@@ -111,6 +111,7 @@ def test_up_to_date_tracks_config_and_parent(tmp_path):
     write_artifact(tmp_path, "sft", "s", config={"lr": 1}, parent=base)
     assert is_up_to_date(tmp_path, "sft", {"lr": 1}, base)
     assert not is_up_to_date(tmp_path, "sft", {"lr": 2}, base)
+    assert is_up_to_date(tmp_path, "sft", {"lr": 1, "logger": {"name": "none"}}, base)  # logging only
     new_base = write_artifact(tmp_path, "base", "v2")
     assert not is_up_to_date(tmp_path, "sft", {"lr": 1}, new_base)
 
