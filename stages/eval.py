@@ -54,12 +54,12 @@ def optional_artifact(run_dir: str, stage: str) -> Optional[Artifact]:
 
 
 def eval_parent(run_dir: str) -> Optional[Artifact]:
-    """The run's newest artifact (an RL stage or dpo, else rm, sft, base). Its manifest chain pins
-    the artifacts the report depends on, so `make pipeline` can tell when the report is stale."""
-    for stage in (*RL_STAGES, "dpo", "rm", "sft", "base"):
-        if (art := optional_artifact(run_dir, stage)) is not None:
-            return art
-    return None
+    """The run's most recently finished artifact: the report is up to date only while it is the
+    same one (rebuilding any stage, e.g. rloo after ppo, makes a newer one), so `make pipeline`
+    can tell when the report is stale."""
+    built = [art for stage in (*RL_STAGES, "dpo", "rm", "sft", "base")
+             if (art := optional_artifact(run_dir, stage)) is not None]
+    return max(built, key=lambda art: art.manifest["finished_at"], default=None)
 
 
 def stale(art: Artifact) -> Optional[str]:

@@ -133,3 +133,22 @@ def test_eval_skips_a_stage_built_on_an_older_parent_and_says_why(chain, capsys)
     assert set(report["stages"]) == {"base", "sft"}
     assert "was not built on the `sft` artifact" in report["skipped"]["dpo"]
     assert "eval: skip dpo:" in capsys.readouterr().out
+
+
+def test_the_report_depends_on_the_most_recently_built_stage(tmp_path):
+    """Rebuilding any one stage (rloo after ppo, say) makes the report stale for `make pipeline`."""
+    import time
+
+    from pipeline.artifacts import staged_artifact
+    from stages.eval import eval_parent
+
+    def build(stage):
+        with staged_artifact(tmp_path, stage, {"k": 1}) as art:
+            (art.dir / "policy").mkdir()
+        time.sleep(1.1)  # manifests record the finish time to the second
+
+    for stage in ("sft", "rloo", "ppo"):
+        build(stage)
+    assert eval_parent(str(tmp_path)).stage == "ppo"
+    build("rloo")
+    assert eval_parent(str(tmp_path)).stage == "rloo"
