@@ -339,7 +339,7 @@ def render_markdown(report: dict) -> str:
                          + " |")
         lines.append("")
     if report["skipped"]:
-        lines.append("Not in this report: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items()) + ".")
+        lines += ["Not in this report:", *(f"- {stage}: {why}" for stage, why in report["skipped"].items())]
     return "\n".join(lines).rstrip() + "\n"
 
 

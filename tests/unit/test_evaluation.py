@@ -180,7 +180,7 @@ def test_report_markdown_has_stage_columns_and_win_rates():
     assert "| base vs sft |" not in md  # the complement is left to the reader
     assert "n/a" in md  # greedy KL, base RM score
     assert "## Rollout health" in md and "| logprob_gap | 1e-06 |" in md
-    assert "Not in this report: dpo (no artifact)." in md
+    assert "Not in this report:\n- dpo: no artifact" in md
 
 
 def test_flat_metrics_drop_missing_values():
