@@ -108,11 +108,14 @@ def chain_b() -> Path:
     return root
 
 
-def merged_for_trl(root: Path, model_args: list[str]) -> tuple[Path, Path]:
-    """TRL's inputs: the SFT policy and the RM, each merged into a plain HF folder."""
-    out = root / "trl-inputs"
-    if (out / "reward" / "config.json").is_file():
+def merged_for_trl(root: Path, model_args: list[str], tag: str) -> tuple[Path, Path]:
+    """TRL's inputs: the SFT policy and the RM, each merged into a plain HF folder under
+    bench/.work, rebuilt whenever the RM artifact (which pins its SFT) changes."""
+    out = WORK / f"trl-inputs-{tag}"
+    built_from = (root / "artifacts/default/rm/manifest.json").read_text()
+    if (out / "built-from.json").is_file() and (out / "built-from.json").read_text() == built_from:
         return out / "policy", out / "reward"
+    shutil.rmtree(out, ignore_errors=True)
     script = f"""
 import sys; sys.path.insert(0, {str(ROOT)!r})
 from tests.conftest import compose_config
@@ -130,6 +133,7 @@ rm.save_pretrained({str(out / 'reward')!r}); fmt.save({str(out / 'reward')!r})
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"bench: merging for TRL failed:\n{done.stderr[-3000:]}")
+    (out / "built-from.json").write_text(built_from)
     return out / "policy", out / "reward"
 
 
@@ -255,7 +259,7 @@ def main() -> None:
     if "a" in args.models:
         root = chain_a()
         base = root / "artifacts/default/base/model"
-        policy, reward = merged_for_trl(root, [])
+        policy, reward = merged_for_trl(root, [], "a")
         stops = json.loads((policy / "generation_config.json").read_text())["eos_token_id"]
         print("\n[a: tiny Llama] ours and TRL 1.12, alternating")
         ours, trl = rounds(args.rounds,
@@ -272,7 +276,7 @@ def main() -> None:
         root = chain_b()
         model_args = [f"model.path={root / 'base'}", "model.name=random-36m"]
         config = AutoConfig.from_pretrained(root / "base").to_dict()
-        policy, reward = merged_for_trl(root, model_args)
+        policy, reward = merged_for_trl(root, model_args, "b")
         stops = json.loads((policy / "generation_config.json").read_text())["eos_token_id"]
         print("\n[b: random 36M Llama, 32k vocab] ours and TRL 1.12, alternating")
         ours, trl = rounds(args.rounds,
