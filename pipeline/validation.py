@@ -35,6 +35,7 @@ RULES: dict[str, Rule] = {
     **{f"train.{k}": NON_NEGATIVE for k in ("warmup", "warmup_steps", "weight_decay", "eval_steps",
                                             "center_rewards_coefficient")},
     "train.min_lr_ratio": PROBABILITY,
+    "train.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5): the share of labels assumed flipped"),
     "lora.r": POSITIVE, "lora.alpha": POSITIVE, "lora.dropout": DROPOUT,
     **{f"ppo.{k}": POSITIVE for k in _PPO_POSITIVE},
     **{f"ppo.{k}": NON_NEGATIVE for k in ("weight_decay", "warmup_steps", "vf_coef", "missing_eos_penalty")},

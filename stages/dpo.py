@@ -31,11 +31,26 @@ from pipeline.models import load_causal_lm
 from pipeline.policies import base_source_for
 from pipeline.reward import load_sft_tokenizer
 from pipeline.resume import MarkComplete, TrainerCheckpoints
-from pipeline.runtime import output_run_dir, resolved, seed_everything, user_errors
+from pipeline.runtime import ConfigError, output_run_dir, resolved, seed_everything, user_errors
 from pipeline.tracking import start_tracking
 from pipeline.training import (NonFiniteLossGuard, final_train_loss, mean_train_loss, report_truncation,
                                train_or_resume, trainer_args)
 from pipeline.validation import check_ranges
+
+
+SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")  # TRL's losses that read label_smoothing
+
+
+def check_losses(train: DictConfig) -> None:
+    """Refuse settings TRL would silently ignore or reject later."""
+    losses = list(train.loss_type)
+    if train.loss_weights is not None and len(train.loss_weights) != len(losses):
+        raise ConfigError(f"train.loss_weights has {len(train.loss_weights)} entries for {len(losses)} losses "
+                          f"{losses}: give one weight per train.loss_type entry, or null")
+    if train.label_smoothing > 0 and not set(losses) & set(SMOOTHED_LOSSES):
+        raise ConfigError(f"train.label_smoothing={train.label_smoothing} has no effect with train.loss_type="
+                          f"{losses}: use it with one of {list(SMOOTHED_LOSSES)} (e.g. 'train.loss_type=[robust]', "
+                          "rDPO for noisy labels), or leave it at 0")
 
 
 def dpo_rows(fmt: ChatFormat, sources: list[str], cfg: DictConfig) -> list[dict]:
@@ -63,7 +78,8 @@ def dpo_trainer(cfg: DictConfig, sft, fmt: ChatFormat, train_rows: list[dict], e
     model = PeftModel.from_pretrained(base, sft.path / "adapter", is_trainable=True)
     args = DPOConfig(**trainer_args(cfg.train, str(work), cfg.seed, report_to),
                      beta=cfg.train.beta, loss_type=list(cfg.train.loss_type),
-                     loss_weights=None if cfg.train.loss_weights is None else list(cfg.train.loss_weights))
+                     loss_weights=None if cfg.train.loss_weights is None else list(cfg.train.loss_weights),
+                     label_smoothing=cfg.train.label_smoothing, use_weighting=cfg.train.use_weighting)
     return DPOTrainer(model=model, args=args, processing_class=fmt.tokenizer,
                       train_dataset=as_dataset(train_rows, cfg.train.max_length),
                       eval_dataset=as_dataset(eval_rows, cfg.train.max_length),
@@ -72,6 +88,7 @@ def dpo_trainer(cfg: DictConfig, sft, fmt: ChatFormat, train_rows: list[dict], e
 
 def run(cfg: DictConfig) -> dict:
     check_ranges(cfg)
+    check_losses(cfg.train)
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.train.num_threads)
 
