@@ -73,20 +73,30 @@ def load_adapter_state(peft: PeftModel, state: dict[str, torch.Tensor], adapter:
                          f"unexpected {list(result.unexpected_keys)[:3]}")
 
 
+def plain_lora(layer) -> bool:
+    """A LoRA Linear that :func:`fused_lora_forward` computes itself: no DoRA or other variant and no
+    LoRA bias (fixed once the adapters are loaded)."""
+    return not layer.lora_variant and all(b.bias is None for b in layer.lora_B.values())
+
+
 def fused_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft's LoRA Linear forward, ``W x + sum_a s_a B_a A_a x`` over the active adapters, with each
     adapter's scale and sum folded into one ``addmm``: two fewer passes over the (rows x out)
-    output per adapter than ``result + lora_B(lora_A(x)) * s``. Anything but plain LoRA (DoRA and
-    other variants, LoRA biases, mixed-adapter batches, merged weights) takes peft's own forward."""
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if (layer.disable_adapters or layer.merged or "adapter_names" in kwargs
-            or any(a in layer.lora_variant or layer.lora_B[a].bias is not None for a in active)):
+    output per adapter than ``result + lora_B(lora_A(x)) * s``, and none of peft's per-call checks
+    (this runs ~1000 times an update on small inputs, where Python overhead rivals the arithmetic).
+    Anything but plain LoRA (DoRA and other variants, LoRA biases, mixed-adapter batches, merged
+    weights) takes peft's own forward."""
+    if not layer._rl_plain or layer.disable_adapters or layer.merged or "adapter_names" in kwargs:
         return type(layer).forward(layer, x, *args, **kwargs)
     result = layer.base_layer(x, *args, **kwargs)
     out = result.reshape(-1, result.shape[-1])
     rows = x.reshape(-1, x.shape[-1])
-    for a in active:
-        xa = layer.lora_A[a](layer.lora_dropout[a](rows.to(layer.lora_A[a].weight.dtype)))
+    for a in layer.active_adapters:
+        if a not in layer.lora_A:
+            continue
+        weight_a = layer.lora_A[a].weight
+        xa = torch.nn.functional.linear(layer.lora_dropout[a](rows) if layer.training else rows,
+                                        weight_a.to(rows.dtype))  # dropout is the identity in eval mode
         out = torch.addmm(out, xa.to(out.dtype), layer.lora_B[a].weight.t().to(out.dtype), alpha=layer.scaling[a])
     return out.view(result.shape)
 
@@ -104,6 +114,7 @@ class SharedBaseActorCritic(nn.Module):
         for module in peft.modules():
             if isinstance(module, LoraLinear):
                 module.forward = types.MethodType(fused_lora_forward, module)
+                module._rl_plain = plain_lora(module)
         # Freeze every adapter once, then arm exactly the optimizer's parameters; switching roles
         # afterwards only repoints each LoRA layer (peft's set_adapter walks every module and
         # toggles requires_grad, ~4 ms a call, ~30 calls an update).
@@ -113,6 +124,7 @@ class SharedBaseActorCritic(nn.Module):
         self._layers = [m for m in peft.modules() if isinstance(m, BaseTunerLayer)]
         self._active: Optional[list[str]] = None
         self._activate(["policy"])
+        self.lm_head_by_hand, self.packs_rows = self._check_shortcuts()
 
     # --- construction ---------------------------------------------------------------
 
@@ -178,15 +190,51 @@ class SharedBaseActorCritic(nn.Module):
 
     def logprobs(self, p: Packed, response_ids, temperature: float, adapter: str = "policy") -> torch.Tensor:
         """(B, T) log-probs of ``response_ids`` under softmax(logits / T) of the policy (or
-        ``adapter="ref"``), from a packed batch: the LM head runs only on the columns at the right
-        end that hold the responses, and no ``[B, T, V]`` copy is made (the labels move instead)."""
-        self._activate([adapter])
-        logits = self.peft(input_ids=p.ids, attention_mask=p.mask, position_ids=position_ids_from_mask(p.mask),
-                           use_cache=False, logits_to_keep=p.keep).logits  # (B, K, V)
-        cols = p.prefix - (p.ids.shape[1] - p.keep)  # (B, T): each response token's column among the K kept
-        labels = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
-        labels.scatter_(1, cols, response_ids.long())  # positions past a response all land on column K - 1, unused
-        return logprobs_from_logits(logits, labels, temperature).gather(1, cols)
+        ``adapter="ref"``), from a packed batch: the LM head runs only at the positions that
+        predict a response token, and no ``[B, T, V]`` fp32 copy is made."""
+        if self.lm_head_by_hand:
+            logits = self._lm_logits(p.gather(self._packed_hidden([adapter], p), p.prefix))  # (B, T, V)
+        else:  # a family whose output scaling the hand-applied head does not reproduce: every position
+            self._activate([adapter])
+            logits = p.gather(self.peft(input_ids=p.ids, position_ids=p.positions, use_cache=False).logits, p.prefix)
+        return logprobs_from_logits(logits, response_ids, temperature)
+
+    def _packed_hidden(self, names: list[str], p: Packed) -> torch.Tensor:
+        """(R, W, H) final hidden states of packed rows (no attention mask: transformers builds the
+        block-diagonal causal mask from the restarting positions)."""
+        self._activate(names)
+        return self._backbone()(input_ids=p.ids, position_ids=p.positions, use_cache=False).last_hidden_state
+
+    def _lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The causal LM's logits from final hidden states, with the families' output scalings."""
+        config = self.peft.base_model.model.config
+        logits = self.peft.get_output_embeddings()(h)
+        if getattr(config, "logit_scale", None) is not None:  # Cohere
+            logits = logits * config.logit_scale
+        if getattr(config, "logits_scaling", None) is not None:  # Granite
+            logits = logits / config.logits_scaling
+        if getattr(config, "final_logit_softcapping", None) is not None:  # Gemma 2 and 3
+            logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
+        return logits
+
+    @torch.no_grad()
+    def _check_shortcuts(self) -> tuple[bool, bool]:
+        """Whether (1) the LM head applied by hand to hidden states gives the model's own logits and
+        (2) two sequences packed in one row give what each gives alone. A family that fails (1)
+        runs the LM head over every position; one that fails (2) packs one sequence per row."""
+        was_training = self.training
+        self.eval()
+        try:
+            vocab = self.peft.base_model.model.config.vocab_size
+            a, b = (torch.arange(5, device=self.device) * 7 + 3) % vocab, (torch.arange(3, device=self.device) * 5 + 2) % vocab
+            alone = [self.peft(input_ids=x[None], use_cache=False).logits[0].float() for x in (a, b)]
+            ids, pos = torch.cat([a, b])[None], torch.cat([torch.arange(5), torch.arange(3)]).to(self.device)[None]
+            by_hand = self._lm_logits(self._backbone()(input_ids=a[None], use_cache=False).last_hidden_state)[0].float()
+            packed = self.peft(input_ids=ids, position_ids=pos, use_cache=False).logits[0].float()
+            close = lambda x, y: bool(torch.allclose(x, y, rtol=1e-3, atol=1e-3 * float(y.abs().max().clamp(min=1))))
+            return close(by_hand, alone[0]), close(packed[:5], alone[0]) and close(packed[5:], alone[1])
+        finally:
+            self.train(was_training)
 
     def sequence_logprobs(self, ids) -> torch.Tensor:
         """(B, L - 1) policy log-probs of each next token of unpadded ``ids`` (B, L): PPO-ptx's
@@ -203,11 +251,13 @@ class SharedBaseActorCritic(nn.Module):
 
     def response_values(self, p: Packed) -> torch.Tensor:
         """(B, T) value of the prefix before each response token, from a packed batch."""
-        return p.response_columns(self.values(p.ids, p.mask)).float()
+        h = p.gather(self._packed_hidden(["ref", "value"], p), p.prefix)  # (B, T, H)
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def response_scores(self, p: Packed) -> torch.Tensor:
-        """(B,) RM score of packed rows: every row ends in the last column."""
-        return self.scores(p.ids, p.mask, torch.full((p.ids.shape[0],), p.ids.shape[1] - 1, device=p.ids.device))
+        """(B,) RM score of each packed sequence, read at its last token."""
+        h = p.gather(self._packed_hidden(["ref", "reward"], p), p.last)  # (B, H)
+        return self.reward_head(h.to(self.reward_head.weight.dtype)).squeeze(-1)
 
     def values(self, ids, mask) -> torch.Tensor:
         """(B, L) value of every prefix: V(x_{<=t})."""

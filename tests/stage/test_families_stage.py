@@ -22,7 +22,9 @@ from stages import export, ppo, rm, sft
 from tests.conftest import compose_config
 from tests.families import FAMILIES, build_family
 from tests.stage.conftest import QUIET, TINY_RM, TINY_SFT
-from tests.stage.test_ppo_stage import TINY_PPO
+from tests.stage.test_ppo_stage import TINY_PPO, assert_shortcuts_agree
+from tests.stage.test_ppo_stage import build as build_rl
+from tests.stage.test_ppo_stage import rollout as rl_rollout
 from tests.unit.test_chat import END_OF_TURN
 
 pytestmark = pytest.mark.stage
@@ -55,6 +57,9 @@ def test_sft_rm_ppo_eval_and_export_run_on_each_family(family, family_models, em
     # which must stay out of the saved trainable state (as out of the adapters)
     metrics = ppo.run(compose_config("ppo", TINY_PPO + model + ["checkpoint_every=1"]))
     assert metrics["updates"] == 2
+    # the RL passes' shortcuts (sequences packed in rows, LM head by hand) hold for the family
+    _, shared, fmt, trainer = build_rl(model)
+    assert_shortcuts_agree(shared, fmt, rl_rollout(trainer))
     report = eval_stage.run(compose_config("eval", QUIET + model + ["max_prompts=8"]))
     assert set(report["stages"]) == {"base", "sft", "ppo"} and report["judge"] == "gold"
     out = Path(export.run(compose_config("export", QUIET + model)))

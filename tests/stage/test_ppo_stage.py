@@ -16,6 +16,7 @@ from pipeline.policies import load_policy
 from pipeline.reward import load_reward_model, load_sft_tokenizer, score_conversations
 from pipeline.rl import core
 from pipeline.rl.rewards import build_reward_fn, reward_scale
+from pipeline.rl.rollout import pack
 from pipeline.rl.shared_model import SharedBaseActorCritic, position_ids_from_mask
 from pipeline.rl.trainer import RLTrainer
 from stages.ppo import accelerator_for
@@ -78,11 +79,17 @@ def test_reference_is_the_sft_model_not_the_base(built):
         assert not torch.allclose(ref, base(**kw).logits[:, -4:-1], atol=1e-3)
 
 
-def test_rollout_matches_plain_forwards_of_each_unpadded_sequence(built):
-    """Log-probs, reference log-probs, values and RM scores of a padded, chunked rollout equal a
-    plain forward of each single sequence: the SFT and RM artifacts loaded on their own."""
-    cfg, model, fmt, trainer = built
+@pytest.mark.parametrize("micro", [2, 8])
+def test_rollout_matches_plain_forwards_of_each_unpadded_sequence(chain, micro):
+    """Log-probs, reference log-probs, values and RM scores of a padded, chunked, packed rollout
+    equal a plain forward of each single sequence: the SFT and RM artifacts loaded on their own.
+    With micro-batches of 8, rows hold several sequences each."""
+    cfg, model, fmt, trainer = build([f"ppo.micro_batch_size={micro}", f"ppo.generation_batch_size={micro}"])
+    assert model.lm_head_by_hand and model.packs_rows
     r = rollout(trainer)
+    if micro == 8:
+        p = pack(r.query_ids, r.query_mask, r.response_ids, r.response_mask, fmt.pad_id)
+        assert p.ids.shape[0] < 8 and (p.positions[:, 1:] < p.positions[:, :-1]).any()  # shared rows
     sft, _ = load_policy("sft", cfg)
     rm_model, _ = load_reward_model(find_parent(cfg.paths.run_dir, "rm"), find_parent(cfg.paths.run_dir, "sft"),
                                     cfg.model)
@@ -106,6 +113,38 @@ def test_rollout_matches_plain_forwards_of_each_unpadded_sequence(built):
             v = model.values(seq, torch.ones_like(seq))[0, -1]
             assert v.item() == pytest.approx(((score - mean) / std).item(), abs=1e-4)
             assert (r.values[i, n:] == 0).all() and (r.logprobs[i, n:] == 0).all()
+
+
+def assert_shortcuts_agree(model, fmt, r) -> None:
+    """Packed rows with the LM head applied by hand give what one row per sequence with the
+    model's own LM head over every position gives (log-probs, values, RM scores)."""
+    assert model.lm_head_by_hand and model.packs_rows
+    p = pack(r.query_ids, r.query_mask, r.response_ids, r.response_mask, fmt.pad_id)
+    one = pack(r.query_ids, r.query_mask, r.response_ids, r.response_mask, fmt.pad_id, several_per_row=False)
+    assert p.ids.shape[0] < one.ids.shape[0]
+    with torch.no_grad():
+        fast = model.logprobs(p, r.response_ids, 0.7) * r.response_mask
+        model.lm_head_by_hand = False
+        try:
+            for q in (p, one):
+                torch.testing.assert_close(model.logprobs(q, r.response_ids, 0.7) * r.response_mask, fast,
+                                           atol=1e-5, rtol=0)
+        finally:
+            model.lm_head_by_hand = True
+        torch.testing.assert_close(model.response_values(one) * r.response_mask,
+                                   model.response_values(p) * r.response_mask, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.response_scores(one), model.response_scores(p), atol=1e-5, rtol=0)
+
+
+def test_fallbacks_for_families_the_shortcuts_do_not_fit_give_the_same_numbers(built):
+    """A family whose logits the hand-applied LM head would not reproduce runs the head over every
+    position; one whose attention would not stay within packed sequences gets a row each. Both
+    are detected at construction and give what the shortcuts give."""
+    _, model, fmt, trainer = built
+    assert_shortcuts_agree(model, fmt, rollout(trainer))
+    config = model.peft.base_model.model.config
+    config.logits_scaling = 4.0  # a Granite-style divisor that the Llama forward ignores
+    assert model._check_shortcuts() == (False, True)
 
 
 def test_ratio_is_one_on_the_first_minibatch_at_t_07_with_lora_dropout(chain):

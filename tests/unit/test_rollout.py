@@ -39,15 +39,32 @@ def test_recording_sampler_aligns_log_probs_with_the_tokens_of_each_step():
     torch.testing.assert_close(logp[0], want)
 
 
-def test_pack_puts_each_sequence_flush_right_and_points_at_each_prefix():
+def test_pack_fills_rows_first_fit_and_points_at_each_prefix():
     pad = 0
-    q = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])  # prompts of 2 and 4 tokens, left-padded
-    r = torch.tensor([[11, 12, 13], [14, 0, 0]])  # responses of 3 and 1 tokens, right-padded
-    p = pack(q, (q != pad).long(), r, torch.tensor([[1, 1, 1], [1, 0, 0]]), pad)
-    # both sequences have 5 tokens: no padding at all, where side by side needs 4 + 3 = 7 columns
-    assert p.ids.tolist() == [[5, 6, 11, 12, 13], [7, 8, 9, 10, 14]] and p.mask.all()
-    # row 0's response token 0 (11, column 2) is predicted from column 1; row 1's (14) from 3
-    assert p.prefix.tolist() == [[1, 2, 3], [3, 4, 4]] and p.keep == 4
+    q = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 3]])  # prompts of 2, 4 and 1 tokens
+    r = torch.tensor([[11, 12, 13], [14, 0, 0], [15, 16, 0]])  # responses of 3, 1 and 2 tokens
+    r_mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    p = pack(q, (q != pad).long(), r, r_mask, pad)
+    # lengths 5, 5 and 3, rows twice the longest (10): side by side would be 3 rows of 4 + 3 = 7
+    # columns; first fit in decreasing length puts seqs 0 and 1 in row 0, seq 2 + 7 pads in row 1
+    assert p.ids.tolist() == [[5, 6, 11, 12, 13, 7, 8, 9, 10, 14], [3, 15, 16] + [0] * 7]
+    assert p.positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4], [0, 1, 2] + [0] * 7]
+    # flat index (row * 10 + column) of the token before each response token, clamped to the
+    # sequence's last token past its end; and each sequence's last token
+    assert p.prefix.tolist() == [[1, 2, 3], [8, 9, 9], [10, 11, 12]]
+    assert p.last.tolist() == [4, 9, 12]
+
+
+def test_pack_puts_short_sequences_side_by_side_in_one_row():
+    q = torch.tensor([[0, 1, 2], [3, 4, 5], [0, 0, 6]])
+    r = torch.tensor([[7, 8, 9, 10], [11, 0, 0, 0], [12, 0, 0, 0]])
+    r_mask = (r != 0).long()
+    p = pack(q, (q != 0).long(), r, r_mask, 0)  # lengths 6, 4 and 2 fill one row of 12
+    assert p.ids.tolist() == [[1, 2, 7, 8, 9, 10, 3, 4, 5, 11, 6, 12]]
+    assert p.positions.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 1]]
+    assert p.prefix[1:, 0].tolist() == [8, 10] and p.last.tolist() == [5, 9, 11]
+    one = pack(q, (q != 0).long(), r, r_mask, 0, several_per_row=False)  # rows as wide as the longest
+    assert one.ids.tolist() == [[1, 2, 7, 8, 9, 10], [3, 4, 5, 11, 0, 0], [6, 12, 0, 0, 0, 0]]
 
 
 def test_by_length_groups_short_rows_together():
