@@ -231,7 +231,10 @@ class SharedBaseActorCritic(nn.Module):
             ids, pos = torch.cat([a, b])[None], torch.cat([torch.arange(5), torch.arange(3)]).to(self.device)[None]
             by_hand = self._lm_logits(self._backbone()(input_ids=a[None], use_cache=False).last_hidden_state)[0].float()
             packed = self.peft(input_ids=ids, position_ids=pos, use_cache=False).logits[0].float()
-            close = lambda x, y: bool(torch.allclose(x, y, rtol=1e-3, atol=1e-3 * float(y.abs().max().clamp(min=1))))
+            # Half precision rounds differently under another attention mask; a leak across
+            # sequences moves logits by their own scale, far beyond either tolerance.
+            tol = 1e-3 if self.peft.get_output_embeddings().weight.dtype == torch.float32 else 3e-2
+            close = lambda x, y: bool(torch.allclose(x, y, rtol=tol, atol=tol * float(y.abs().max().clamp(min=1))))
             return close(by_hand, alone[0]), close(packed[:5], alone[0]) and close(packed[5:], alone[1])
         finally:
             self.train(was_training)
