@@ -147,6 +147,12 @@ def test_fallbacks_for_families_the_shortcuts_do_not_fit_give_the_same_numbers(b
     assert model._check_shortcuts() == (False, True)
 
 
+def test_a_bf16_base_keeps_the_shortcuts(chain):
+    _, model, _, _ = build(["model.dtype=bfloat16"])
+    assert model.peft.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert model.lm_head_by_hand and model.packs_rows
+
+
 def test_ratio_is_one_on_the_first_minibatch_at_t_07_with_lora_dropout(chain):
     """Old log-probs come from the sampler (HF generate, cached); new ones from the training
     pass (a full forward): two code paths. At T = 0.7 a missing division by T breaks it, and
