@@ -73,9 +73,11 @@ class Packed:
     the longest prompt plus the longest response. Packed, only the tail of each row is padding:
     on the world's rollouts (minibatches of 32) about 60% of the side-by-side width is real
     tokens, and 85-90% of the packed rows. Twice the longest lets two long sequences share a
-    row; wider rows would pad less but attention's cost grows with the width. Attention stays within each sequence because transformers builds a block-diagonal
-    causal mask from positions that restart (``attention_mask=None``), so each sequence computes
-    what it would alone. Trailing pads sit at position 0, each its own one-token sequence.
+    row; wider rows would pad less but attention's cost grows with the width.
+
+    Attention stays within each sequence because transformers builds a block-diagonal causal
+    mask from positions that restart (``attention_mask=None``), so each sequence computes what it
+    would alone. Trailing pads sit at position 0, each its own one-token sequence.
     Rows hold one sequence each, as wide as the longest, when ``several_per_row`` is off.
     """
 

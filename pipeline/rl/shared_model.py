@@ -12,8 +12,9 @@ The RM was trained on base + SFT merged, so reward = base + SFT delta + RM delta
 is what activating both adapters computes. The base weights exist once in memory.
 Critic-free estimators (RLOO, GRPO, REINFORCE++) build no value adapter or head.
 
-Shapes: ``B`` rows, ``L`` tokens (left-padded prompt of ``P`` then response of ``T``),
-``H`` hidden size, ``V`` vocabulary.
+Shapes: ``B`` sequences, ``L`` tokens (left-padded prompt of ``P`` then response of ``T``),
+``H`` hidden size, ``V`` vocabulary; the RL passes take :class:`Packed` batches of ``R`` rows of
+``W`` tokens, several sequences to a row.
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ class SharedBaseActorCritic(nn.Module):
         self.eval()
         try:
             vocab = self.peft.base_model.model.config.vocab_size
-            a, b = (torch.arange(5, device=self.device) * 7 + 3) % vocab, (torch.arange(3, device=self.device) * 5 + 2) % vocab
+            a = (torch.arange(5, device=self.device) * 7 + 3) % vocab
+            b = (torch.arange(3, device=self.device) * 5 + 2) % vocab
             alone = [self.peft(input_ids=x[None], use_cache=False).logits[0].float() for x in (a, b)]
             ids, pos = torch.cat([a, b])[None], torch.cat([torch.arange(5), torch.arange(3)]).to(self.device)[None]
             by_hand = self._lm_logits(self._backbone()(input_ids=a[None], use_cache=False).last_hidden_state)[0].float()
