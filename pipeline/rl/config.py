@@ -23,6 +23,7 @@ def check_config(cfg) -> None:
                "ppo.lr_schedule": (ppo.lr_schedule, ("constant", "linear", "cosine")),
                "ppo.value_init": (ppo.value_init, ("rm", "fresh")),
                "ppo.old_logprobs": (ppo.old_logprobs, ("sampler", "recompute")),
+               "ppo.fold_adapters": (ppo.fold_adapters, ("auto", "always", "never")),
                "algorithm.advantage": (alg.advantage, ESTIMATORS),
                "algorithm.kl_in": (alg.kl_in, ("reward", "loss")),
                "algorithm.loss_agg": (alg.loss_agg, core.LOSS_AGGREGATIONS)}

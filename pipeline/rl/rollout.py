@@ -10,12 +10,11 @@ Shapes: ``B`` rollouts, ``P`` prompt tokens (left-padded), ``T`` response tokens
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache
 
 from pipeline.chat import ChatFormat
 from pipeline.generation import encode_prompts
@@ -156,60 +155,55 @@ def concat(parts: list[Rollout], pad_id: int) -> Rollout:
     return Rollout(**out)
 
 
-class RecordingSampler(LogitsProcessor):
-    """Samples from ``softmax(logits / T)`` inside HF ``generate`` and records, for every sampled
-    token, its log-prob and the entropy of the distribution it was drawn from.
-
-    It draws the token itself, by inverse CDF (one uniform number per row), and hands HF a score
-    row that is 0 at that token and -inf elsewhere; HF runs greedy, so its argmax takes the
-    sample. HF keeps its loop, caches and stopping; what it loses is ``torch.multinomial``,
-    which on CPUs draws one exponential per vocabulary entry per row and step (a third of the
-    sampling time at a 32k vocabulary). The token drawn at step t is known at step t + 1 (the
-    last column of ``input_ids``) and the last one from the output, so only one step's
-    ``[B, V]`` log-softmax is kept at a time.
-    """
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.logprobs: list[torch.Tensor] = []
-        self.entropy: list[torch.Tensor] = []
-        self._last: Optional[torch.Tensor] = None  # (B, V) log-softmax of the latest step
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self._last is not None:
-            self.logprobs.append(self._last.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self._last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        probs = self._last.exp()
-        # a -inf logit (masked vocabulary) has p = 0 and adds 0, not 0 * -inf = nan
-        self.entropy.append(-(probs * self._last.nan_to_num(neginf=0.0)).sum(-1))
-        cdf = probs.cumsum(-1)
-        u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-        token = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)
-        return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
-
-    def finish(self, response_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logprobs, entropy)``, each (B, T), aligned with the generated ``response_ids`` (B, T)."""
-        self.logprobs.append(self._last.gather(-1, response_ids[:, -1:]).squeeze(-1))
-        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
+def draw(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one token per row from ``softmax(logits / T)`` by inverse CDF (one uniform number per
+    row: ``torch.multinomial`` on CPUs draws one exponential per vocabulary entry, a third of the
+    sampling time at a 32k vocabulary). (b, V) -> ``token``, its ``logprob`` and the distribution's
+    ``entropy``, each (b,). A -inf logit (a masked entry) has p = 0 and is never drawn."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    probs = logp.exp()
+    entropy = -(probs * logp.nan_to_num(neginf=0.0)).sum(-1)  # 0 * -inf would be nan
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)
+    return token.squeeze(-1), logp.gather(-1, token).squeeze(-1), entropy
 
 
 @torch.no_grad()
-def sample(model, fmt: ChatFormat, prompts: list[list[dict]], temperature: float, max_new_tokens: int):
-    """Sample one response per prompt from the policy role.
+def sample(lm, fmt: ChatFormat, prompts: list[list[dict]], temperature: float, max_new_tokens: int):
+    """Sample one response per prompt from the causal LM ``lm`` (the policy), a token at a time with
+    a KV cache, recording each token's log-prob and the entropy it was drawn from.
+
+    A row leaves the batch, and its cache, once it draws a stop token: the steps after that cost
+    only the rows still going (HF ``generate`` runs every row until the last one stops, and
+    responses here are mostly well under ``max_new_tokens``).
 
     Returns ``q_ids, q_mask`` (B, P), ``response_ids`` (B, T, pad after the first stop token),
     ``response_mask`` (B, T) float, and the sampler's ``logprobs`` and ``entropy`` (B, T).
     """
-    q_ids, q_mask = (t.to(model.device) for t in encode_prompts(fmt, prompts))
-    recorder = RecordingSampler(temperature)
-    # Greedy over the sampler's one-hot scores; every key that could add a processor is neutral.
-    config = fmt.generation_config(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                   repetition_penalty=1.0, min_new_tokens=0, no_repeat_ngram_size=0, use_cache=True)
-    out = model.generate(input_ids=q_ids, attention_mask=q_mask, generation_config=config,
-                         logits_processor=LogitsProcessorList([recorder]))
-    resp = out[:, q_ids.shape[1]:]
-    logprobs, entropy = recorder.finish(resp)
-    mask = core.stop_mask(resp, torch.tensor(fmt.stop_ids, device=resp.device)).float()
-    # Everything after the first stop token becomes padding, masked explicitly.
-    resp = torch.where(mask.bool(), resp, torch.full_like(resp, fmt.pad_id))
+    q_ids, q_mask = (t.to(lm.device) for t in encode_prompts(fmt, prompts))
+    n, dev = q_ids.shape[0], q_ids.device
+    resp = torch.full((n, max_new_tokens), fmt.pad_id, dtype=q_ids.dtype, device=dev)
+    logprobs, entropy = (torch.zeros(n, max_new_tokens, device=dev) for _ in range(2))
+    stops = torch.tensor(fmt.stop_ids, device=dev)
+    rows = torch.arange(n, device=dev)  # the prompt each batch row samples for
+    ids, mask = q_ids, q_mask
+    positions = (q_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding skipped
+    cache = DynamicCache(config=lm.config)  # sliding-window layers where the family has them
+    for t in range(max_new_tokens):
+        logits = lm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1).logits[:, -1]  # (b, V)
+        token, logprobs[rows, t], entropy[rows, t] = draw(logits, temperature)
+        resp[rows, t] = token
+        going = ~torch.isin(token, stops)
+        if not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero().squeeze(-1)
+            rows, token, mask, positions = rows[keep], token[keep], mask[keep], positions[keep]
+            for layer in cache.layers:
+                layer.batch_select_indices(keep)
+        ids, positions = token[:, None], positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+    mask = core.stop_mask(resp, stops).float()
     return q_ids, q_mask, resp, mask, logprobs * mask, entropy * mask

@@ -41,6 +41,7 @@ from pipeline.rl.shared_model import SharedBaseActorCritic
 
 RewardFn = Callable[[list, list[str], torch.Tensor], torch.Tensor]
 BUCKET_BYTES = 25 << 20  # gradient all-reduce bucket, as DDP's default
+FOLD_SHARE = 0.1  # ppo.fold_adapters=auto: an adapter's share of a layer's FLOPs above which folding pays
 
 
 class RLTrainer:
@@ -66,6 +67,8 @@ class RLTrainer:
         self.episodes = 0  # responses generated, all processes
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         model.gradient_checkpointing(cfg.gradient_checkpointing)
+        if cfg.fold_adapters == "always" or (cfg.fold_adapters == "auto" and model.lora_share() >= FOLD_SHARE):
+            model.fold_adapters()
 
     def _lr_lambda(self, step: int) -> float:
         """Linear warm-up, then the configured decay over every optimizer step of the run."""
@@ -110,8 +113,9 @@ class RLTrainer:
     def _rollout_chunk(self, prompts: list, conversations: list[list[dict]]) -> tuple[Rollout, list[str]]:
         with self.acc.autocast():
             t0 = time.perf_counter()
-            q_ids, q_mask, resp, mask, logprobs, entropy = sample(
-                self.model, self.fmt, conversations, self.cfg.temperature, self.cfg.max_new_tokens)
+            with self.model.sampling() as policy:
+                q_ids, q_mask, resp, mask, logprobs, entropy = sample(
+                    policy, self.fmt, conversations, self.cfg.temperature, self.cfg.max_new_tokens)
             self.sample_seconds += time.perf_counter() - t0
             ref = torch.zeros_like(logprobs)
             values = torch.zeros_like(logprobs) if self.critic else None

@@ -390,3 +390,24 @@ def test_ptx_batches_are_a_pure_function_of_update_and_step():
     assert torch.equal(a.batch(3, 1), b.batch(3, 1)) and not torch.equal(a.batch(3, 1), a.batch(3, 2))
     x = a.batch(0, 0)
     assert x.shape == (4, 16) and (x[:, 1:] - x[:, :-1] == 1).all()  # contiguous windows of the stream
+
+
+def test_folded_adapters_give_the_numbers_of_the_lora_products(chain):
+    """``ppo.fold_adapters``: the SFT adapter folded into a copy of the weights gives the reference,
+    value and reward of base + adapter, and the policy folded for sampling gives its log-probs, to
+    float rounding; the copies are nothing RL trains or saves, and a step leaves the SFT copy as is."""
+    _, apart, _, t_apart = build(["ppo.fold_adapters=never"])
+    _, folded, _, t_folded = build(["ppo.fold_adapters=auto"])  # the tiny model: an adapter is ~1/4 of a layer
+    assert folded.lora_share() > 0.1 and folded.folds and not apart.folds
+    a, b = rollout(t_apart), rollout(t_folded)
+    torch.testing.assert_close(b.response_ids, a.response_ids)
+    for key in ("ref_logprobs", "values", "rm_scores", "logprobs"):
+        torch.testing.assert_close(getattr(b, key), getattr(a, key), atol=1e-5, rtol=0)
+    assert (a.ref_logprobs != b.ref_logprobs).any() and (a.logprobs != b.logprobs).any()  # the copies ran
+    layers = [m for m in folded.peft.modules() if hasattr(m, "_folded")]
+    assert all(set(m._folded) == {"ref"} for m in layers)  # the policy's copy lives only while sampling
+    before = [m._folded["ref"].weight.clone() for m in layers]
+    t_folded.train_step(b)
+    assert all(torch.equal(m._folded["ref"].weight, w) for m, w in zip(layers, before))
+    assert set(folded.trainable_state()) == set(apart.trainable_state())
+    assert len(list(folded.parameters())) == len(list(apart.parameters()))

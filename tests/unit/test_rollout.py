@@ -1,42 +1,35 @@
-"""pipeline.rl.rollout: the recording sampler's distribution, packing, length grouping."""
+"""pipeline.rl.rollout: the sampler's distribution, packing, length grouping."""
 
 import math
 
 import pytest
 import torch
 
-from pipeline.rl.rollout import RecordingSampler, by_length, pack
+from pipeline.rl.rollout import by_length, draw, pack
 
 pytestmark = pytest.mark.unit
 
 
-def test_recording_sampler_draws_from_softmax_over_t_and_records_it():
+def test_draw_samples_from_softmax_over_t_and_records_it():
     # logits [0, ln 2, ln 4, -inf] at T = 0.5: softmax(logits / T) = [1, 4, 16, 0] / 21
     logits = torch.tensor([[0.0, math.log(2), math.log(4), -math.inf]]).repeat(20000, 1)
-    sampler = RecordingSampler(temperature=0.5)
     torch.manual_seed(0)
-    scores = sampler(torch.zeros(20000, 1, dtype=torch.long), logits)
-    chosen = scores.argmax(-1)
-    assert torch.isinf(scores).sum(-1).eq(3).all() and scores.max(-1).values.eq(0).all()  # one-hot rows
-    freq = torch.bincount(chosen, minlength=4).float() / 20000
+    token, logp, entropy = draw(logits, temperature=0.5)
+    freq = torch.bincount(token, minlength=4).float() / 20000
     expected = torch.tensor([1.0, 4.0, 16.0, 0.0]) / 21
-    # binomial std at n = 20000 is at most 0.0036: 4 std
+    # binomial std at n = 20000 is at most 0.0036: 4 std; the -inf entry is never drawn
     torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
-    logp, entropy = sampler.finish(chosen[:, None])
-    torch.testing.assert_close(logp[:, 0], expected.log()[chosen])
+    assert freq[3] == 0
+    torch.testing.assert_close(logp, expected.log()[token])
     h = -(expected[:3] * expected[:3].log()).sum()
-    torch.testing.assert_close(entropy[:, 0], h.expand(20000))
+    torch.testing.assert_close(entropy, h.expand(20000))
 
 
-def test_recording_sampler_aligns_log_probs_with_the_tokens_of_each_step():
-    sampler = RecordingSampler(temperature=1.0)
-    step1 = torch.tensor([[0.0, 0.0, 10.0]])  # picks 2 with p ~ 1
-    step2 = torch.tensor([[10.0, 0.0, 0.0]])  # picks 0
-    sampler(torch.tensor([[7]]), step1)
-    sampler(torch.tensor([[7, 2]]), step2)
-    logp, _ = sampler.finish(torch.tensor([[2, 0]]))
-    want = torch.stack([torch.log_softmax(step1, -1)[0, 2], torch.log_softmax(step2, -1)[0, 0]])
-    torch.testing.assert_close(logp[0], want)
+def test_draw_is_greedy_on_a_certain_row_and_keeps_rows_apart():
+    logits = torch.tensor([[0.0, 0.0, 30.0], [30.0, 0.0, 0.0]])
+    token, logp, _ = draw(logits, temperature=1.0)
+    assert token.tolist() == [2, 0]
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1)[[0, 1], [2, 0]])
 
 
 def test_pack_fills_rows_first_fit_and_points_at_each_prefix():
