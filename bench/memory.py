@@ -21,11 +21,20 @@ H_kv the key/value width, V the vocabulary, L_seq = prompt + response tokens:
                   for its gradient (the log-prob itself works in 8M-value fp32 chunks)
     kv cache      generation_batch x L_seq x layers x 2 x H_kv at the model dtype, while sampling
     sampler       generation_batch x V fp32: one step's log-softmax and its probabilities
+    folded        ppo.fold_adapters=auto, only where an adapter costs >= 10% of a layer's FLOPs
+                  (r sum(in + out) / sum(in x out); none of the models in the table): a copy of the
+                  adapted linear weights with the SFT adapter folded in, and one with the policy
+                  folded in while sampling
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline.rl.trainer import FOLD_SHARE  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -53,6 +62,11 @@ def lora_params(a: Arch, r: int) -> float:
     return r * per_layer * a.layers
 
 
+def linear_params(a: Arch) -> float:
+    """Parameters of the 7 adapted linear layers: q, o (H x H), k, v (H x H_kv), gate, up, down (H x I)."""
+    return (2 * a.hidden * a.hidden + 2 * a.hidden * a.kv + 3 * a.hidden * a.intermediate) * a.layers
+
+
 def breakdown(a: Arch, *, weight_bytes: float, act_bytes: int, r: int, micro: int, gen: int, prompt: int,
               response: int, checkpointing: bool) -> dict[str, float]:
     """Bytes the RL stage holds at its peak (the training pass, or sampling, whichever is larger)."""
@@ -69,10 +83,12 @@ def breakdown(a: Arch, *, weight_bytes: float, act_bytes: int, r: int, micro: in
     logits = 2 * micro * response * a.vocab * act_bytes
     kv_cache = gen * (prompt + response) * a.layers * 2 * a.kv * act_bytes
     sampler = 2 * gen * a.vocab * 4
-    training, sampling = activations + logits, kv_cache + sampler
+    folds = lora_params(a, r) / linear_params(a) >= FOLD_SHARE
+    folded = linear_params(a) * weight_bytes if folds else 0.0  # each copy
+    training, sampling = activations + logits, kv_cache + sampler + folded
     return {"weights": weights, "adapters": adapters, "optimizer": optimizer, "activations": activations,
-            "logits": logits, "kv cache (sampling)": kv_cache, "sampler": sampler,
-            "peak": weights + adapters + optimizer + max(training, sampling)}
+            "logits": logits, "kv cache (sampling)": kv_cache, "sampler": sampler, "folded": 2 * folded,
+            "peak": weights + adapters + optimizer + folded + max(training, sampling)}
 
 
 def row(a: Arch, label: str, **kw) -> str:

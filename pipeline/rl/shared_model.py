@@ -9,7 +9,9 @@
 The reference is the SFT model (base + SFT adapter), *not* the base with adapters
 disabled: under LoRA that would be the plain pretrained model, the wrong KL anchor.
 The RM was trained on base + SFT merged, so reward = base + SFT delta + RM delta, which
-is what activating both adapters computes. The base weights exist once in memory.
+is what activating both adapters computes. The base weights exist once in memory, except
+that on narrow models (``ppo.fold_adapters``) the frozen SFT adapter, and the policy while
+sampling, also run as copies of the adapted weights with the adapter folded in.
 Critic-free estimators (RLOO, GRPO, REINFORCE++) build no value adapter or head.
 
 Shapes: ``B`` sequences, ``L`` tokens (left-padded prompt of ``P`` then response of ``T``),
