@@ -89,13 +89,15 @@ def fused_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     adapter's scale and sum folded into one ``addmm``: two fewer passes over the (rows x out)
     output per adapter than ``result + lora_B(lora_A(x)) * s``, and none of peft's per-call checks
     (this runs ~1000 times an update on small inputs, where Python overhead rivals the arithmetic).
+    An adapter folded by :meth:`SharedBaseActorCritic.fold` runs as its copy of W, with no product.
     Anything but plain LoRA (DoRA and other variants, LoRA biases, mixed-adapter batches, merged
     weights) takes peft's own forward."""
     if not layer._rl_plain or layer.disable_adapters or layer.merged or "adapter_names" in kwargs:
         return type(layer).forward(layer, x, *args, **kwargs)
     base, adapters = layer.base_layer, layer.active_adapters
-    for a in layer._folded.keys() & set(adapters):  # W + s B_a A_a, precomputed (at most one)
-        base, adapters = layer._folded[a], [b for b in adapters if b != a]
+    folded = [a for a in adapters if a in layer._folded] if layer._folded else ()
+    if folded:  # W + s B_a A_a, precomputed (one adapter a role at most: see fold)
+        base, adapters = layer._folded[folded[0]], [a for a in adapters if a != folded[0]]
     result = base(x, *args, **kwargs)
     out = result.reshape(-1, result.shape[-1])
     rows = x.reshape(-1, x.shape[-1])
