@@ -1,6 +1,7 @@
 """Direct preference optimisation (Rafailov et al. 2023): the no-RL baseline, on the same preferences.
 
     loss = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+           + w_sft * mean of -log pi(t) over the batch's chosen tokens t   (RPO, Pang et al. 2024; w_sft 0.5)
 
 TRL's DPOTrainer trains a copy of the SFT adapter on the base; the reference is the SFT model
 itself (TRL keeps a frozen copy of the adapter), not the bare base that "adapter disabled" would

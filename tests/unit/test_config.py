@@ -83,7 +83,7 @@ def test_schemas_hold_no_defaults():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.label_smoothing=0.1"], r"train.label_smoothing=0.1 has no effect with train.loss_type=\['sigmoid'\]"),
+    (["train.label_smoothing=0.1"], r"train.label_smoothing=0.1 has no effect with train.loss_type=\['sigmoid', 'sft'\]"),
     (["train.loss_type=[sigmoid,sft]", "train.loss_weights=[1.0]"], "train.loss_weights has 1 entries for 2 losses"),
 ])
 def test_dpo_refuses_loss_settings_trl_would_ignore(overrides, message):
@@ -91,4 +91,5 @@ def test_dpo_refuses_loss_settings_trl_would_ignore(overrides, message):
     from stages.dpo import check_losses
     with pytest.raises(ConfigError, match=message):
         check_losses(compose_config("dpo", overrides).train)
-    check_losses(compose_config("dpo", ["train.loss_type=[robust]", "train.label_smoothing=0.1"]).train)
+    check_losses(compose_config("dpo", ["train.loss_type=[robust]", "train.label_smoothing=0.1",
+                                        "train.loss_weights=null"]).train)
