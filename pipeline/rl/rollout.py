@@ -155,6 +155,11 @@ def concat(parts: list[Rollout], pad_id: int) -> Rollout:
     return Rollout(**out)
 
 
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: cumsum(mask) - 1, clamped at 0. (B, L) -> (B, L)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def draw(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one token per row from ``softmax(logits / T)`` by inverse CDF (one uniform number per
     row: ``torch.multinomial`` on CPUs draws one exponential per vocabulary entry, a third of the
@@ -188,7 +193,7 @@ def sample(lm, fmt: ChatFormat, prompts: list[list[dict]], temperature: float, m
     stops = torch.tensor(fmt.stop_ids, device=dev)
     rows = torch.arange(n, device=dev)  # the prompt each batch row samples for
     ids, mask = q_ids, q_mask
-    positions = (q_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding skipped
+    positions = position_ids_from_mask(q_mask)
     cache = DynamicCache(config=lm.config)  # sliding-window layers where the family has them
     for t in range(max_new_tokens):
         logits = lm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,

@@ -39,14 +39,9 @@ from pipeline.chat import ChatFormat
 from pipeline.models import load_causal_lm
 from pipeline.policies import base_source_for
 from pipeline.rl.core import logprobs_from_logits
-from pipeline.rl.rollout import Packed
+from pipeline.rl.rollout import Packed, position_ids_from_mask
 
 SCORE_KEY = "score."  # the RM head inside the saved adapter (peft modules_to_save)
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding: cumsum(mask) - 1, clamped at 0. (B, L) -> (B, L)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def rm_adapter(rm_dir: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], torch.Tensor]:

@@ -104,6 +104,51 @@ class StopAfter:
         return output
 
 
+class StopFirstRow:
+    """A forward hook that, from the n-th call on, gives the first row of each step's batch a large
+    end-of-turn logit: the rows stop one a step, so the batch and its KV cache shrink row by row.
+    Records the batch size of every call."""
+
+    def __init__(self, token: int, n: int):
+        self.token, self.n, self.rows = token, n, []
+
+    def __call__(self, module, args, output):
+        self.rows.append(output.logits.shape[0])
+        if len(self.rows) >= self.n:
+            output.logits[0, -1, self.token] += 50.0
+        return output
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_that_stop_leave_the_batch_and_the_rest_sample_on_correctly(family, family_models):
+    """Rollouts drop a row (and its cache) at its stop token. Each step's batch holds exactly the
+    rows still going, and every token the survivors drew after rows left has the log-prob that a
+    plain forward of that whole sequence gives: the pruned cache still belongs to the right rows
+    (sliding-window layers included, on Gemma)."""
+    from pipeline.models import load_causal_lm
+    fmt = load_chat_format(str(family_models[family]), None, False)
+    model = load_causal_lm(str(family_models[family]), compose_config("sft", ["model.path=x"]).model, fmt).eval()
+    hook = StopFirstRow(fmt.end_of_turn_id, 3)
+    handle = model.register_forward_hook(hook)
+    prompts = [as_conversation(p) for p in ("What is 2 plus 3?", "Name the capital of Krosfia.",
+                                            "Repeat the word 'cup' 2 times.", "Hi")]
+    torch.manual_seed(0)
+    q_ids, q_mask, resp, mask, logprobs, _ = sample(model, fmt, prompts, 1.0, 8)
+    handle.remove()
+    lengths = mask.sum(1).long()
+    assert len(set(lengths.tolist())) > 1  # rows stopped at different steps
+    assert hook.rows == [int((lengths > t).sum()) for t in range(len(hook.rows))]
+    with torch.no_grad():
+        for i in range(len(prompts)):
+            n = int(lengths[i])
+            seq = torch.cat([q_ids[i][q_mask[i].bool()], resp[i, :n]])[None]
+            start = int(q_mask[i].sum()) - 1
+            want = torch.log_softmax(model(input_ids=seq).logits[0, start:start + n].float(), -1)
+            want = want.gather(-1, resp[i, :n, None]).squeeze(-1)
+            # the last token of a row may be the hook's boosted stop: compare the ones before it
+            torch.testing.assert_close(logprobs[i, :n - 1], want[:n - 1], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_rollout_stops_at_the_familys_end_of_turn_token(family, family_models):
     from transformers import AutoModelForCausalLM

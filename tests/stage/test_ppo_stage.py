@@ -16,8 +16,8 @@ from pipeline.policies import load_policy
 from pipeline.reward import load_reward_model, load_sft_tokenizer, score_conversations
 from pipeline.rl import core
 from pipeline.rl.rewards import build_reward_fn, reward_scale
-from pipeline.rl.rollout import pack
-from pipeline.rl.shared_model import SharedBaseActorCritic, position_ids_from_mask
+from pipeline.rl.rollout import pack, position_ids_from_mask
+from pipeline.rl.shared_model import SharedBaseActorCritic
 from pipeline.rl.trainer import RLTrainer
 from stages.ppo import accelerator_for
 from tests.conftest import compose_config
