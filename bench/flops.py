@@ -11,7 +11,9 @@ A backward pass through frozen weights computes only input gradients (the cost o
 forward); LoRA weights and attention cost twice their forward in the backward pass.
 The update is: sampling (prefill P tokens, then T cached decode steps), the reference pass
 (logits at the T response positions), the reward and value passes (no LM head), and per PPO
-epoch a policy forward + backward and a value forward + backward over P + T tokens.
+epoch a policy forward + backward and a value forward + backward over P + T tokens. Work done
+twice is counted once: the LM head that head_logprobs recomputes in the backward pass, and the
+SFT adapter's products where folding replaces them.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ H_kv the key/value width, V the vocabulary, L_seq = prompt + response tokens:
                   ~ 10 H + 4 I values (norm inputs and outputs, q, k, v, attention output, the
                   residuals, gate, up, their product); with gradient checkpointing, one layer's
                   worth plus each layer's input (H)
-    logits        micro_batch x response x V at the model dtype, once for the output and once
-                  for its gradient (the log-prob itself works in 8M-value fp32 chunks)
+    logits        one chunk of at most 8M logits (pipeline.rl.core.head_logprobs: the LM head and
+                  the log-prob run over chunks of rows and are recomputed in the backward pass),
+                  fp32, once for the output and once for its gradient
     kv cache      generation_batch x L_seq x layers x 2 x H_kv at the model dtype, while sampling
     sampler       generation_batch x V fp32: one step's log-softmax and its probabilities
     folded        ppo.fold_adapters=auto, only where an adapter costs >= 10% of a layer's FLOPs
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline.rl.core import LOGPROB_CHUNK  # noqa: E402
 from pipeline.rl.trainer import FOLD_SHARE  # noqa: E402
 
 GiB = 2 ** 30
@@ -80,7 +82,7 @@ def breakdown(a: Arch, *, weight_bytes: float, act_bytes: int, r: int, micro: in
         activations = tokens * (a.layers * a.hidden * act_bytes + layer)
     else:
         activations = tokens * a.layers * layer
-    logits = 2 * micro * response * a.vocab * act_bytes
+    logits = 2 * min(micro * response, max(1, LOGPROB_CHUNK // a.vocab)) * a.vocab * 4
     kv_cache = gen * (prompt + response) * a.layers * 2 * a.kv * act_bytes
     sampler = 2 * gen * a.vocab * 4
     folds = lora_params(a, r) / linear_params(a) >= FOLD_SHARE

@@ -8,7 +8,8 @@ LoRA r 16 on all linear layers, fixed KL coefficient 0.2, T = 1):
     (b) a random Llama of ~36M parameters with a 32k vocabulary (tied), 6 layers, hidden 512,
         built here; random weights rarely stop, so responses run to the full length.
 
-Printed, with ratios: episodes/s of the training loop (the first update is warm-up, excluded),
+Printed, with ratios: episodes/s of the training loop (the first update of a run is warm-up,
+excluded; (a) runs 12 updates, (b) 4, so both time several seconds of work),
 whole-process peak RSS (and peak CUDA memory on a GPU); for ours also the FLOPs of one update
 against the measured matmul peak, the time split of an update (sampling, scoring passes,
 optimisation), time per update at 24 / 48 / 96 new tokens with its log-log slope, and PPO (gae)
@@ -51,6 +52,9 @@ OURS = ["logger=none", "reward.min_accuracy=0", "ppo.kl.controller=fixed", f"ppo
         f"ppo.minibatch_size={SHAPE['minibatch']}", f"ppo.micro_batch_size={SHAPE['minibatch']}",
         f"ppo.ppo_epochs={SHAPE['epochs']}", f"ppo.temperature={SHAPE['temperature']}",
         f"ppo.learning_rate={SHAPE['lr']}", "ppo.lr_schedule=constant", "checkpoint_every=1000", "num_threads=2"]
+# Updates per run, the first warm-up: (a)'s updates take ~1 s, so it runs more of them for a timed
+# window (~10 s) long enough that the machine's minute-to-minute drift averages out; (b)'s take ~20 s.
+UPDATES = {"a": 12, "b": 4}
 BIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
            num_key_value_heads=8, max_position_embeddings=512, tie_word_embeddings=True)
 
@@ -246,7 +250,8 @@ def flops_line(name: str, ours: dict, config: dict, peak: float, critic: bool = 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench ARGS=ppo")
     parser.add_argument("--models", default="ab", help="a, b or ab")
-    parser.add_argument("--updates", type=int, default=4, help="updates per run (the first is warm-up)")
+    parser.add_argument("--updates", type=int, default=None,
+                        help=f"updates per run, the first of them warm-up (default: {UPDATES})")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of ours and TRL per model")
     args = parser.parse_args(sys.argv[2:] if sys.argv[1:2] == ["ppo"] else sys.argv[1:])
     torch.set_num_threads(2)
@@ -254,7 +259,8 @@ def main() -> None:
     python = ensure_trl_env(ROOT)
     peak = matmul_peak()
     print(f"bench ppo: fp32 matmul peak of this machine {peak:.0f} GFLOP/s (2 threads)")
-    prompts = world_prompts(SHAPE["rollout"] * args.updates)
+    updates = {m: args.updates or n for m, n in UPDATES.items()}
+    prompts = world_prompts(SHAPE["rollout"] * max(updates.values()))
     from transformers import AutoConfig
     if "a" in args.models:
         root = chain_a()
@@ -263,9 +269,10 @@ def main() -> None:
         stops = json.loads((policy / "generation_config.json").read_text())["eos_token_id"]
         print("\n[a: tiny Llama] ours and TRL 1.12, alternating")
         ours, trl = rounds(args.rounds,
-                           lambda: run_ours(root, [], args.updates, [f"ppo.max_new_tokens={SHAPE['new_tokens']}"], "a"),
-                           lambda: run_trl(python, policy, reward, prompts, args.updates, "a", stops))
-        rloo = run_ours(root, [], args.updates, [f"ppo.max_new_tokens={SHAPE['new_tokens']}", "algorithm=rloo"],
+                           lambda: run_ours(root, [], updates["a"], [f"ppo.max_new_tokens={SHAPE['new_tokens']}"], "a"),
+                           lambda: run_trl(python, policy, reward, prompts[:SHAPE["rollout"] * updates["a"]],
+                                           updates["a"], "a", stops))
+        rloo = run_ours(root, [], updates["a"], [f"ppo.max_new_tokens={SHAPE['new_tokens']}", "algorithm=rloo"],
                         "a-rloo")
         compare("a: tiny Llama", ours, trl)
         split("a: tiny Llama", ours)
@@ -280,10 +287,11 @@ def main() -> None:
         stops = json.loads((policy / "generation_config.json").read_text())["eos_token_id"]
         print("\n[b: random 36M Llama, 32k vocab] ours and TRL 1.12, alternating")
         ours, trl = rounds(args.rounds,
-                           lambda: run_ours(root, model_args, args.updates,
+                           lambda: run_ours(root, model_args, updates["b"],
                                             [f"ppo.max_new_tokens={SHAPE['new_tokens']}"], "b"),
-                           lambda: run_trl(python, policy, reward, prompts, args.updates, "b", stops))
-        rloo = run_ours(root, model_args, args.updates, [f"ppo.max_new_tokens={SHAPE['new_tokens']}",
+                           lambda: run_trl(python, policy, reward, prompts[:SHAPE["rollout"] * updates["b"]],
+                                           updates["b"], "b", stops))
+        rloo = run_ours(root, model_args, updates["b"], [f"ppo.max_new_tokens={SHAPE['new_tokens']}",
                                                          "algorithm=rloo"], "b-rloo")
         compare("b: random 36M Llama, 32k vocab", ours, trl)
         split("b: random 36M Llama, 32k vocab", ours)

@@ -21,9 +21,11 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "logprobs_from_logits",
+    "head_logprobs",
     "entropy_from_logits",
     "rloo_advantages",
     "grpo_advantages",
@@ -57,9 +59,11 @@ AllReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
 # --------------------------------------------------------------------------- log-probs
 
 
+LOGPROB_CHUNK = 1 << 23  # logits per chunk (32 MB in fp32): the working copies never grow with B * T
+
+
 def _rows_per_chunk(vocab: int) -> int:
-    # ~8M logits (32 MB in fp32) per chunk: the fp32 working copy never grows with B * T.
-    return max(1, (1 << 23) // max(1, vocab))
+    return max(1, LOGPROB_CHUNK // max(1, vocab))
 
 
 class _TokenLogprob(torch.autograd.Function):
@@ -116,6 +120,36 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     B, T, V = logits.shape
     flat = _TokenLogprob.apply(logits.reshape(B * T, V), labels.reshape(-1).long(), float(temperature))
     return flat.view(B, T)
+
+
+def head_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
+                  vocab: int, temperature: float = 1.0) -> torch.Tensor:
+    """``logprobs_from_logits(head(hidden), labels, temperature)`` without ever holding the whole
+    ``[B, T, V]`` logits, nor their gradient: the LM ``head`` runs over chunks of rows, and with
+    autograd on each chunk is recomputed in the backward pass (activation checkpointing of the
+    head and the log-softmax), so a pass holds one chunk's logits (~32 MB in fp32) whatever
+    ``B * T`` and the vocabulary. The price is one more head product per training pass.
+
+    Args:
+        head: final hidden states ``[N, H]`` -> logits ``[N, V]`` (output scalings included).
+        hidden: ``[B, T, H]``; labels: ``[B, T]`` token ids; vocab: ``V``, to size the chunks.
+
+    Returns:
+        ``[B, T]`` float32 log-probs, equal to the unchunked computation within float rounding.
+    """
+    B, T, H = hidden.shape
+    flat, y = hidden.reshape(B * T, H), labels.reshape(B * T).long()
+
+    def chunk_logprobs(h: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        return logprobs_from_logits(head(h)[None], lab[None], temperature)[0]
+
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    step, out = _rows_per_chunk(vocab), []
+    for s in range(0, B * T, step):
+        h, lab = flat[s:s + step], y[s:s + step]
+        out.append(checkpoint(chunk_logprobs, h, lab, use_reentrant=False, preserve_rng_state=False)
+                   if recompute else chunk_logprobs(h, lab))
+    return torch.cat(out).view(B, T) if out else flat.new_zeros(B, T, dtype=torch.float32)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -33,12 +33,13 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from pipeline.artifacts import Artifact
 from pipeline.chat import ChatFormat
 from pipeline.models import load_causal_lm
 from pipeline.policies import base_source_for
-from pipeline.rl.core import logprobs_from_logits
+from pipeline.rl.core import head_logprobs, logprobs_from_logits
 from pipeline.rl.rollout import Packed, position_ids_from_mask
 
 SCORE_KEY = "score."  # the RM head inside the saved adapter (peft modules_to_save)
@@ -131,6 +132,8 @@ class SharedBaseActorCritic(nn.Module):
         self._active: Optional[list[str]] = None
         self._activate(["policy"])
         self.lm_head_by_hand, self.packs_rows = self._check_shortcuts()
+        self.attention_cost = self._attention_cost()
+        self._vocab = self.peft.get_output_embeddings().out_features  # sizes head_logprobs' chunks
         self.folds = False
 
     # --- construction ---------------------------------------------------------------
@@ -192,6 +195,22 @@ class SharedBaseActorCritic(nn.Module):
         lora = sum(m.lora_A["ref"].weight.shape[0] * (m.in_features + m.out_features) for m in layers)
         return lora / max(1, sum(m.in_features * m.out_features for m in layers))
 
+    def _attention_cost(self) -> Optional[float]:
+        """A token's attention FLOPs per column of its packed row over its linear layers' FLOPs,
+        what :func:`~pipeline.rl.rollout.row_width` weighs: per layer, QK^T and PV cost
+        ``4 n_heads d_head`` a column against ``2 N`` for the layer's ``N`` linear weights. None
+        (rows twice the longest sequence) when the config lacks a size."""
+        config = self.peft.base_model.model.config
+        layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+        hidden = getattr(config, "hidden_size", None)
+        if not (layers and heads and hidden):
+            return None
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        weights = sum(m.in_features * m.out_features if hasattr(m, "in_features") else m.weight.numel()
+                      for name, m in self._backbone().named_modules()
+                      if isinstance(m, (nn.Linear, Conv1D)) and "lora_" not in name)
+        return 4 * heads * head_dim * layers / (2 * weights) if weights else None
+
     @torch.no_grad()
     def fold(self, adapter: str) -> int:
         """Fold ``adapter`` into a copy of each weight it adapts, W + s B A (summed in float64,
@@ -239,10 +258,11 @@ class SharedBaseActorCritic(nn.Module):
         ``adapter="ref"``), from a packed batch: the LM head runs only at the positions that
         predict a response token, and no ``[B, T, V]`` fp32 copy is made."""
         if self.lm_head_by_hand:
-            logits = self._lm_logits(p.gather(self._packed_hidden([adapter], p), p.prefix))  # (B, T, V)
-        else:  # a family whose output scaling the hand-applied head does not reproduce: every position
-            self._activate([adapter])
-            logits = p.gather(self.peft(input_ids=p.ids, position_ids=p.positions, use_cache=False).logits, p.prefix)
+            h = p.gather(self._packed_hidden([adapter], p), p.prefix)  # (B, T, H)
+            return head_logprobs(self._lm_logits, h, response_ids, self._vocab, temperature)
+        # a family whose output scaling the hand-applied head does not reproduce: every position
+        self._activate([adapter])
+        logits = p.gather(self.peft(input_ids=p.ids, position_ids=p.positions, use_cache=False).logits, p.prefix)
         return logprobs_from_logits(logits, response_ids, temperature)
 
     def _packed_hidden(self, names: list[str], p: Packed) -> torch.Tensor:
@@ -289,6 +309,10 @@ class SharedBaseActorCritic(nn.Module):
     def sequence_logprobs(self, ids) -> torch.Tensor:
         """(B, L - 1) policy log-probs of each next token of unpadded ``ids`` (B, L): PPO-ptx's
         language-modelling term on pretraining text."""
+        if self.lm_head_by_hand:
+            self._activate(["policy"])
+            h = self._backbone()(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+            return head_logprobs(self._lm_logits, h, ids[:, 1:], self._vocab)
         self._activate(["policy"])
         logits = self.peft(input_ids=ids, use_cache=False).logits[:, :-1]
         return logprobs_from_logits(logits, ids[:, 1:])

@@ -122,7 +122,8 @@ class RLTrainer:
             rm_scores = torch.zeros(len(prompts), device=logprobs.device)
             for idx in by_length(q_mask, mask, self.cfg.micro_batch_size):  # scoring passes, short rows together
                 ri, rmask = resp[idx], mask[idx]
-                p = pack(q_ids[idx], q_mask[idx], ri, rmask, self.fmt.pad_id, self.model.packs_rows)
+                p = pack(q_ids[idx], q_mask[idx], ri, rmask, self.fmt.pad_id, self.model.packs_rows,
+                         self.model.attention_cost)
                 if self.cfg.old_logprobs == "recompute":  # the exact path: a full pass, as in training
                     logprobs[idx] = self.model.logprobs(p, ri, self.cfg.temperature) * rmask
                 ref[idx] = self.model.logprobs(p, ri, self.cfg.temperature, adapter="ref") * rmask
@@ -222,7 +223,8 @@ class RLTrainer:
     def _micro_losses(self, m: Rollout, w: torch.Tensor, units: torch.Tensor, tokens: torch.Tensor):
         """The micro-batch's share of the minibatch loss, policy term then value term, each with its
         share of the statistics: summed over micro-batches and processes, each is the minibatch's."""
-        p = pack(m.query_ids, m.query_mask, m.response_ids, m.response_mask, self.fmt.pad_id, self.model.packs_rows)
+        p = pack(m.query_ids, m.query_mask, m.response_ids, m.response_mask, self.fmt.pad_id,
+                 self.model.packs_rows, self.model.attention_cost)
         w, share = w[:, : m.response_ids.shape[1]], m.response_mask.sum() / tokens
         with self.acc.autocast():
             logp = self.model.logprobs(p, m.response_ids, self.cfg.temperature)

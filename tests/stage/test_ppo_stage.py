@@ -123,9 +123,12 @@ def assert_shortcuts_agree(model, fmt, r) -> None:
     assert model.lm_head_by_hand and model.packs_rows
     p = pack(r.query_ids, r.query_mask, r.response_ids, r.response_mask, fmt.pad_id)
     one = pack(r.query_ids, r.query_mask, r.response_ids, r.response_mask, fmt.pad_id, several_per_row=False)
-    assert p.ids.shape[0] < one.ids.shape[0]
+    wide = pack(r.query_ids, r.query_mask, r.response_ids, r.response_mask, fmt.pad_id, attention_cost=0.0)
+    assert wide.ids.numel() <= p.ids.numel() and p.ids.shape[0] < one.ids.shape[0]  # fewest slots
     with torch.no_grad():
         fast = model.logprobs(p, r.response_ids, 0.7) * r.response_mask
+        torch.testing.assert_close(model.logprobs(wide, r.response_ids, 0.7) * r.response_mask, fast,
+                                   atol=1e-5, rtol=0)
         model.lm_head_by_hand = False
         try:
             for q in (p, one):
@@ -147,6 +150,14 @@ def test_fallbacks_for_families_the_shortcuts_do_not_fit_give_the_same_numbers(b
     config = model.peft.base_model.model.config
     config.logits_scaling = 4.0  # a Granite-style divisor that the Llama forward ignores
     assert model._check_shortcuts() == (False, True)
+
+
+def test_attention_cost_of_the_test_llama(built):
+    """The test chain's base (one layer, hidden 32, 2 heads of 16, MLP 64): attention costs
+    4 * 2 * 16 = 128 FLOPs a column of row width, the linear layers 2 * (4 * 32 * 32 + 3 * 32 * 64)
+    = 20480: 1/160."""
+    _, model, _, _ = built
+    assert model.attention_cost == pytest.approx(1 / 160)
 
 
 def test_a_bf16_base_keeps_the_shortcuts(chain):

@@ -511,3 +511,31 @@ def test_minibatch_non_divisible_raises():
         core.minibatch_indices(10, 4, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="divide"):
         core.count_optimizer_steps(10, 4, 2)
+
+
+def test_head_logprobs_in_chunks_give_the_full_logits_numbers_and_gradients(monkeypatch):
+    """The LM head run chunk by chunk (recomputed in the backward pass) gives the log-probs and the
+    gradients (to the hidden states and to a trainable head) of the whole [B, T, V] logits, at
+    T = 0.7 and with a Gemma-style soft-cap inside the head; and autograd keeps no logits."""
+    monkeypatch.setattr(core, "_rows_per_chunk", lambda vocab: 2)  # 6 rows -> 3 chunks
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 3), generator=g)
+    w = torch.randn(2, 3, generator=g, dtype=torch.float64)
+
+    def head(h):
+        return torch.tanh(h @ weight.T / 5.0) * 5.0
+
+    expected = torch.log_softmax(head(hidden) / 0.7, -1).gather(-1, labels[..., None]).squeeze(-1)
+    want = torch.autograd.grad((expected * w).sum(), (hidden, weight))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        got = core.head_logprobs(head, hidden, labels, vocab=40, temperature=0.7)
+    grads = torch.autograd.grad((got * w).sum(), (hidden, weight))
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b)
+    assert sum(saved) < 2 * 40  # the chunks' inputs at most, never a chunk's logits (2 x 40)
+    with torch.no_grad():  # scoring passes: no recomputation, same numbers
+        torch.testing.assert_close(core.head_logprobs(head, hidden, labels, 40, 0.7), expected)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.rl.rollout import by_length, draw, pack
+from pipeline.rl.rollout import by_length, draw, first_fit, pack, row_width
 
 pytestmark = pytest.mark.unit
 
@@ -58,6 +58,30 @@ def test_pack_puts_short_sequences_side_by_side_in_one_row():
     assert p.prefix[1:, 0].tolist() == [8, 10] and p.last.tolist() == [5, 9, 11]
     one = pack(q, (q != 0).long(), r, r_mask, 0, several_per_row=False)  # rows as wide as the longest
     assert one.ids.tolist() == [[1, 2, 7, 8, 9, 10], [3, 4, 5, 11, 0, 0], [6, 12, 0, 0, 0, 0]]
+
+
+def test_row_width_weighs_padding_against_attention():
+    # lengths 5, 5, 3; widths tried: 5, 7, 8, 9, 10, 13, 15 (1 to 3 x the longest), rows first fit:
+    #   W 5: 3 rows = 15 slots, W 8: [5 3] [5] = 16, W 10: [5 5] [3] = 20, W 13: [5 5 3] = 13
+    # cost rows * W * (1 + c W): with free attention (c = 0) one row of 13 is cheapest; at
+    # c = 0.1, W 5 costs 15 * 1.5 = 22.5 against 13 * 2.3 = 29.9 and 16 * 1.8 = 28.8
+    assert row_width([5, 5, 3], 0.0) == 13
+    assert row_width([5, 5, 3], 0.1) == 5
+    # 32 sequences of 36..53 tokens, 1420 in all (like the bench's model (b)): rows twice the
+    # longest (106) hold two each, 16 rows at 84% real tokens; 1.75 x (93) still holds two of
+    # them (36 + 53 ... 45 + 46 <= 93), 16 rows at 95%: cheapest at a 7B-like attention cost
+    lengths = [36 + (7 * i) % 18 for i in range(32)]
+    assert row_width(lengths, 1 / 3000) == 93
+    assert max(r for r, _ in first_fit(lengths, 93)) + 1 == 16 == max(r for r, _ in first_fit(lengths, 106)) + 1
+
+
+def test_pack_takes_the_row_width_for_the_model():
+    q = torch.tensor([[0, 1, 2], [3, 4, 5], [0, 0, 6]])
+    r = torch.tensor([[7, 8], [11, 12], [13, 0]])
+    r_mask = (r != 0).long()  # lengths 4, 5, 2
+    p = pack(q, (q != 0).long(), r, r_mask, 0, attention_cost=0.0)  # widths 5..15: all in one row of 13
+    assert p.ids.tolist() == [[3, 4, 5, 11, 12, 1, 2, 7, 8, 6, 13, 0, 0]]
+    assert pack(q, (q != 0).long(), r, r_mask, 0, attention_cost=1.0).ids.shape == (3, 5)  # attention dear
 
 
 def test_by_length_groups_short_rows_together():
