@@ -24,8 +24,8 @@ H_kv the key/value width, V the vocabulary, L_seq = prompt + response tokens:
     sampler       generation_batch x V fp32: one step's log-softmax and its probabilities
     folded        ppo.fold_adapters=auto, only where an adapter costs >= 10% of a layer's FLOPs
                   (r sum(in + out) / sum(in x out); none of the models in the table): a copy of the
-                  adapted linear weights with the SFT adapter folded in, and one with the policy
-                  folded in while sampling
+                  adapted linear weights per role (reference, reward, policy, value) with its
+                  adapters folded in
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ def breakdown(a: Arch, *, weight_bytes: float, act_bytes: int, r: int, micro: in
     sampler = 2 * gen * a.vocab * 4
     folds = lora_params(a, r) / linear_params(a) >= FOLD_SHARE
     folded = linear_params(a) * weight_bytes if folds else 0.0  # each copy
-    training, sampling = activations + logits, kv_cache + sampler + folded
+    training, sampling = activations + logits, kv_cache + sampler
     return {"weights": weights, "adapters": adapters, "optimizer": optimizer, "activations": activations,
-            "logits": logits, "kv cache (sampling)": kv_cache, "sampler": sampler, "folded": 2 * folded,
-            "peak": weights + adapters + optimizer + folded + max(training, sampling)}
+            "logits": logits, "kv cache (sampling)": kv_cache, "sampler": sampler, "folded": 4 * folded,
+            "peak": weights + adapters + optimizer + 4 * folded + max(training, sampling)}
 
 
 def row(a: Arch, label: str, **kw) -> str:

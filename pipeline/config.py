@@ -334,7 +334,7 @@ class PPOConfig:
     value_init: str = MISSING  # rm | fresh (gae only)
     old_logprobs: str = MISSING  # sampler (recorded while sampling) | recompute (an extra full pass)
     gradient_checkpointing: bool = MISSING
-    fold_adapters: str = MISSING  # auto | always | never: SFT and (sampling) policy adapters folded into weight copies
+    fold_adapters: str = MISSING  # auto | always | never: each role's adapters folded into a weight copy
     ptx_batch_size: int = MISSING  # pretraining sequences per optimizer step
     ptx_block_size: int = MISSING  # tokens per pretraining sequence
     precision: str = MISSING  # auto | fp32 | bf16 | fp16

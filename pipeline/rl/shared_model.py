@@ -10,8 +10,8 @@ The reference is the SFT model (base + SFT adapter), *not* the base with adapter
 disabled: under LoRA that would be the plain pretrained model, the wrong KL anchor.
 The RM was trained on base + SFT merged, so reward = base + SFT delta + RM delta, which
 is what activating both adapters computes. The base weights exist once in memory, except
-that on narrow models (``ppo.fold_adapters``) the frozen SFT adapter, and the policy while
-sampling, also run as copies of the adapted weights with the adapter folded in.
+that on narrow models (``ppo.fold_adapters``) each role also runs as a copy of the adapted
+weights with its adapters folded in.
 Critic-free estimators (RLOO, GRPO, REINFORCE++) build no value adapter or head.
 
 Shapes: ``B`` sequences, ``L`` tokens (left-padded prompt of ``P`` then response of ``T``),
@@ -80,20 +80,63 @@ def plain_lora(layer) -> bool:
     return not layer.lora_variant and all(b.bias is None for b in layer.lora_B.values())
 
 
+class _FoldedLoRA(torch.autograd.Function):
+    """``y = x W'^T + b`` through a folded copy ``W' = W + sum_a s_a B_a A_a`` (every active adapter),
+    with the gradients of the one trained adapter's ``A`` (r, in) and ``B`` (out, r) by hand::
+
+        dL/dx = g W',   dL/dB = s g^T (x A^T),   dL/dA = s (g B)^T x
+
+    The same gradients as the LoRA products (``dL/dx`` takes the adapters' path through ``W'``),
+    with one product in the forward pass instead of three. ``x`` (..., in), ``g`` (..., out)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale):
+        ctx.save_for_backward(x, weight, a, b)
+        ctx.scale = scale
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, a, b = ctx.saved_tensors
+        rows, g_rows = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        grad_a = (g_rows @ b).t() @ rows * ctx.scale
+        grad_b = g_rows.t() @ (rows @ a.t()) * ctx.scale
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _trains(layer, adapter: str) -> bool:
+    return torch.is_grad_enabled() and layer.lora_A[adapter].weight.requires_grad
+
+
 def fused_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft's LoRA Linear forward, ``W x + sum_a s_a B_a A_a x`` over the active adapters, with each
     adapter's scale and sum folded into one ``addmm``: two fewer passes over the (rows x out)
     output per adapter than ``result + lora_B(lora_A(x)) * s``, and none of peft's per-call checks
     (this runs ~1000 times an update on small inputs, where Python overhead rivals the arithmetic).
-    An adapter folded by :meth:`SharedBaseActorCritic.fold` runs as its copy of W, with no product.
-    Anything but plain LoRA (DoRA and other variants, LoRA biases, mixed-adapter batches, merged
-    weights) takes peft's own forward."""
+
+    Adapters folded by :meth:`SharedBaseActorCritic.fold` run as their copy of W, with no product:
+    a role whose adapters are all folded runs one product, through :class:`_FoldedLoRA` where one
+    of them trains; otherwise a frozen adapter's single fold stands in for W. Anything but plain
+    LoRA (DoRA and other variants, LoRA biases, mixed-adapter batches, merged weights) takes
+    peft's own forward."""
     if not layer._rl_plain or layer.disable_adapters or layer.merged or "adapter_names" in kwargs:
         return type(layer).forward(layer, x, *args, **kwargs)
     base, adapters = layer.base_layer, layer.active_adapters
-    folded = [a for a in adapters if a in layer._folded] if layer._folded else ()
-    if folded:  # W + s B_a A_a, precomputed (one adapter a role at most: see fold)
-        base, adapters = layer._folded[folded[0]], [a for a in adapters if a != folded[0]]
+    if layer._folded:
+        whole = layer._folded.get("+".join(adapters))
+        if whole is not None:
+            trained = [a for a in adapters if _trains(layer, a)]
+            if not trained:
+                return whole(x)
+            if len(trained) == 1 and layer._rl_folds_grads and not layer.training \
+                    and not torch.is_autocast_enabled(x.device.type):
+                a = trained[0]
+                return _FoldedLoRA.apply(x, whole.weight, whole.bias, layer.lora_A[a].weight,
+                                         layer.lora_B[a].weight, layer.scaling[a])
+        folded = [a for a in adapters if a in layer._folded and not _trains(layer, a)]
+        if folded:  # W + s B_a A_a of a frozen adapter, precomputed
+            base, adapters = layer._folded[folded[0]], [a for a in adapters if a != folded[0]]
     result = base(x, *args, **kwargs)
     out = result.reshape(-1, result.shape[-1])
     rows = x.reshape(-1, x.shape[-1])
@@ -121,7 +164,9 @@ class SharedBaseActorCritic(nn.Module):
             if isinstance(module, LoraLinear):
                 module.forward = types.MethodType(fused_lora_forward, module)
                 module._rl_plain = plain_lora(module)
-                module._folded = {}  # adapter -> a copy of base_layer with it folded in
+                module._folded = {}  # "a+b" -> a copy of base_layer with adapters a and b folded in
+                # _FoldedLoRA computes F.linear with A and B as given: not for GPT-2's Conv1D
+                module._rl_folds_grads = isinstance(module.base_layer, nn.Linear) and not module.fan_in_fan_out
         # Freeze every adapter once, then arm exactly the optimizer's parameters; switching roles
         # afterwards only repoints each LoRA layer (peft's set_adapter walks every module and
         # toggles requires_grad, ~4 ms a call, ~30 calls an update).
@@ -212,36 +257,58 @@ class SharedBaseActorCritic(nn.Module):
         return 4 * heads * head_dim * layers / (2 * weights) if weights else None
 
     @torch.no_grad()
-    def fold(self, adapter: str) -> int:
-        """Fold ``adapter`` into a copy of each weight it adapts, W + s B A (summed in float64,
-        rounded once); a pass with ``adapter`` active then runs that copy instead of the LoRA
-        product. Worth it on narrow models, where an adapter costs a large share of a layer
-        (:meth:`lora_share`). The copy is no module of the model: nothing trains or saves it, so
-        a trained adapter must be folded again after each step. Returns the bytes held."""
-        held = 0
+    def fold(self, *adapters: str) -> int:
+        """Fold ``adapters`` into a copy of each weight they adapt, W + sum_a s_a B_a A_a (summed in
+        float64, rounded once); a pass with exactly these adapters active then runs that copy
+        instead of the LoRA products. Worth it on narrow models, where an adapter costs a large
+        share of a layer (:meth:`lora_share`). The copy is no module of the model: nothing trains
+        or saves it, so a trained adapter's copies are folded again after each optimizer step
+        (:meth:`refold`). Returns the bytes held."""
+        held, key = 0, "+".join(adapters)
         for m in self._layers:
-            if not (isinstance(m, LoraLinear) and m._rl_plain and adapter in m.lora_A):
+            if not (isinstance(m, LoraLinear) and m._rl_plain and all(a in m.lora_A for a in adapters)):
                 continue
-            base, copy_ = m.base_layer, m._folded.get(adapter)
+            base, copy_ = m.base_layer, m._folded.get(key)
             if copy_ is None:
-                copy_ = m._folded[adapter] = copy.deepcopy(base).requires_grad_(False)
-            delta = m.lora_B[adapter].weight.double() @ m.lora_A[adapter].weight.double() * m.scaling[adapter]
+                copy_ = m._folded[key] = copy.deepcopy(base).requires_grad_(False)
+            delta = sum(m.lora_B[a].weight.double() @ m.lora_A[a].weight.double() * m.scaling[a] for a in adapters)
             copy_.weight.copy_(base.weight.double() + (delta.T if m.fan_in_fan_out else delta))
             held += copy_.weight.numel() * copy_.weight.element_size()
         return held
 
-    def fold_adapters(self) -> int:
-        """From now on, the frozen SFT adapter runs folded (reference, reward and value passes) and
-        so does the policy while sampling. Float rounding differs from the LoRA product's (~1e-7
-        relative in fp32). Returns the bytes of the SFT adapter's copy (the policy's is as large,
-        held while sampling)."""
-        self.folds = True
-        return self.fold("ref")
+    def _roles(self) -> list[tuple[str, ...]]:
+        """The adapter sets of the roles: reference, reward, policy and (with a critic) value."""
+        return [("ref",), ("ref", "reward"), ("policy",)] + ([("ref", "value")] if self.value_head is not None else [])
 
-    def unfold(self, adapter: str) -> None:
+    def fold_adapters(self) -> int:
+        """From now on every role runs folded: one product a linear layer for the reference, reward,
+        value and policy passes, sampling included. Float rounding differs from the LoRA
+        products' (~1e-7 relative in fp32). Returns the bytes of the copies (one per role)."""
+        self.folds = True
+        return sum(self.fold(*role) for role in self._roles())
+
+    @torch.no_grad()
+    def refold(self) -> None:
+        """Fold the trained adapters again (after an optimizer step or a load): the policy's copy is
+        W + s B A, the value's the SFT copy + s B A, one fp32 ``addmm`` a layer (float64 sums, as
+        :meth:`fold` makes, cost ~10 ms an optimizer step on the tiny model, most of what folding
+        saves)."""
+        if not self.folds:
+            return
         for m in self._layers:
-            if isinstance(m, LoraLinear):
-                m._folded.pop(adapter, None)
+            if not isinstance(m, LoraLinear) or not m._folded:
+                continue
+            for key, frozen, a in (("policy", m.base_layer, "policy"), ("ref+value", m._folded.get("ref"), "value")):
+                copy_ = m._folded.get(key)
+                if copy_ is None:
+                    continue
+                A, B = m.lora_A[a].weight, m.lora_B[a].weight
+                if m.fan_in_fan_out:  # weights stored (in, out)
+                    torch.addmm(frozen.weight, A.t(), B.t(), alpha=m.scaling[a], out=copy_.weight)
+                else:
+                    torch.addmm(frozen.weight, B, A, alpha=m.scaling[a], out=copy_.weight)
+
+    # --- roles ----------------------------------------------------------------------
 
     # --- roles ----------------------------------------------------------------------
 
@@ -347,16 +414,9 @@ class SharedBaseActorCritic(nn.Module):
     @contextmanager
     def sampling(self):
         """The policy as a causal LM to sample from: the PEFT model with only the policy adapter
-        active, and with :meth:`fold_adapters` on, run through weights with that adapter folded in
-        for the duration (decoding goes ~a token at a time, where the adapter's two extra products
-        per layer cost the most)."""
+        active (with :meth:`fold_adapters` on, through the policy's folded weights)."""
         self._activate(["policy"])
-        if self.folds:
-            self.fold("policy")
-        try:
-            yield self.peft
-        finally:
-            self.unfold("policy")
+        yield self.peft
 
     def gradient_checkpointing(self, enable: bool) -> None:
         """Recompute activations in the backward pass instead of keeping them (HF checkpointing only
@@ -395,6 +455,7 @@ class SharedBaseActorCritic(nn.Module):
         if self.value_head is not None:
             self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in state.items()
                                              if k.startswith("value_head.")})
+        self.refold()
 
     def save_final(self, out: Path, fmt: ChatFormat) -> None:
         """``policy/`` (a LoRA adapter on the base, loadable with AutoPeftModelForCausalLM) and,

@@ -217,6 +217,7 @@ class RLTrainer:
         self._sum_gradients()
         self.acc.clip_grad_norm_(self.model.trainable, self.cfg.max_grad_norm)  # unscales fp16 first
         self.optimizer.step()
+        self.model.refold()  # the trained adapters' folded copies (ppo.fold_adapters)
         self.scheduler.step()
         return dict(zip(sums, self._sum(torch.stack(list(sums.values())))))
 

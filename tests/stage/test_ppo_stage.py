@@ -406,9 +406,11 @@ def test_ptx_batches_are_a_pure_function_of_update_and_step():
 
 
 def test_folded_adapters_give_the_numbers_of_the_lora_products(chain):
-    """``ppo.fold_adapters``: the SFT adapter folded into a copy of the weights gives the reference,
-    value and reward of base + adapter, and the policy folded for sampling gives its log-probs, to
-    float rounding; the copies are nothing RL trains or saves, and a step leaves the SFT copy as is."""
+    """``ppo.fold_adapters``: every role run through a copy of the weights with its adapters folded
+    in gives the rollout (reference, value, reward, the sampler's log-probs) and the training
+    steps (the trained adapters' gradients, by hand in _FoldedLoRA) of the LoRA products, to float
+    rounding; the trained roles' copies follow each step, the SFT copy stays, and the copies are
+    nothing RL trains or saves."""
     _, apart, _, t_apart = build(["ppo.fold_adapters=never"])
     _, folded, _, t_folded = build(["ppo.fold_adapters=auto"])  # the tiny model: an adapter is ~1/4 of a layer
     assert folded.lora_share() > 0.1 and folded.folds and not apart.folds
@@ -418,9 +420,20 @@ def test_folded_adapters_give_the_numbers_of_the_lora_products(chain):
         torch.testing.assert_close(getattr(b, key), getattr(a, key), atol=1e-5, rtol=0)
     assert (a.ref_logprobs != b.ref_logprobs).any() and (a.logprobs != b.logprobs).any()  # the copies ran
     layers = [m for m in folded.peft.modules() if hasattr(m, "_folded")]
-    assert all(set(m._folded) == {"ref"} for m in layers)  # the policy's copy lives only while sampling
+    assert all(set(m._folded) == {"ref", "ref+reward", "policy", "ref+value"} for m in layers)
     before = [m._folded["ref"].weight.clone() for m in layers]
-    t_folded.train_step(b)
+    start = {k: v.clone() for k, v in apart.trainable_state().items()}
+    t_apart.train_step(a)
+    t_folded.train_step(a)  # the same rollout, shuffle and optimizer: the same steps
+    want, got = apart.trainable_state(), folded.trainable_state()
+    assert set(got) == set(want)
+    unchanged = [k for k in want if ".lora_A." in k and torch.equal(want[k], start[k])]
+    assert not unchanged, unchanged
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
+    for m in layers:
+        for role in ("policy", "ref+value"):  # W + sum s B A of the adapters as they now are
+            delta = sum(m.scaling[x] * m.lora_B[x].weight @ m.lora_A[x].weight for x in role.split("+"))
+            torch.testing.assert_close(m._folded[role].weight, m.base_layer.weight + delta, atol=1e-6, rtol=0)
     assert all(torch.equal(m._folded["ref"].weight, w) for m, w in zip(layers, before))
-    assert set(folded.trainable_state()) == set(apart.trainable_state())
     assert len(list(folded.parameters())) == len(list(apart.parameters()))
