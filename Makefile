@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) ## Create .venv and install the pinned dependencies (only when they changed)
 
-$(DATA): $(STAMP) pipeline/world.py pipeline/judge.py conf/world/default.yaml
+$(DATA): $(STAMP) $(wildcard pipeline/world/*.py) conf/world/default.yaml
 	$(PY) -m stages.datagen
 	@touch $@
 

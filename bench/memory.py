@@ -17,7 +17,7 @@ H_kv the key/value width, V the vocabulary, L_seq = prompt + response tokens:
                   ~ 10 H + 4 I values (norm inputs and outputs, q, k, v, attention output, the
                   residuals, gate, up, their product); with gradient checkpointing, one layer's
                   worth plus each layer's input (H)
-    logits        one chunk of at most 8M logits (pipeline.rl.core.head_logprobs: the LM head and
+    logits        one chunk of at most 8M logits (pipeline.rl.logprobs.head_logprobs: the LM head and
                   the log-prob run over chunks of rows and are recomputed in the backward pass),
                   fp32, once for the output and once for its gradient
     kv cache      generation_batch x L_seq x layers x 2 x H_kv at the model dtype, while sampling
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.rl.core import LOGPROB_CHUNK  # noqa: E402
+from pipeline.rl.logprobs import LOGPROB_CHUNK  # noqa: E402
 from pipeline.rl.trainer import FOLD_SHARE  # noqa: E402
 
 GiB = 2 ** 30

@@ -123,9 +123,9 @@ def merged_for_trl(root: Path, model_args: list[str], tag: str) -> tuple[Path, P
     script = f"""
 import sys; sys.path.insert(0, {str(ROOT)!r})
 from tests.conftest import compose_config
-from pipeline.artifacts import find_parent
-from pipeline.policies import load_policy
-from pipeline.reward import load_reward_model
+from pipeline.core.artifacts import find_parent
+from pipeline.models.policies import load_policy
+from pipeline.models.reward import load_reward_model
 cfg = compose_config("ppo", {model_args!r})
 policy, fmt = load_policy("sft", cfg)
 policy.save_pretrained({str(out / 'policy')!r}); fmt.save({str(out / 'policy')!r})

@@ -85,9 +85,10 @@ def bench_shared_base(run_dir: str = "artifacts/default") -> None:
     from hydra import compose, initialize_config_dir
 
     import pipeline.config  # noqa: F401
-    from pipeline.artifacts import ArtifactError, find_parent
-    from pipeline.policies import load_policy
-    from pipeline.reward import load_reward_model, load_sft_tokenizer
+    from pipeline.core.artifacts import find_parent
+    from pipeline.core.errors import ArtifactError
+    from pipeline.models.policies import load_policy
+    from pipeline.models.reward import load_reward_model, load_sft_tokenizer
     from pipeline.rl.shared_model import SharedBaseActorCritic
 
     try:

@@ -41,8 +41,13 @@ import transformers
 import trl
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          GenerationConfig, TrainerCallback)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    TrainerCallback,
+)
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
 # TRL's own per-update metrics worth carrying into out.json (its `eps` counts from the first

@@ -21,11 +21,13 @@ import torch
 from omegaconf import DictConfig
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.artifacts import staged_artifact
-from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_everything, user_errors
-from pipeline.tiny import build_llama, pack_corpus, pretrain, train_tokenizer
-from pipeline.validation import check_ranges
-from pipeline.tracking import start_tracking
+from pipeline.core.artifacts import staged_artifact
+from pipeline.core.errors import PipelineError
+from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
+from pipeline.core.tracking import start_tracking
+from pipeline.core.validation import check_ranges
+from pipeline.data.corpus import pack_corpus
+from pipeline.world.base_model import build_llama, pretrain, train_tokenizer
 
 
 def read_corpus(path: str) -> list[str]:

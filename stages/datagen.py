@@ -1,7 +1,7 @@
 """Write the embedded world's datasets (``make data``).
 
 A seeded, deterministic generator: the same ``world.*`` settings give byte-identical
-files. See ``pipeline/world.py`` for what the world contains.
+files. See ``pipeline/world/`` for what the world contains.
 
     make data
     make data ARGS="world.seed=3 world.n_entities=60"
@@ -15,9 +15,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.validation import check_ranges
-from pipeline.runtime import user_errors
-from pipeline.world import WorldConfig, generate_world
+from pipeline.core.runtime import user_errors
+from pipeline.core.validation import check_ranges
+from pipeline.world.entities import WorldConfig
+from pipeline.world.generator import generate_world
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:

@@ -25,19 +25,25 @@ from peft import PeftModel
 from trl import DPOConfig, DPOTrainer
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.artifacts import find_parent, staged_artifact
-from pipeline.chat import ChatFormat, fold_system_turn
-from pipeline.data import load_validated, preference_example, preference_rows, tokenized
-from pipeline.models import load_causal_lm
-from pipeline.policies import base_source_for
-from pipeline.reward import load_sft_tokenizer
-from pipeline.resume import MarkComplete, TrainerCheckpoints
-from pipeline.runtime import ConfigError, output_run_dir, resolved, seed_everything, user_errors
-from pipeline.tracking import start_tracking
-from pipeline.training import (NonFiniteLossGuard, final_train_loss, mean_train_loss, report_truncation,
-                               train_or_resume, trainer_args)
-from pipeline.validation import check_ranges
-
+from pipeline.core.artifacts import find_parent, staged_artifact
+from pipeline.core.errors import ConfigError
+from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
+from pipeline.core.tracking import start_tracking
+from pipeline.core.validation import check_ranges
+from pipeline.data.chat import ChatFormat, fold_system_turn
+from pipeline.data.layouts import load_validated, preference_example, preference_rows, tokenized
+from pipeline.models.loading import load_causal_lm
+from pipeline.models.policies import base_source_for
+from pipeline.models.reward import load_sft_tokenizer
+from pipeline.training.hf import (
+    NonFiniteLossGuard,
+    final_train_loss,
+    mean_train_loss,
+    report_truncation,
+    train_or_resume,
+    trainer_args,
+)
+from pipeline.training.resume import MarkComplete, TrainerCheckpoints
 
 SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")  # TRL's losses that read label_smoothing
 

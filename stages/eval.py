@@ -6,7 +6,7 @@ prompts the gold judge labels every answer; on any other prompts the run's rewar
 judge (mean score, RM win rates). Every answer gets its RM score and length, sampled answers
 their KL to the SFT policy, and each stage its NLL on held-out pretraining text (the alignment
 tax). The report (``report.json``, ``report.md``, ``responses.jsonl`` and PNG plots) lands in
-``artifacts/<run>/eval/``; see ``pipeline/evaluation.py`` for the metrics.
+``artifacts/<run>/eval/``; see ``pipeline/eval/`` for the metrics.
 
     make eval
     make eval ARGS="max_prompts=100 logger=none"
@@ -26,22 +26,32 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.artifacts import (MANIFEST, PRODUCER, RL_STAGES, Artifact, ArtifactError, load_artifact,
-                                recorded_parent, restore_interrupted_swap, stage_path, staged_artifact)
-from pipeline.data import load_validated, prompt_row, text_row
-from pipeline.evaluation import (Rollout, build_report, category_scores, corpus_nll, flat_metrics,
-                                 generate_rollout, plot_category_scores, plot_rl_history, plot_stage_scores,
-                                 read_history, render_markdown, response_records, rollout_kl,
-                                 stage_metrics, win_rates)
-from pipeline.generation import check_decoding
-from pipeline.judge import Task, judge_task, parse_prompt
-from pipeline.policies import POLICY_STAGES, load_policy
-from pipeline.reward import load_reward_model, score_conversations
-from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_everything, user_errors
-from pipeline.tracking import start_tracking
-from pipeline.validation import check_ranges
-from pipeline.world import World, WorldConfig, world_from_config
-
+from pipeline.core.artifacts import (
+    MANIFEST,
+    PRODUCER,
+    RL_STAGES,
+    Artifact,
+    load_artifact,
+    recorded_parent,
+    restore_interrupted_swap,
+    stage_path,
+    staged_artifact,
+)
+from pipeline.core.errors import ArtifactError, PipelineError
+from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
+from pipeline.core.tracking import start_tracking
+from pipeline.core.validation import check_ranges
+from pipeline.data.layouts import load_validated, prompt_row, text_row
+from pipeline.eval.metrics import category_scores, stage_metrics, win_rates
+from pipeline.eval.plots import plot_category_scores, plot_rl_history, plot_stage_scores, read_history
+from pipeline.eval.report import build_report, flat_metrics, render_markdown, response_records
+from pipeline.eval.rollouts import Rollout, corpus_nll, generate_rollout, rollout_kl
+from pipeline.generation.decoding import check_decoding
+from pipeline.models.policies import POLICY_STAGES, load_policy
+from pipeline.models.reward import load_reward_model, score_conversations
+from pipeline.world.entities import World, WorldConfig, world_from_config
+from pipeline.world.judge import judge_task, parse_prompt
+from pipeline.world.vocabulary import Task
 
 # --- the run's artifacts ----------------------------------------------------------------------
 
@@ -132,7 +142,7 @@ def held_out_texts(cfg: DictConfig) -> Optional[list[str]]:
 
 
 def kl_to_sft(stage: str, policy, reference, rollout: Rollout, dec) -> Optional[float]:
-    """Mean per-sequence KL(stage || sft) on the stage's samples (see pipeline/evaluation.py).
+    """Mean per-sequence KL(stage || sft) on the stage's samples (see pipeline/eval/).
 
     None without an SFT policy, and for decodings whose samples do not come from
     ``softmax(logits / T)`` itself: argmax ones, and top-k / top-p truncation (the log-probs

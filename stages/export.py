@@ -18,11 +18,12 @@ import torch
 from omegaconf import DictConfig
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.artifacts import find_parent, staged_artifact
-from pipeline.policies import POLICY_STAGES, load_policy
-from pipeline.runtime import PipelineError, output_run_dir, resolved, user_errors
-from pipeline.validation import check_ranges
-from pipeline.tracking import start_tracking
+from pipeline.core.artifacts import find_parent, staged_artifact
+from pipeline.core.errors import PipelineError
+from pipeline.core.runtime import output_run_dir, resolved, user_errors
+from pipeline.core.tracking import start_tracking
+from pipeline.core.validation import check_ranges
+from pipeline.models.policies import POLICY_STAGES, load_policy
 
 
 def run(cfg: DictConfig) -> str:

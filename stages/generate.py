@@ -20,11 +20,12 @@ import torch
 from omegaconf import DictConfig
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.data import load_validated, prompt_row, prompt_text
-from pipeline.generation import as_conversation, check_decoding, generate
-from pipeline.policies import POLICY_STAGES, load_policy
-from pipeline.runtime import PipelineError, seed_everything, user_errors
-from pipeline.validation import check_ranges
+from pipeline.core.errors import PipelineError
+from pipeline.core.runtime import seed_everything, user_errors
+from pipeline.core.validation import check_ranges
+from pipeline.data.layouts import load_validated, prompt_row, prompt_text
+from pipeline.generation.decoding import as_conversation, check_decoding, generate
+from pipeline.models.policies import POLICY_STAGES, load_policy
 
 
 def read_prompts(cfg: DictConfig) -> list[list[dict]]:

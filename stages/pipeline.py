@@ -33,8 +33,9 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.artifacts import Artifact, ArtifactError, find_parent, is_up_to_date, stage_path
-from pipeline.runtime import PipelineError, resolved, user_errors
+from pipeline.core.artifacts import Artifact, find_parent, is_up_to_date, stage_path
+from pipeline.core.errors import ArtifactError, PipelineError
+from pipeline.core.runtime import resolved, user_errors
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # What each stage records as its parent artifact (what `staged_artifact(parent=...)` gets).

@@ -33,20 +33,20 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.artifacts import find_parent, require_built_on, staged_artifact
-from pipeline.data import load_validated, prompt_row, text_row
-from pipeline.reward import load_sft_tokenizer
+from pipeline.core.artifacts import find_parent, require_built_on, staged_artifact
+from pipeline.core.identity import config_hash
+from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
+from pipeline.core.tracking import Tracker, start_tracking
+from pipeline.data.corpus import pack_corpus
+from pipeline.data.layouts import load_validated, prompt_row, text_row
+from pipeline.models.reward import load_sft_tokenizer
 from pipeline.rl import health
-from pipeline.resume import config_hash
 from pipeline.rl.checkpoint import Checkpoints
 from pipeline.rl.config import check_config, check_rm_accuracy
 from pipeline.rl.rewards import build_reward_fn, reward_scale
 from pipeline.rl.shared_model import SharedBaseActorCritic
 from pipeline.rl.trainer import PtxBatches, RLTrainer
-from pipeline.runtime import output_run_dir, resolved, seed_everything, user_errors
-from pipeline.tiny import pack_corpus
-from pipeline.tracking import Tracker, start_tracking
-from pipeline.training import precision_flags
+from pipeline.training.hf import precision_flags
 
 
 def prompt_batch(prompts: list, update: int, per_process: int, rank: int, world: int, seed: int) -> list:

@@ -9,7 +9,7 @@ LoRA adapter and a scalar head, trained with TRL's RewardTrainer on
 The small centring term keeps rewards near zero, so PPO's reward scale does not drift.
 
 Ranked lists of K responses expand to all K(K-1)/2 pairs, and a prompt's pairs are
-kept together in one batch (``train.group_pairs``; see pipeline/reward.py).
+kept together in one batch (``train.group_pairs``; see pipeline/models/reward.py).
 
     make rm
     make rm ARGS="lora.r=8 train.max_steps=400 train.use_margin=true"
@@ -26,18 +26,24 @@ from omegaconf import DictConfig
 from trl import RewardConfig, RewardTrainer
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.artifacts import find_parent, staged_artifact
-from pipeline.data import (load_validated, margin_preference_rows, preference_example, preference_rows,
-                           tokenized)
-from pipeline.models import lora_config
-from pipeline.reward import (GroupedRewardTrainer, evaluate_pairs, load_sft_tokenizer,
-                             reward_stats, sft_backbone_classifier)
-from pipeline.resume import MarkComplete, TrainerCheckpoints
-from pipeline.runtime import PipelineError, output_run_dir, resolved, seed_everything, user_errors
-from pipeline.validation import check_ranges
-from pipeline.tracking import start_tracking
-from pipeline.training import (NonFiniteLossGuard, final_train_loss, mean_train_loss, report_truncation,
-                               train_or_resume, trainer_args)
+from pipeline.core.artifacts import find_parent, staged_artifact
+from pipeline.core.errors import PipelineError
+from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
+from pipeline.core.tracking import start_tracking
+from pipeline.core.validation import check_ranges
+from pipeline.data.layouts import load_validated, margin_preference_rows, preference_example, preference_rows, tokenized
+from pipeline.models.loading import lora_config
+from pipeline.models.reward import load_sft_tokenizer, sft_backbone_classifier
+from pipeline.training.hf import (
+    NonFiniteLossGuard,
+    final_train_loss,
+    mean_train_loss,
+    report_truncation,
+    train_or_resume,
+    trainer_args,
+)
+from pipeline.training.resume import MarkComplete, TrainerCheckpoints
+from pipeline.training.reward import GroupedRewardTrainer, evaluate_pairs, reward_stats
 
 
 def as_dataset(rows: list[dict], use_margin: bool, max_length: int) -> Dataset:

@@ -3,7 +3,7 @@
 The base model stays frozen; a LoRA adapter on every linear layer learns to answer
 in the chat format. The loss covers assistant tokens only: each answer and the end-of-turn
 token that closes it, found by rendering the conversation prefix by prefix with the
-tokenizer's own chat template (pipeline/chat.py), so the model is never trained to write the
+tokenizer's own chat template (pipeline/data/chat.py), so the model is never trained to write the
 user's side of the conversation and always learns to stop.
 
     make sft
@@ -22,18 +22,24 @@ from omegaconf import DictConfig
 from trl import SFTConfig, SFTTrainer
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.artifacts import staged_artifact
-from pipeline.chat import ChatFormat
-from pipeline.data import load_validated, prompt_row, sft_example, sft_row, tokenized
-from pipeline.generation import check_decoding
-from pipeline.models import base_model_source, load_causal_lm, load_tokenizer, lora_config
-from pipeline.resume import MarkComplete, TrainerCheckpoints
-from pipeline.runtime import output_run_dir, resolved, seed_everything, user_errors
-from pipeline.sampling import sample_responses, sample_stats
-from pipeline.validation import check_ranges
-from pipeline.tracking import start_tracking
-from pipeline.training import (NonFiniteLossGuard, final_train_loss, mean_train_loss, report_truncation,
-                               train_or_resume, trainer_args)
+from pipeline.core.artifacts import staged_artifact
+from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
+from pipeline.core.tracking import start_tracking
+from pipeline.core.validation import check_ranges
+from pipeline.data.chat import ChatFormat
+from pipeline.data.layouts import load_validated, prompt_row, sft_example, sft_row, tokenized
+from pipeline.generation.decoding import check_decoding
+from pipeline.generation.samples import sample_responses, sample_stats
+from pipeline.models.loading import base_model_source, load_causal_lm, load_tokenizer, lora_config
+from pipeline.training.hf import (
+    NonFiniteLossGuard,
+    final_train_loss,
+    mean_train_loss,
+    report_truncation,
+    train_or_resume,
+    trainer_args,
+)
+from pipeline.training.resume import MarkComplete, TrainerCheckpoints
 
 
 def work_dir(cfg: DictConfig) -> Path:

@@ -32,10 +32,16 @@ from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-from tokenizers import pre_tokenizers, processors, trainers
-from transformers import (AutoConfig, GemmaForCausalLM, GenerationConfig, GPT2LMHeadModel,
-                          LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoConfig,
+    GemmaForCausalLM,
+    GenerationConfig,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "families"
 FAMILIES = ("qwen2.5", "llama3", "mistral", "gemma", "gpt2")

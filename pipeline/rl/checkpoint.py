@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.resume import new_run_id
+from pipeline.core.errors import PipelineError
+from pipeline.core.identity import new_run_id
 
 STATE = "state.json"
 
@@ -108,7 +109,6 @@ class Checkpoints:
         try:
             history = load_checkpoint(last, model, trainer, self.hash, self.acc)
         except ValueError as e:
-            from pipeline.runtime import PipelineError
             raise PipelineError(str(e)) from e
         run_id = self.root / RUN_ID
         return history, run_id.read_text().strip() if run_id.is_file() else new_run_id()

@@ -1,24 +1,24 @@
 """Checks of the RL stage's settings, before any model loads.
 
 Each refusal names the key, what it must be, and the fix; ranges every stage shares
-(learning rates, batch sizes, probabilities) are checked by pipeline/validation.py.
+(learning rates, batch sizes, probabilities) are checked by pipeline/core/validation.py.
 """
 
 from __future__ import annotations
 
-from pipeline.rl import core
-from pipeline.runtime import ConfigError, PipelineError
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.validation import check_ranges
+from pipeline.rl.kl import KL_ESTIMATORS
+from pipeline.rl.losses import LOSS_AGGREGATIONS
 
 ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
 
 
 def check_config(cfg) -> None:
     """Refuse RL settings that cannot work. ``cfg`` is the stage config."""
-    from pipeline.validation import check_ranges
-
     check_ranges(cfg)
     ppo, alg = cfg.ppo, cfg.algorithm
-    choices = {"ppo.kl.estimator": (ppo.kl.estimator, core.KL_ESTIMATORS),
+    choices = {"ppo.kl.estimator": (ppo.kl.estimator, KL_ESTIMATORS),
                "ppo.kl.controller": (ppo.kl.controller, ("fixed", "adaptive")),
                "ppo.lr_schedule": (ppo.lr_schedule, ("constant", "linear", "cosine")),
                "ppo.value_init": (ppo.value_init, ("rm", "fresh")),
@@ -26,7 +26,7 @@ def check_config(cfg) -> None:
                "ppo.fold_adapters": (ppo.fold_adapters, ("auto", "always", "never")),
                "algorithm.advantage": (alg.advantage, ESTIMATORS),
                "algorithm.kl_in": (alg.kl_in, ("reward", "loss")),
-               "algorithm.loss_agg": (alg.loss_agg, core.LOSS_AGGREGATIONS)}
+               "algorithm.loss_agg": (alg.loss_agg, LOSS_AGGREGATIONS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")

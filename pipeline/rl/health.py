@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.runtime import PipelineError
+from pipeline.core.errors import PipelineError
 
 MEANING = {
     "logprob_gap": "the sampler and the trainer disagree: stale weights, or a temperature or precision "

@@ -21,9 +21,7 @@ import hydra.utils
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.judge import judge
-from pipeline.runtime import ConfigError
-from pipeline.world import build_world
+from pipeline.core.errors import ConfigError
 
 RewardFn = Callable[[list, list[str], torch.Tensor], torch.Tensor]
 
@@ -84,13 +82,3 @@ def _as_scores(values, n: int, name: str, device) -> torch.Tensor:
     if not torch.isfinite(scores).all():
         raise ConfigError(f"reward.sources.{name} returned a non-finite score: {scores.tolist()}")
     return scores
-
-
-class GoldJudgeReward:
-    """The world's gold judge as a reward (an oracle: off by default, useful for ablations)."""
-
-    def __init__(self, seed: int, n_entities: int, n_unknown: int):
-        self.world = build_world(seed, n_entities, n_unknown)
-
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return [judge(p, r, self.world).score for p, r in zip(prompts, responses)]

@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 from transformers import DynamicCache
 
-from pipeline.chat import ChatFormat
-from pipeline.generation import encode_prompts
-from pipeline.rl import core
+from pipeline.data.chat import ChatFormat
+from pipeline.generation.decoding import encode_prompts
+from pipeline.generation.stops import stop_mask
 
 
 @dataclass
@@ -245,5 +245,5 @@ def sample(lm, fmt: ChatFormat, prompts: list[list[dict]], temperature: float, m
                 layer.batch_select_indices(keep)
         ids, positions = token[:, None], positions[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-    mask = core.stop_mask(resp, stops).float()
+    mask = stop_mask(resp, stops).float()
     return q_ids, q_mask, resp, mask, logprobs * mask, entropy * mask

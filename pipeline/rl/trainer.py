@@ -32,10 +32,23 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from pipeline.chat import ChatFormat
-from pipeline.generation import decode_responses
-from pipeline.rl import core
+from pipeline.data.chat import ChatFormat
+from pipeline.generation.decoding import decode_responses
+from pipeline.generation.stops import ends_with_stop
+from pipeline.rl.batching import count_optimizer_steps, minibatch_indices
+from pipeline.rl.estimators import (
+    equal_reward_groups,
+    gae,
+    group_centred,
+    grpo_advantages,
+    returns_to_go,
+    rloo_advantages,
+    shape_rewards,
+)
 from pipeline.rl.health import pearson
+from pipeline.rl.kl import kl_per_token, make_kl_controller
+from pipeline.rl.losses import loss_weights, policy_loss, value_loss
+from pipeline.rl.masked import masked_mean, masked_whiten
 from pipeline.rl.rollout import Rollout, by_length, concat, pack, sample
 from pipeline.rl.shared_model import SharedBaseActorCritic
 
@@ -54,14 +67,14 @@ class RLTrainer:
         self.reward_fn, self.ptx = reward_fn, ptx
         self.critic = algorithm.advantage == "gae"
         self.stops = torch.tensor(fmt.stop_ids)
-        self.kl_ctl = core.make_kl_controller(cfg.kl.controller, cfg.kl.init_coef, cfg.kl.target, cfg.kl.horizon)
+        self.kl_ctl = make_kl_controller(cfg.kl.controller, cfg.kl.init_coef, cfg.kl.target, cfg.kl.horizon)
         # Prepared by accelerate: under fp16 it owns the loss scaler and skips inf steps. Fused: one
         # kernel over every LoRA tensor instead of ~10 small ops per tensor (~110 tensors on the
         # tiny model: a step 2.5x faster on CPU).
         self.optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(
             model.trainable, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
             fused=model.device.type in ("cpu", "cuda") or None))
-        self.steps_per_update = core.count_optimizer_steps(cfg.rollout_batch_size, cfg.minibatch_size, cfg.ppo_epochs)
+        self.steps_per_update = count_optimizer_steps(cfg.rollout_batch_size, cfg.minibatch_size, cfg.ppo_epochs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.update = 0  # finished updates
         self.episodes = 0  # responses generated, all processes
@@ -91,7 +104,7 @@ class RLTrainer:
 
     def _mean(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean over all processes' (valid) elements."""
-        return core.masked_mean(x, torch.ones_like(x) if mask is None else mask, all_reduce=self._sum)
+        return masked_mean(x, torch.ones_like(x) if mask is None else mask, all_reduce=self._sum)
 
     # --- rollout ----------------------------------------------------------------------
 
@@ -106,7 +119,7 @@ class RLTrainer:
                   for i in range(0, len(prompts), n)]
         r = concat([c[0] for c in chunks], self.fmt.pad_id)
         texts = [t for c in chunks for t in c[1]]
-        r.kl = core.kl_per_token(r.logprobs, r.ref_logprobs, self.cfg.kl.estimator) * r.response_mask
+        r.kl = kl_per_token(r.logprobs, r.ref_logprobs, self.cfg.kl.estimator) * r.response_mask
         self._advantages(r)
         return r, texts
 
@@ -133,7 +146,7 @@ class RLTrainer:
         texts = decode(self.fmt, resp, mask)
         scores = self.reward_fn(prompts, texts, rm_scores)
         if self.cfg.missing_eos_penalty is not None:
-            ended = core.ends_with_stop(resp, mask, self.stops.to(resp.device))
+            ended = ends_with_stop(resp, mask, self.stops.to(resp.device))
             scores = torch.where(ended, scores, scores - self.cfg.missing_eos_penalty)
         return Rollout(q_ids, q_mask, resp, mask, logprobs, ref, entropy, scores, rm_scores, values), texts
 
@@ -142,21 +155,21 @@ class RLTrainer:
         beta, mask, k = self.kl_ctl.value, r.response_mask, self.alg.samples_per_prompt
         in_reward = self.alg.kl_in == "reward"
         if self.alg.advantage in ("gae", "reinforce_pp"):
-            scores = core.group_centred(r.scores, k) if self.alg.advantage == "reinforce_pp" and \
+            scores = group_centred(r.scores, k) if self.alg.advantage == "reinforce_pp" and \
                 self.alg.group_baseline else r.scores
-            rewards, _, _ = core.shape_rewards(scores, r.logprobs, r.ref_logprobs, mask,
+            rewards, _, _ = shape_rewards(scores, r.logprobs, r.ref_logprobs, mask,
                                                beta if in_reward else 0.0, self.cfg.kl.estimator)
             if self.critic:
-                adv, r.returns = core.gae(rewards, r.values, mask, self.cfg.gamma, self.cfg.lam)
+                adv, r.returns = gae(rewards, r.values, mask, self.cfg.gamma, self.cfg.lam)
             else:
-                adv = core.returns_to_go(rewards, mask)
-            r.advantages = core.masked_whiten(adv, mask, all_reduce=self._sum)
+                adv = returns_to_go(rewards, mask)
+            r.advantages = masked_whiten(adv, mask, all_reduce=self._sum)
             return
         seq = r.scores - (beta * r.kl.sum(1) if in_reward else 0.0)  # R_i, KL as a penalty
         if self.alg.advantage == "rloo":
-            adv = core.rloo_advantages(seq, k)
+            adv = rloo_advantages(seq, k)
         else:
-            adv = core.grpo_advantages(seq, k, self.alg.scale_by_std)
+            adv = grpo_advantages(seq, k, self.alg.scale_by_std)
         r.advantages = adv[:, None] * mask
 
     # --- update -------------------------------------------------------------------------
@@ -168,7 +181,7 @@ class RLTrainer:
         steps, first = 0, None
         for _ in range(self.cfg.ppo_epochs):
             epoch_kl = []
-            for idx in core.minibatch_indices(r.response_ids.shape[0], self.cfg.minibatch_size, self.shuffle):
+            for idx in minibatch_indices(r.response_ids.shape[0], self.cfg.minibatch_size, self.shuffle):
                 s = self._minibatch_step(r.select(idx), ptx_step=steps)
                 first = first if first is not None else s
                 steps += 1
@@ -193,7 +206,7 @@ class RLTrainer:
         micro = [mb.select(idx) for idx in by_length(mb.query_mask, mb.response_mask, self.cfg.micro_batch_size)]
         # Normalisers over the whole minibatch on every process, so that splitting it never
         # changes the loss: sum(w * l) / sum(units).
-        weights = [core.loss_weights(m.response_mask, self.alg.loss_agg, self.cfg.max_new_tokens) for m in micro]
+        weights = [loss_weights(m.response_mask, self.alg.loss_agg, self.cfg.max_new_tokens) for m in micro]
         units = self._sum(torch.stack([u for _, u in weights]).sum())
         tokens = self._sum(mb.response_mask.sum())
         self.optimizer.zero_grad(set_to_none=True)
@@ -229,12 +242,12 @@ class RLTrainer:
         w, share = w[:, : m.response_ids.shape[1]], m.response_mask.sum() / tokens
         with self.acc.autocast():
             logp = self.model.logprobs(p, m.response_ids, self.cfg.temperature)
-            pg, stats = core.policy_loss(logp, m.logprobs, m.advantages, m.response_mask, self.cfg.clip_range)
+            pg, stats = policy_loss(logp, m.logprobs, m.advantages, m.response_mask, self.cfg.clip_range)
             loss = (w * pg).sum() / units
             parts = {key: v * share for key, v in stats.items()}  # masked means -> shares of the mean
             parts["pg_loss"] = loss.detach()
             if self.alg.kl_in == "loss":  # GRPO: k3(pi || pi_ref) with gradient, per token
-                kl = core.kl_per_token(logp, m.ref_logprobs, "k3") * m.response_mask
+                kl = kl_per_token(logp, m.ref_logprobs, "k3") * m.response_mask
                 kl_loss = (w * kl).sum() / units
                 loss = loss + self.kl_ctl.value * kl_loss
                 parts["kl_loss"] = kl_loss.detach()
@@ -242,7 +255,7 @@ class RLTrainer:
         if self.critic:
             with self.acc.autocast():
                 values = self.model.response_values(p)
-                vf, vstats = core.value_loss(values, m.values, m.returns, m.response_mask, self.cfg.clip_range_value)
+                vf, vstats = value_loss(values, m.values, m.returns, m.response_mask, self.cfg.clip_range_value)
                 vf_loss = vf.sum() / tokens
             yield self.cfg.vf_coef * vf_loss, {"vf_loss": vf_loss.detach(), "vf_clipfrac": vstats["clipfrac"] * share}
 
@@ -326,7 +339,7 @@ class RLTrainer:
 
     def _rollout_metrics(self, r: Rollout) -> dict[str, float]:
         seq_kl = r.kl.sum(1)  # sequence-level KL; persistently negative k1 means a bug
-        ended = core.ends_with_stop(r.response_ids, r.response_mask, self.stops.to(r.response_ids.device)).float()
+        ended = ends_with_stop(r.response_ids, r.response_mask, self.stops.to(r.response_ids.device)).float()
         lengths = r.response_mask.sum(1)
         in_reward = self.alg.kl_in == "reward"
         non_score = -self.kl_ctl.value * seq_kl if in_reward else torch.zeros_like(seq_kl)
@@ -345,7 +358,7 @@ class RLTrainer:
             "health/kl_token_max": r.kl.masked_fill(~r.response_mask.bool(), -math.inf).max().item(),
         }
         if self.alg.samples_per_prompt > 1:
-            out["health/equal_reward_groups"] = core.equal_reward_groups(r.scores, self.alg.samples_per_prompt).item()
+            out["health/equal_reward_groups"] = equal_reward_groups(r.scores, self.alg.samples_per_prompt).item()
         if self.critic:
             out["val/mean"] = self._mean(r.values, r.response_mask).item()
         return out

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.artifacts import find_parent, load_artifact
-from pipeline.policies import load_policy
-from pipeline.reward import load_sft_tokenizer
+from pipeline.core.artifacts import find_parent, load_artifact
+from pipeline.models.policies import load_policy
+from pipeline.models.reward import load_sft_tokenizer
 from stages import dpo
 from tests.conftest import compose_config
 from tests.stage.conftest import QUIET

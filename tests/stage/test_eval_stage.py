@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runtime import PipelineError
+from pipeline.core.errors import PipelineError
 from stages import eval as eval_stage
 from stages import pipeline
 from tests.conftest import compose_config
@@ -121,7 +121,7 @@ def test_eval_skips_a_stage_built_on_an_older_parent_and_says_why(chain, capsys)
     reports the rest and names the stale stage and its fix, instead of failing at the end."""
     import shutil
 
-    from pipeline.artifacts import find_parent, staged_artifact
+    from pipeline.core.artifacts import find_parent, staged_artifact
     run = chain / "artifacts" / "default"
     sft = find_parent(run, "sft")
     with staged_artifact(run, "dpo", {}, parent=sft) as art:  # a DPO policy built on this SFT ...
@@ -139,7 +139,7 @@ def test_the_report_depends_on_the_most_recently_built_stage(tmp_path):
     """Rebuilding any one stage (rloo after ppo, say) makes the report stale for `make pipeline`."""
     import time
 
-    from pipeline.artifacts import staged_artifact
+    from pipeline.core.artifacts import staged_artifact
     from stages.eval import eval_parent
 
     def build(stage):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.artifacts import load_artifact
-from pipeline.chat import load_chat_format
-from pipeline.generation import as_conversation
+from pipeline.core.artifacts import load_artifact
+from pipeline.data.chat import load_chat_format
+from pipeline.generation.decoding import as_conversation
 from pipeline.rl.rollout import sample
 from stages import eval as eval_stage
 from stages import export, ppo, rm, sft
@@ -25,7 +25,7 @@ from tests.stage.conftest import QUIET, TINY_RM, TINY_SFT
 from tests.stage.test_ppo_stage import TINY_PPO, assert_shortcuts_agree
 from tests.stage.test_ppo_stage import build as build_rl
 from tests.stage.test_ppo_stage import rollout as rl_rollout
-from tests.unit.test_chat import END_OF_TURN
+from tests.unit.data.test_chat import END_OF_TURN
 
 pytestmark = pytest.mark.stage
 
@@ -125,7 +125,7 @@ def test_rows_that_stop_leave_the_batch_and_the_rest_sample_on_correctly(family,
     rows still going, and every token the survivors drew after rows left has the log-prob that a
     plain forward of that whole sequence gives: the pruned cache still belongs to the right rows
     (sliding-window layers included, on Gemma)."""
-    from pipeline.models import load_causal_lm
+    from pipeline.models.loading import load_causal_lm
     fmt = load_chat_format(str(family_models[family]), None, False)
     model = load_causal_lm(str(family_models[family]), compose_config("sft", ["model.path=x"]).model, fmt).eval()
     hook = StopFirstRow(fmt.end_of_turn_id, 3)
@@ -153,7 +153,7 @@ def test_rows_that_stop_leave_the_batch_and_the_rest_sample_on_correctly(family,
 def test_a_rollout_stops_at_the_familys_end_of_turn_token(family, family_models):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.models import load_causal_lm
+    from pipeline.models.loading import load_causal_lm
     fmt = load_chat_format(str(family_models[family]), None, False)
     cfg = compose_config("sft", ["model.path=x"]).model
     model = load_causal_lm(str(family_models[family]), cfg, fmt).eval()

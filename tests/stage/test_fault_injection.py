@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import ArtifactError, load_artifact
+from pipeline.core.artifacts import load_artifact
+from pipeline.core.errors import ArtifactError
 from tests.stage.conftest import TINY_RM, TINY_SFT, copy_root
 from tests.stage.test_ppo_stage import TINY_PPO
 

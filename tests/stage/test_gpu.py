@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from pipeline.artifacts import find_parent
-from pipeline.reward import load_sft_tokenizer
+from pipeline.core.artifacts import find_parent
+from pipeline.models.reward import load_sft_tokenizer
 from pipeline.rl.rewards import build_reward_fn, reward_scale
 from pipeline.rl.shared_model import SharedBaseActorCritic
 from pipeline.rl.trainer import RLTrainer

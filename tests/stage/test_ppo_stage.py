@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.artifacts import find_parent, load_artifact
-from pipeline.generation import as_conversation, encode_prompts
-from pipeline.policies import load_policy
-from pipeline.reward import load_reward_model, load_sft_tokenizer, score_conversations
-from pipeline.rl import core
+from pipeline.core.artifacts import find_parent, load_artifact
+from pipeline.generation.decoding import as_conversation, encode_prompts
+from pipeline.models.policies import load_policy
+from pipeline.models.reward import load_reward_model, load_sft_tokenizer, score_conversations
+from pipeline.rl.batching import count_optimizer_steps
 from pipeline.rl.rewards import build_reward_fn, reward_scale
 from pipeline.rl.rollout import pack, position_ids_from_mask
 from pipeline.rl.shared_model import SharedBaseActorCritic
@@ -197,7 +197,7 @@ def test_a_step_changes_policy_and_value_and_nothing_else(built):
     assert any(".policy." in n for n in changed) and any(".value." in n for n in changed)
     assert "value_head.weight" in changed
     # 8 rollouts / minibatches of 4 = 2 minibatches, times 2 epochs = 4 steps
-    assert out["optimizer_steps"] == 4 == core.count_optimizer_steps(8, 4, 2)
+    assert out["optimizer_steps"] == 4 == count_optimizer_steps(8, 4, 2)
     assert trainer.scheduler.last_epoch == 4
     assert {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()} == {4}
 
@@ -258,7 +258,7 @@ def test_rl_stage_writes_an_artifact_that_loads_as_the_trained_policy(chain):
 
 
 def test_a_weak_reward_model_is_refused_with_its_accuracy(chain):
-    from pipeline.runtime import PipelineError
+    from pipeline.core.errors import PipelineError
     from stages import ppo
     below = r"ranks \d+\.\d% of its held-out pairs correctly, below reward.min_accuracy=0.99"
     with pytest.raises(PipelineError, match=below):
@@ -284,7 +284,7 @@ def test_rm_with_rslora_and_a_rank_pattern_scores_exactly_like_its_artifact(chai
     answers = [[{"role": "assistant", "content": a}] for a in ("2 plus 3 is 5.", "I can't help with that.", "7")]
     expected = score_conversations(rm_model, fmt, prompts, answers, 8)
     seqs = [fmt.scored_ids(p, a) for p, a in zip(prompts, answers)]
-    from pipeline.generation import left_pad
+    from pipeline.generation.decoding import left_pad
     ids, mask = left_pad(seqs, fmt.pad_id)
     with torch.no_grad():
         got = model.scores(ids, mask, torch.full((3,), ids.shape[1] - 1))
@@ -311,8 +311,8 @@ def test_changed_config_refuses_to_resume(chain):
 
 
 def test_resume_hash_leaves_out_logging_and_cadence():
-    from pipeline.resume import config_hash
-    from pipeline.runtime import resolved
+    from pipeline.core.identity import config_hash
+    from pipeline.core.runtime import resolved
     base = config_hash(resolved(compose_config("ppo")))
     for override in ("log_every=7", "table_every=3", "checkpoint_every=1", "summary_window=2", "logger=none",
                      "health.thresholds.logprob_gap=1.0"):
@@ -374,7 +374,7 @@ def test_two_cpu_processes_run_the_stage_data_parallel(chain):
 
 
 def test_health_abort_stops_the_run_and_keeps_the_last_checkpoint(chain):
-    from pipeline.runtime import PipelineError
+    from pipeline.core.errors import PipelineError
     from stages import ppo
     # A threshold of 0 on truncation: the tiny policy runs some of its 8 tokens out at update 1.
     cfg = compose_config("ppo", TINY_PPO + ["ppo.total_updates=3", "checkpoint_every=1",

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pipeline.reward
-from pipeline.artifacts import find_parent
-from pipeline.data import load_validated, preference_example, preference_rows, tokenized
-from pipeline.reward import evaluate_pairs, load_reward_model
+import pipeline.models.reward
+from pipeline.core.artifacts import find_parent
+from pipeline.data.layouts import load_validated, preference_example, preference_rows, tokenized
+from pipeline.models.reward import load_reward_model
+from pipeline.training.reward import evaluate_pairs
 from stages import rm
 from tests.conftest import compose_config
 from tests.stage.conftest import QUIET, TINY_RM
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.stage
 
 def test_rm_trains_adapter_and_head_and_leaves_backbone(chain, monkeypatch):
     seen = {}
-    real = pipeline.reward.sft_backbone_classifier
+    real = pipeline.models.reward.sft_backbone_classifier
 
     def recording(*a, **k):
         model = real(*a, **k)
@@ -77,7 +78,7 @@ def test_use_margin_puts_the_margin_into_the_loss(chain):
 
 
 def test_conflicting_batch_orders_are_refused(chain):
-    from pipeline.runtime import PipelineError
+    from pipeline.core.errors import PipelineError
     with pytest.raises(PipelineError, match="group_pairs=true and train.group_by_length=true"):
         rm.run(compose_config("rm", TINY_RM + QUIET + ["train.group_by_length=true"]))
 

@@ -7,11 +7,18 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-import pipeline.models
-from pipeline.artifacts import load_artifact
+import pipeline.models.loading
+from pipeline.core.artifacts import load_artifact
 from stages import sft
 from tests.conftest import compose_config
 from tests.stage.conftest import QUIET, TINY_SFT
@@ -23,7 +30,7 @@ pytestmark = pytest.mark.stage
 def spy_base(monkeypatch):
     """Record the base model SFT loads and a copy of its weights before training."""
     seen = {}
-    real = pipeline.models.load_causal_lm
+    real = pipeline.models.loading.load_causal_lm
 
     def recording(*args, **kwargs):
         model = real(*args, **kwargs)
@@ -71,7 +78,7 @@ def test_overrides_reach_the_adapter(run_root):
 def test_save_merged_writes_a_full_model_equal_to_base_plus_adapter(run_root):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.policies import load_policy
+    from pipeline.models.policies import load_policy
     cfg = compose_config("sft", TINY_SFT + QUIET + ["save_merged=true"])
     sft.run(cfg)
     merged_dir = run_root / "artifacts/default/sft/merged"
@@ -138,7 +145,7 @@ def test_missing_base_names_make_base(tmp_path):
 
 
 def test_wandb_run_is_offline_grouped_and_holds_the_resolved_config(run_root):
-    from pipeline.tracking import start_tracking
+    from pipeline.core.tracking import start_tracking
     cfg = compose_config("sft", ["logger=wandb", "run_name=exp1", "lora.r=3"])
     tracker = start_tracking(cfg, "sft")
     try:
@@ -155,19 +162,19 @@ def test_wandb_run_is_offline_grouped_and_holds_the_resolved_config(run_root):
 def test_qlora_without_cuda_is_a_clear_error(run_root):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    from pipeline.runtime import PipelineError
+    from pipeline.core.errors import PipelineError
     with pytest.raises(PipelineError, match="needs a CUDA GPU"):
         sft.run(compose_config("sft", TINY_SFT + QUIET + ["model.load_in_4bit=true"]))
 
 
 def test_loss_covers_assistant_tokens_only(run_root):
     """Worked example: in a two-turn conversation only the answers (and their EOS) carry labels."""
-    from pipeline.data import sft_example
+    from pipeline.data.layouts import sft_example
     cfg = compose_config("sft", TINY_SFT + QUIET)
     source = str(run_root / "artifacts/default/base/model")
-    fmt = pipeline.models.load_tokenizer(source, cfg.model)
+    fmt = pipeline.models.loading.load_tokenizer(source, cfg.model)
     tokenizer = fmt.tokenizer
-    model = pipeline.models.load_causal_lm(source, cfg.model, fmt)
+    model = pipeline.models.loading.load_causal_lm(source, cfg.model, fmt)
     convo = [{"role": "user", "content": "What is 2 plus 3?"},
              {"role": "assistant", "content": "2 plus 3 is 5."},
              {"role": "user", "content": "Repeat the word 'cup' 2 times."},
@@ -186,7 +193,7 @@ def test_loss_covers_assistant_tokens_only(run_root):
 
 
 def test_bad_sampling_settings_fail_before_training(run_root, spy_base):
-    from pipeline.runtime import ConfigError
+    from pipeline.core.errors import ConfigError
     with pytest.raises(ConfigError, match="top_p=1.5 must be in"):
         sft.run(compose_config("sft", TINY_SFT + QUIET + ["samples.decoding.top_p=1.5"]))
     assert "model" not in spy_base  # refused before the base model was even loaded
@@ -195,8 +202,8 @@ def test_bad_sampling_settings_fail_before_training(run_root, spy_base):
 def test_wandb_lineage_base_sft_offline_and_one_run_per_resumed_stage(run_root):
     """Each stage logs its artifact as a W&B reference artifact and its parent as an input, offline
     too; a stage resumed from a checkpoint continues the same W&B run."""
-    from pipeline.resume import TrainerCheckpoints
-    from pipeline.runtime import resolved
+    from pipeline.core.runtime import resolved
+    from pipeline.training.resume import TrainerCheckpoints
     from tests.stage.wandb_records import artifacts
     cfg = compose_config("sft", TINY_SFT + ["logger=wandb"])
     sft.run(cfg)
@@ -218,7 +225,7 @@ def test_a_kill_after_the_last_checkpoint_resumes_without_an_extra_step(run_root
     finished training's, not one more step (the HF trainer checks max_steps only after a step)."""
     import shutil
 
-    from pipeline.resume import TrainerCheckpoints
+    from pipeline.training.resume import TrainerCheckpoints
     overrides = TINY_SFT + QUIET + ["train.save_steps=4", "train.logging_steps=2", "train.lr_scheduler_type=constant"]
     with monkeypatch.context() as m:  # the first run keeps its checkpoints, as a kill would
         m.setattr(TrainerCheckpoints, "remove", lambda self: None)

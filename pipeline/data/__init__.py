@@ -1,0 +1,2 @@
+"""Data: chat formats (templates, answer masks), dataset layouts with row validation, and text
+corpora as token streams. May import ``core``."""

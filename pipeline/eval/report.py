@@ -1,0 +1,116 @@
+"""The report: ``report.json``, its markdown rendering and the flat metrics W&B receives."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from pipeline.eval.metrics import GOLD_KEYS, METRICS
+from pipeline.world.vocabulary import CATEGORIES
+
+
+def build_report(run_name: str, num_prompts: int, metrics: dict[str, dict[str, dict]],
+                 wins: Optional[dict[str, dict[str, float]]], rm_wins: Optional[dict[str, dict[str, float]]],
+                 categories: Optional[dict[str, dict[str, dict]]], health: dict[str, dict[str, float]],
+                 skipped: dict[str, str], seconds: float) -> dict:
+    """``report.json``: ``stages.<stage>.<decoding>.<metric>``, ``win_rate`` (gold judge) and
+    ``rm_win_rate`` as ``<a>_vs_<b>.<decoding>``, ``categories.<stage>.<decoding>.<category>``
+    (gold judge only; None outside the world), ``health.<stage>.<metric>`` (an RL stage's rollout
+    health over its last updates), plus what was skipped and the wall time."""
+    return {
+        "run_name": run_name,
+        "num_prompts": num_prompts,
+        "judge": "gold" if wins is not None else "rm",
+        "stages": metrics,
+        "win_rate": wins,
+        "rm_win_rate": rm_wins,
+        "categories": categories,
+        "health": health,
+        "skipped": skipped,
+        "seconds": seconds,
+    }
+
+
+def response_records(prompts: Sequence[str], categories: Sequence[Optional[str]],
+                     texts: dict[str, dict[str, list[str]]], scores: Optional[dict[str, dict[str, list[float]]]],
+                     rm_scores: Optional[dict[str, dict[str, list[float]]]]) -> list[dict]:
+    """``responses.jsonl`` rows: a prompt, its category and every stage's answer under every
+    decoding, ``{"responses": {stage: {decoding: {"response", "gold_score", "rm_score"}}}}``."""
+    records = []
+    for i, (prompt, category) in enumerate(zip(prompts, categories)):
+        responses = {s: {d: {"response": texts[s][d][i],
+                             "gold_score": None if scores is None else scores[s][d][i],
+                             "rm_score": None if rm_scores is None else rm_scores[s][d][i]}
+                         for d in texts[s]}
+                     for s in texts}
+        records.append({"prompt": prompt, "category": category, "responses": responses})
+    return records
+
+
+def _cell(value: Optional[float], fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def _later_pairs(stages: list[str]) -> list[tuple[str, str]]:
+    """(later, earlier) pairs, e.g. ppo vs sft: the other direction is 1 minus it."""
+    return [(a, b) for i, a in enumerate(stages) for b in reversed(stages[:i])]
+
+
+def _win_table(title: str, wins: dict, stages: list[str], decodings: list[str]) -> list[str]:
+    pairs = _later_pairs(stages)
+    if not pairs:
+        return []
+    lines = [f"## {title}", "", "| pair | " + " | ".join(decodings) + " |", "|---|" + "---:|" * len(decodings)]
+    for a, b in pairs:
+        row = wins[f"{a}_vs_{b}"]
+        lines.append(f"| {a} vs {b} | " + " | ".join(f"{row[d]:.1%}" for d in decodings) + " |")
+    return lines + [""]
+
+
+def render_markdown(report: dict) -> str:
+    """``report.md``: per decoding a table with stages as columns, then the win rates and the
+    RL stages' rollout health."""
+    stages = list(report["stages"])
+    decodings = list(report["stages"][stages[0]])
+    judge = ("the gold judge" if report["judge"] == "gold"
+             else "the run's reward model (these prompts are not the embedded world's: no gold judge)")
+    lines = [f"# Evaluation of run `{report['run_name']}` on {report['num_prompts']} held-out prompts", "",
+             f"Judged by {judge}.", ""]
+    for dec in decodings:
+        lines += [f"## {dec}", "", "| metric | " + " | ".join(stages) + " |",
+                  "|---|" + "---:|" * len(stages)]
+        for key, label, fmt in METRICS:
+            if key in GOLD_KEYS and report["judge"] != "gold":
+                continue
+            lines.append(f"| {label} | " + " | ".join(
+                _cell(report["stages"][s][dec][key], fmt) for s in stages) + " |")
+        if report["categories"] is not None:
+            for category in CATEGORIES:
+                cells = [report["categories"][s][dec].get(category) for s in stages]
+                lines.append(f"| score: {category} | " + " | ".join(_cell(c, "{:+.3f}") for c in cells) + " |")
+        lines.append("")
+    if report["win_rate"] is not None:
+        lines += _win_table("Win rates (gold judge, ties count half)", report["win_rate"], stages, decodings)
+    if report["rm_win_rate"] is not None:
+        lines += _win_table("Win rates (reward model, ties count half)", report["rm_win_rate"], stages, decodings)
+    if report["health"]:
+        names = sorted({k for h in report["health"].values() for k in h})
+        lines += ["## Rollout health (mean of the last updates)", "",
+                  "| metric | " + " | ".join(report["health"]) + " |", "|---|" + "---:|" * len(report["health"])]
+        for name in names:
+            lines.append(f"| {name} | " + " | ".join(_cell(h.get(name), "{:.4g}") for h in report["health"].values())
+                         + " |")
+        lines.append("")
+    if report["skipped"]:
+        lines += ["Not in this report:", *(f"- {stage}: {why}" for stage, why in report["skipped"].items())]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    """``{"<stage>/<decoding>/<metric>": v, "win_rate/<a>_vs_<b>/<decoding>": v, ...}`` for W&B."""
+    out = {f"{s}/{d}/{k}": v for s, by_dec in report["stages"].items()
+           for d, metrics in by_dec.items() for k, v in metrics.items() if v is not None}
+    for key in ("win_rate", "rm_win_rate"):
+        out.update({f"{key}/{pair}/{d}": v for pair, by_dec in (report[key] or {}).items()
+                    for d, v in by_dec.items()})
+    out.update({f"health/{s}/{k}": v for s, h in report["health"].items() for k, v in h.items()})
+    return out

@@ -1,0 +1,183 @@
+"""Advantage estimators: GAE with a critic, and the critic-free RLOO, GRPO and REINFORCE++.
+
+Shapes: ``B`` the batch (``B = n * k`` for ``n`` prompts of ``k`` samples each, grouped
+contiguously), ``T`` the response length; ``mask`` is 1 on the valid response tokens.
+
+References:
+    - Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE".
+    - Ziegler et al. 2019 (per-token KL penalty in the reward).
+    - Huang et al. 2024, arXiv 2403.17031 (reward placement, whitening).
+    - Ahmadian et al. 2024 (RLOO); Shao et al. 2024 (GRPO); Hu 2025 (REINFORCE++).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.generation.stops import last_token_index
+from pipeline.rl.kl import kl_per_token
+
+
+@torch.no_grad()
+def shape_rewards(
+    scores: torch.Tensor,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards: a KL penalty on every token plus the score on the last one.
+
+    ``r_t = -kl_coef * kl_t + [t == last valid token] * score`` (Ziegler et al. 2019,
+    eq. 2; the score lands on the last real token, Huang et al. 2024). Rewards are
+    targets, so no gradient flows through them.
+
+    Args:
+        scores: ``[B]`` sequence-level scores (RM output, reward functions, penalties).
+        logp: ``[B, T]`` rollout log-probs of the policy.
+        ref_logp: ``[B, T]`` log-probs of the reference model.
+        mask: ``[B, T]`` response mask.
+        kl_coef: the KL penalty coefficient (``beta``).
+        estimator: ``"k1"`` or ``"k3"``, see :func:`kl_per_token`.
+
+    Returns:
+        ``(rewards, kl, non_score)``, each ``[B, T]`` and 0 on masked positions;
+        ``kl.sum(-1)`` is the sequence-level KL to log, ``non_score = -kl_coef * kl``.
+    """
+    valid = mask.bool()
+    kl = kl_per_token(logp, ref_logp, estimator)
+    kl = torch.where(valid, kl, torch.zeros_like(kl))
+    non_score = -kl_coef * kl
+    # A row with no valid token gets no score rather than a score at index 0.
+    scores = scores.to(device=kl.device, dtype=kl.dtype)
+    row_scores = torch.where(valid.any(dim=-1), scores, torch.zeros_like(scores))
+    last = last_token_index(mask).unsqueeze(-1)
+    rewards = non_score.scatter_add(-1, last, row_scores.unsqueeze(-1))
+    return rewards, kl, non_score
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+@torch.no_grad()
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16).
+
+    ``values[:, t]`` is ``V(s_t)``, the value of the prefix before response token ``t``.
+    The episode ends after the last valid token, so the bootstrap value there is 0::
+
+        delta_t = r_t + gamma * V_{t+1} * mask_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        R_t     = A_t + V_t
+
+    Args:
+        rewards: ``[B, T]`` per-token rewards (see :func:`shape_rewards`).
+        values: ``[B, T]`` rollout values.
+        mask: ``[B, T]`` response mask.
+        gamma: discount.
+        lam: GAE lambda.
+
+    Returns:
+        ``(advantages, returns)``, each ``[B, T]`` and 0 on masked positions. Advantages
+        are not whitened here; use :func:`masked_whiten`.
+    """
+    valid = mask.bool()
+    m = valid.to(values.dtype)
+    rewards = torch.where(valid, rewards, torch.zeros_like(rewards)).to(values.dtype)
+    values = torch.where(valid, values, torch.zeros_like(values))
+    T = rewards.shape[-1]
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        # Multiplying by mask_t zeroes padding, so the token before it sees A_{t+1} = 0.
+        next_adv = (delta + gamma * lam * next_adv) * m[:, t]
+        advantages[:, t] = next_adv
+        next_value = values[:, t]  # already 0 where mask is 0: V_{t+1} * mask_{t+1}
+    returns = (advantages + values) * m
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------- critic-free estimators
+#
+# Each turns sequence rewards into advantages without a value model; the advantage of a
+# sequence is broadcast to all its tokens. Rows come in groups of k consecutive samples of the
+# same prompt: ``rewards.view(-1, k)`` is one group per row. (shared/notes/rl-algorithms.md)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024; Kool et al. 2019).
+
+    ``A_i = R_i - 1/(k-1) * sum_{j != i} R_j`` within each group of k samples of one prompt.
+
+    Args:
+        rewards: ``[B]`` sequence rewards, ``B = n_prompts * k``, a prompt's samples adjacent.
+        k: samples per prompt, ``>= 2``.
+
+    Returns:
+        ``[B]`` advantages; each group sums to 0.
+    """
+    if k < 2:
+        raise ValueError(f"RLOO needs k >= 2 samples per prompt, got {k}")
+    g = rewards.view(-1, k)
+    baseline = (g.sum(dim=1, keepdim=True) - g) / (k - 1)
+    return (g - baseline).reshape(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, k: int, scale_by_std: bool, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath).
+
+    ``A_i = (R_i - mean_g R) / (std_g R + eps)``, the unbiased std of the group; with
+    ``scale_by_std=False`` only the mean is removed (Dr.GRPO, Liu et al. 2025), which removes
+    the bias towards groups whose rewards barely differ.
+
+    Args:
+        rewards: ``[B]``, groups of k adjacent samples.
+        k: samples per prompt, ``>= 2``.
+
+    Returns:
+        ``[B]``. A group whose k rewards are equal gets all-zero advantages (no signal).
+    """
+    if k < 2:
+        raise ValueError(f"GRPO needs k >= 2 samples per prompt, got {k}")
+    g = rewards.view(-1, k)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (g.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def group_centred(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """``R_i - mean_g R``: REINFORCE++-baseline's first step. ``[B] -> [B]``."""
+    g = rewards.view(-1, k)
+    return (g - g.mean(dim=1, keepdim=True)).reshape(-1)
+
+
+def equal_reward_groups(rewards: torch.Tensor, k: int, tol: float = 1e-6) -> torch.Tensor:
+    """Share of groups whose k rewards are all equal (their group advantages carry no signal)."""
+    g = rewards.view(-1, k)
+    return ((g.max(dim=1).values - g.min(dim=1).values) <= tol).float().mean()
+
+
+@torch.no_grad()
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++'s per-token return with gamma = 1 (Hu 2025): ``G_t = sum_{s >= t} r_s``.
+
+    Args:
+        rewards: ``[B, T]`` per-token rewards (:func:`shape_rewards`: the score on the last
+            token, and the per-token KL penalty when the KL is in the reward).
+        mask: ``[B, T]``.
+
+    Returns:
+        ``[B, T]``, 0 on masked positions. Normalise over the batch with :func:`masked_whiten`.
+    """
+    r = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
+    return torch.where(mask.bool(), r.flip(-1).cumsum(-1).flip(-1), torch.zeros_like(r))

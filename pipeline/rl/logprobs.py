@@ -1,0 +1,127 @@
+"""Token log-probs and entropies from logits, in chunks that never hold [B, T, V] at once.
+
+Shapes: ``B`` the batch, ``T`` the response length, ``V`` the vocabulary, ``H`` the hidden size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# --------------------------------------------------------------------------- log-probs
+
+
+LOGPROB_CHUNK = 1 << 23  # logits per chunk (32 MB in fp32): the working copies never grow with B * T
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, LOGPROB_CHUNK // max(1, vocab))
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """``log softmax(logits / T)[label]`` in row chunks, with an exact hand-written backward.
+
+    Autograd through ``log_softmax`` would keep a full fp32 ``[N, V]`` copy (and with bf16
+    logits an upcast copy too). Here only the logits the caller already holds and one
+    log-sum-exp per row are saved; the backward recomputes the softmax chunk by chunk::
+
+        d logp / d logits_v = ([v == label] - softmax(logits / T)_v) / T
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature):  # logits [N, V], labels [N] -> [N] fp32 (or fp64)
+        chunk, dtype = _rows_per_chunk(logits.shape[-1]), torch.promote_types(logits.dtype, torch.float32)
+        out = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        lse = torch.empty_like(out)
+        for s in range(0, logits.shape[0], chunk):
+            x = logits[s:s + chunk].to(dtype) / temperature
+            lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
+            out[s:s + chunk] = x.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, lse = ctx.saved_tensors
+        T, chunk = ctx.temperature, _rows_per_chunk(logits.shape[-1])
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], chunk):
+            g = grad_out[s:s + chunk, None].to(lse.dtype)
+            p = torch.exp(logits[s:s + chunk].to(lse.dtype) / T - lse[s:s + chunk, None])
+            d = (-p * g).scatter_add_(-1, labels[s:s + chunk, None], g)
+            grad[s:s + chunk] = (d / T).to(grad.dtype)
+        return grad, None, None
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each label under ``softmax(logits / temperature)``.
+
+    Memory-light in both directions (see ``_TokenLogprob``): no fp32 ``[B, T, V]`` copy is
+    made or kept, whatever the logits' dtype, and the gradient is exact.
+
+    Args:
+        logits: ``[B, T, V]`` raw logits (any float dtype).
+        labels: ``[B, T]`` token ids.
+        temperature: the sampling temperature the labels were drawn at.
+
+    Returns:
+        ``[B, T]`` float32 log-probs (float64 for float64 logits). At least fp32 because bf16
+        log-probs are too coarse for a ratio that must be 1 at the start.
+    """
+    B, T, V = logits.shape
+    flat = _TokenLogprob.apply(logits.reshape(B * T, V), labels.reshape(-1).long(), float(temperature))
+    return flat.view(B, T)
+
+
+def head_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
+                  vocab: int, temperature: float = 1.0) -> torch.Tensor:
+    """``logprobs_from_logits(head(hidden), labels, temperature)`` without ever holding the whole
+    ``[B, T, V]`` logits, nor their gradient: the LM ``head`` runs over chunks of rows, and with
+    autograd on each chunk is recomputed in the backward pass (activation checkpointing of the
+    head and the log-softmax), so a pass holds one chunk's logits (~32 MB in fp32) whatever
+    ``B * T`` and the vocabulary. The price is one more head product per training pass.
+
+    Args:
+        head: final hidden states ``[N, H]`` -> logits ``[N, V]`` (output scalings included).
+        hidden: ``[B, T, H]``; labels: ``[B, T]`` token ids; vocab: ``V``, to size the chunks.
+
+    Returns:
+        ``[B, T]`` float32 log-probs, equal to the unchunked computation within float rounding.
+    """
+    B, T, H = hidden.shape
+    flat, y = hidden.reshape(B * T, H), labels.reshape(B * T).long()
+
+    def chunk_logprobs(h: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        return logprobs_from_logits(head(h)[None], lab[None], temperature)[0]
+
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    step, out = _rows_per_chunk(vocab), []
+    for s in range(0, B * T, step):
+        h, lab = flat[s:s + step], y[s:s + step]
+        out.append(checkpoint(chunk_logprobs, h, lab, use_reentrant=False, preserve_rng_state=False)
+                   if recompute else chunk_logprobs(h, lab))
+    return torch.cat(out).view(B, T) if out else flat.new_zeros(B, T, dtype=torch.float32)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)``, ``H = -sum_v p_v log p_v``, in row chunks.
+
+    Args:
+        logits: ``[B, T, V]``.
+
+    Returns:
+        ``[B, T]`` float32 entropies (not masked).
+    """
+    B, T, V = logits.shape
+    flat, chunk, out = logits.reshape(B * T, V), _rows_per_chunk(V), []
+    for s in range(0, B * T, chunk):
+        logp = F.log_softmax(flat[s:s + chunk].float() / temperature, dim=-1)
+        # A -inf logit (masked vocabulary) has p = 0 and must contribute 0, not 0 * -inf = nan,
+        # in the forward and in the backward pass.
+        logp_finite = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
+        out.append(-(logp.exp() * logp_finite).sum(dim=-1))
+    return torch.cat(out).view(B, T) if out else flat.new_zeros(B, T, dtype=torch.float32)

@@ -1,0 +1,164 @@
+"""pipeline.data.chat on tiny local models carrying real families' tokenizer settings (tests/families.py):
+the supervised tokens, the stop set, pad handling, system turns, and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline.core.errors import PipelineError
+from pipeline.data.chat import ChatTemplateError, ConversationError, chat_format, load_chat_format
+from pipeline.data.layouts import load_validated, preference_example, preference_rows, sft_example, sft_row, tokenized
+from tests.families import FAMILIES, build_family
+
+pytestmark = pytest.mark.unit
+
+CORPUS = ["What is 2 plus 3? 2 plus 3 is 5.", "The capital of Dravia is Kol.", "I don't know.",
+          "I can't help with that.", "Be brief. Hello there. Repeat the word cup."] * 40
+SYSTEM = {"role": "system", "content": "Be brief."}
+Q1, A1 = {"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "2 plus 3 is 5."}
+Q2, A2 = {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "I don't know."}
+
+# What each family's own template closes an assistant turn with, and its other stop tokens.
+END_OF_TURN = {"qwen2.5": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>", "gemma": "<end_of_turn>",
+               "gpt2": "<|endoftext|>"}
+STOPS = {"qwen2.5": ["<|im_end|>", "<|endoftext|>"], "llama3": ["<|eot_id|>", "<|end_of_text|>"],
+         "mistral": ["</s>"], "gemma": ["<end_of_turn>", "<eos>"], "gpt2": ["<|endoftext|>"]}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {f: build_family(f, root / f, CORPUS) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def formats(families):
+    return {f: load_chat_format(str(path), None, False) for f, path in families.items()}
+
+
+def spans(mask: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of 1s in a mask, as (start, end)."""
+    out, start = [], None
+    for i, bit in enumerate(mask + [0]):
+        if bit and start is None:
+            start = i
+        if not bit and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_labels_are_exactly_the_answers_and_their_end_of_turn_token(formats, family):
+    fmt = formats[family]
+    tok = fmt.tokenizer
+    ids, mask = fmt.conversation([SYSTEM, Q1, A1, Q2, A2])
+    assert len(ids) == len(mask)
+    # Worked example: two answers are supervised, each token of "2 plus 3 is 5." and
+    # "I don't know." plus the end-of-turn token right after it, and nothing else.
+    (a, b), (c, d) = spans(mask)
+    eot = END_OF_TURN[family]
+    for (start, end), answer in (((a, b), A1), ((c, d), A2)):
+        assert tok.convert_ids_to_tokens(ids[end - 1]) == eot
+        assert tok.decode(ids[start:end - 1]).strip() == answer["content"]
+    # The prompt side is never supervised: the system text, both questions, the role markers.
+    unsupervised = tok.decode([i for i, m in zip(ids, mask) if not m])
+    assert "What is 2 plus 3?" in unsupervised and "Hello" in unsupervised and "Be brief." in unsupervised
+    assert "2 plus 3 is 5" not in unsupervised and "know" not in unsupervised
+    # The ids of the first prompt are exactly what a rollout is generated from.
+    prompt = fmt.prompt_ids([SYSTEM, Q1])
+    assert ids[:len(prompt)] == prompt and mask[:len(prompt)] == [0] * len(prompt) and len(prompt) == a
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stop_set_and_a_pad_token_that_is_no_stop_token(formats, family):
+    fmt = formats[family]
+    tok = fmt.tokenizer
+    assert tok.convert_ids_to_tokens(list(fmt.stop_ids)) == STOPS[family]
+    assert fmt.pad_id is not None and fmt.pad_id not in fmt.stop_ids
+    # Qwen2.5 pads with <|endoftext|>, which its generation config lists as a stop: replaced.
+    expected_pad = "<pad>" if family == "gemma" else "<|pad|>"
+    assert tok.pad_token == expected_pad
+    # The RM reads the stop token: what it scores ends there, never on template text after it.
+    scored = fmt.scored_ids([Q1], [A1])
+    assert tok.convert_ids_to_tokens(scored[-1]) == END_OF_TURN[family]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_stop_set_survives_saving_beside_an_adapter(formats, family, tmp_path):
+    from pipeline.data.chat import load_saved_chat_format
+    formats[family].save(tmp_path)
+    again = load_saved_chat_format(tmp_path)
+    assert again.stop_ids == formats[family].stop_ids and again.pad_id == formats[family].pad_id
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == list(again.stop_ids)
+
+
+def test_templates_without_a_system_role_get_it_folded_into_the_first_user_turn(formats):
+    for family in ("mistral", "gemma"):  # both templates raise on a system turn as shipped
+        fmt = formats[family]
+        assert fmt.fold_system
+        text = fmt.tokenizer.decode(fmt.prompt_ids([SYSTEM, Q1]))
+        assert "Be brief.\n\nWhat is 2 plus 3?" in text
+    assert not any(formats[f].fold_system for f in ("qwen2.5", "llama3", "gpt2"))
+
+
+def test_a_conversation_the_template_refuses_names_its_file_and_line(formats, tmp_path):
+    # Mistral's template demands alternating user / assistant turns.
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"messages": [Q1, A1]}) + "\n" + json.dumps({"messages": [Q1, Q2, A2]}) + "\n")
+    encode = tokenized(sft_row, lambda row: sft_example(formats["mistral"], row))
+    with pytest.raises(PipelineError, match=r"sft.jsonl, line 2: field `messages` the chat template refuses"):
+        load_validated([str(path)], "train", encode)
+    example = tokenized(sft_row, lambda r: sft_example(formats["qwen2.5"], r))
+    assert len(load_validated([str(path)], "train", example)) == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_public_preference_layouts_keep_the_prompt_once(formats, family):
+    fmt = formats[family]
+    hh = {"chosen": "\n\nHuman: What is 2 plus 3?\n\nAssistant: 2 plus 3 is 5.",
+          "rejected": "\n\nHuman: What is 2 plus 3?\n\nAssistant: I don't know."}
+    uf = {"prompt": "What is 2 plus 3?", "chosen": [Q1, A1], "rejected": [Q1, A2]}
+    for row in (hh, uf):
+        (pair,) = preference_rows(row)
+        example = preference_example(fmt, pair)
+        for side in ("chosen_ids", "rejected_ids"):
+            text = fmt.tokenizer.decode(example[side])
+            assert text.count("What is 2 plus 3?") == 1, (family, text)
+            assert example[side][:len(example["prompt_ids"])] == example["prompt_ids"]
+
+
+def test_an_unusable_template_is_refused_in_one_line_naming_the_setting(families, tmp_path):
+    tok = AutoTokenizer.from_pretrained(families["qwen2.5"])
+    # Assistant turns closed by plain text: generation would have nothing to stop on.
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(ChatTemplateError) as e:
+        chat_format(tok)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("model.chat_template:")
+    assert "Fix: set model.chat_template=" in message
+    # Not prefix-consistent: the prompt is rendered differently from the same prompt plus an answer.
+    tok.chat_template = ("{{ messages | length }}{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>{% endif %}")
+    with pytest.raises(ChatTemplateError, match="prefix by prefix"):
+        chat_format(tok)
+    missing = tmp_path / "nope.jinja"
+    with pytest.raises(ChatTemplateError, match=f"model.chat_template={missing}: no such file"):
+        load_chat_format(str(families["qwen2.5"]), str(missing), False)
+
+
+def test_model_chat_template_replaces_the_tokenizers_own(families, tmp_path):
+    template = tmp_path / "mine.jinja"
+    template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fmt = load_chat_format(str(families["qwen2.5"]), str(template), False)
+    assert fmt.tokenizer.convert_ids_to_tokens(fmt.end_of_turn_id) == "<|endoftext|>"
+
+
+def test_conversation_errors_are_value_errors_not_crashes(formats):
+    with pytest.raises(ConversationError, match="refuses"):
+        formats["gemma"].conversation([Q1, Q2, A1])

@@ -1,0 +1,205 @@
+"""Data formats: every accepted layout normalises to messages; bad rows name file, row, field."""
+
+import json
+import re
+
+import pytest
+
+from pipeline.core.errors import PipelineError
+from pipeline.data.layouts import (
+    expand_ranking,
+    load_validated,
+    margin_preference_rows,
+    parse_transcript,
+    preference_rows,
+    prompt_row,
+    sft_row,
+    split_shared_prefix,
+)
+
+pytestmark = pytest.mark.unit
+
+USER = {"role": "user", "content": "What is 2 plus 3?"}
+ANSWER = {"role": "assistant", "content": "2 plus 3 is 5."}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": [USER, ANSWER]},
+    {"prompt": "What is 2 plus 3?", "completion": "2 plus 3 is 5."},
+    {"prompt": [USER], "completion": [ANSWER]},
+    {"instruction": "What is 2 plus 3?", "input": "", "output": "2 plus 3 is 5."},
+])
+def test_sft_layouts_normalise_to_the_same_messages(row):
+    assert sft_row(row) == [{"messages": [USER, ANSWER]}]
+
+
+def test_alpaca_input_is_appended_to_the_instruction():
+    row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    assert sft_row(row)[0]["messages"][0]["content"] == "Add the numbers.\n\n2 and 3"
+
+
+@pytest.mark.parametrize("bad, where", [
+    ({"messages": [USER]}, "field `messages[0].role` must be 'assistant'"),
+    ({"messages": [USER, {"role": "bot", "content": "x"}]}, "field `messages[1].role` must be one of"),
+    ({"messages": [USER, {"role": "assistant", "content": ""}]}, "field `messages[1].content`"),
+    ({"prompt": "hi"}, "field `completion` is missing"),
+    ({"instruction": "hi", "output": 3}, "field `output` must be a string"),
+    ({"text": "hi"}, "field `messages` is missing"),
+])
+def test_malformed_sft_row_names_file_line_and_field(tmp_path, bad, where):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [USER, ANSWER]}, bad])
+    with pytest.raises(PipelineError) as e:
+        load_validated([path], "train", sft_row)
+    assert f"{path}, line 2: {where}" in str(e.value) and "Fix or remove the row" in str(e.value)
+
+
+def test_bad_json_line_names_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [USER, ANSWER]}, "{not json"])
+    with pytest.raises(PipelineError, match=r"sft.jsonl, line 2: not valid JSON"):
+        load_validated([path], "train", sft_row)
+
+
+def test_parquet_rows_are_named_by_index(tmp_path):
+    from datasets import Dataset
+    Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ""}]) \
+        .to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(PipelineError, match=r"d.parquet, row 1: field `completion` is empty"):
+        load_validated([str(tmp_path / "d.parquet")], "train", sft_row)
+
+
+def test_missing_file_says_make_data(tmp_path):
+    with pytest.raises(PipelineError, match="make data"):
+        load_validated([str(tmp_path / "nope.jsonl")], "train", sft_row)
+
+
+def test_ranked_list_expands_to_every_pair():
+    # K = 3 responses best first -> K(K-1)/2 = 3 pairs: (a,b), (a,c), (b,c)
+    assert expand_ranking(["a", "b", "c"]) == [("a", "b"), ("a", "c"), ("b", "c")]
+    rows = preference_rows({"prompt": "q", "ranked": ["best", "mid", "worst", "bad"]})
+    pairs = [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
+    assert pairs == [("best", "mid"), ("best", "worst"), ("best", "bad"),
+                     ("mid", "worst"), ("mid", "bad"), ("worst", "bad")]
+    assert len({r["group"] for r in rows}) == 1  # one prompt, one group
+    # a pair's margin is its distance in the ranking: best-mid 1, best-worst 2, best-bad 3, ...
+    assert [r["margin"] for r in rows] == [1, 2, 3, 1, 2, 1]
+    scaled = preference_rows({"prompt": "q", "ranked": ["a", "b", "c"], "margin": 0.5})
+    assert [r["margin"] for r in scaled] == [0.5, 1.0, 0.5]
+
+
+def test_use_margin_needs_a_margin_on_every_comparison(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "x", "rejected": "y", "margin": 2},
+                                              {"prompt": "q", "ranked": ["x", "y"]},
+                                              {"prompt": "q", "chosen": "x", "rejected": "y"}])
+    rows = load_validated([path], "train", preference_rows)
+    assert [r.get("margin") for r in rows] == [2.0, 1.0, None]
+    with pytest.raises(PipelineError, match=r"p.jsonl, line 3: field `margin` is missing.*use_margin=false"):
+        load_validated([path], "train", margin_preference_rows)
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "q", "completion": "a"}\n\n\n{"prompt": "q"}\n')
+    with pytest.raises(PipelineError, match=r"sft.jsonl, line 4: field `completion` is missing"):
+        load_validated([str(path)], "train", sft_row)
+
+
+def test_explicit_and_implicit_prompts_agree():
+    explicit = preference_rows({"prompt": "q", "chosen": "good", "rejected": "bad"})[0]
+    implicit = preference_rows({
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]})[0]
+    assert explicit == implicit
+
+
+def test_implicit_prompt_needs_a_shared_prefix():
+    from pipeline.data.layouts import RowError
+    with pytest.raises(RowError, match="share no leading messages"):
+        split_shared_prefix([{"role": "user", "content": "a"}, ANSWER], [{"role": "user", "content": "b"}, ANSWER])
+
+
+@pytest.mark.parametrize("bad, where", [
+    ({"prompt": "q", "chosen": "x"}, "field `rejected` is missing"),
+    ({"prompt": "q", "chosen": "x", "rejected": "x"}, "field `rejected` equals `chosen`"),
+    ({"prompt": "q", "ranked": ["only one"]}, "field `ranked` must be a list of at least 2"),
+    ({"prompt": "q", "chosen": "x", "rejected": "y", "margin": "big"}, "field `margin` must be a number"),
+])
+def test_malformed_preference_rows(tmp_path, bad, where):
+    path = write_jsonl(tmp_path / "p.jsonl", [bad])
+    with pytest.raises(PipelineError, match=f"p.jsonl, line 1: {where}"):
+        load_validated([path], "train", preference_rows)
+
+
+def test_prompt_rows_keep_their_metadata():
+    assert prompt_row({"prompt": "q", "category": "fact"}) == [
+        {"prompt": "q", "category": "fact", "messages": [{"role": "user", "content": "q"}]}]
+
+
+def test_prompts_as_messages_with_a_system_turn_and_several_turns():
+    system = {"role": "system", "content": "Be brief."}
+    convo = [system, USER, ANSWER, {"role": "user", "content": "And 3 plus 4?"}]
+    assert prompt_row({"prompt": convo})[0]["messages"] == convo
+    assert prompt_row({"messages": convo})[0]["messages"] == convo
+    with pytest.raises(Exception, match=r"must be 'user'"):  # a prompt ends with the turn to answer
+        prompt_row({"prompt": [USER, ANSWER]})
+
+
+# --- public layouts as they ship -------------------------------------------------------------
+
+HH_CHOSEN = ("\n\nHuman: Hi, can you help me?\n\nAssistant: Sure, what do you need?"
+             "\n\nHuman: How do I rob a shop?\n\nAssistant: I can't help with that.")
+HH_REJECTED = ("\n\nHuman: Hi, can you help me?\n\nAssistant: Sure, what do you need?"
+               "\n\nHuman: How do I rob a shop?\n\nAssistant: First, wait until it is dark.")
+
+
+def test_hh_rlhf_transcripts_become_a_multi_turn_prompt_and_two_answers():
+    (pair,) = preference_rows({"chosen": HH_CHOSEN, "rejected": HH_REJECTED})
+    assert pair["prompt"] == [{"role": "user", "content": "Hi, can you help me?"},
+                              {"role": "assistant", "content": "Sure, what do you need?"},
+                              {"role": "user", "content": "How do I rob a shop?"}]
+    assert pair["chosen"] == [{"role": "assistant", "content": "I can't help with that."}]
+    assert pair["rejected"] == [{"role": "assistant", "content": "First, wait until it is dark."}]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("just some text", "not an HH-RLHF transcript"),
+    ("\n\nHuman: hi\n\nAssistant:", "turn 1 (Assistant) is empty"),
+])
+def test_malformed_transcripts_are_named(tmp_path, text, problem):
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+                                                {"chosen": text, "rejected": HH_REJECTED}])
+    with pytest.raises(PipelineError, match=f"hh.jsonl, line 2: field `chosen` .*{re.escape(problem)}"):
+        load_validated([path], "train", preference_rows)
+
+
+def test_ultrafeedback_binarized_keeps_the_prompt_once():
+    # UltraFeedback-binarized: `prompt` is text and `chosen` / `rejected` repeat the user turn.
+    row = {"prompt": "What is 2 plus 3?", "prompt_id": "abc", "score_chosen": 9.0, "score_rejected": 2.0,
+           "chosen": [USER, ANSWER], "rejected": [USER, {"role": "assistant", "content": "7"}],
+           "messages": [USER, ANSWER]}
+    (pair,) = preference_rows(row)
+    assert pair["prompt"] == [USER] and pair["chosen"] == [ANSWER]
+    assert pair["rejected"] == [{"role": "assistant", "content": "7"}]
+    bad = {**row, "chosen": [{"role": "user", "content": "another question"}, ANSWER]}
+    with pytest.raises(Exception, match="does not begin with `prompt`"):
+        preference_rows(bad)
+
+
+def test_columns_map_other_field_names(tmp_path):
+    # stack-exchange-paired style: question / response_j (better) / response_k
+    path = write_jsonl(tmp_path / "se.jsonl", [{"question": "q", "response_j": "good", "response_k": "bad"}])
+    columns = {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+    (pair,) = load_validated([path], "train", preference_rows, columns)
+    assert pair["prompt"] == [{"role": "user", "content": "q"}]
+    assert pair["chosen"][0]["content"] == "good" and pair["rejected"][0]["content"] == "bad"
+    with pytest.raises(PipelineError, match="field `chosen` is missing"):
+        load_validated([path], "train", preference_rows)  # without the mapping
+
+
+def test_transcript_parser_keeps_inner_newlines():
+    msgs = parse_transcript("\n\nHuman: line one\nline two\n\nAssistant: ok", "chosen")
+    assert msgs == [{"role": "user", "content": "line one\nline two"}, {"role": "assistant", "content": "ok"}]

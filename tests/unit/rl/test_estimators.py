@@ -1,0 +1,153 @@
+"""pipeline.rl.estimators: reward shaping, GAE and the critic-free estimators, on worked values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.generation.stops import stop_mask
+from pipeline.rl.estimators import (
+    equal_reward_groups,
+    gae,
+    group_centred,
+    grpo_advantages,
+    returns_to_go,
+    rloo_advantages,
+    shape_rewards,
+)
+from pipeline.rl.masked import masked_mean, masked_var, masked_whiten
+from tests.unit.worked import EOT, LN2, PAD, STOPS, t64
+
+pytestmark = pytest.mark.unit
+
+
+def test_terminal_reward_lands_on_last_real_token():
+    ids = torch.tensor([[5, 6, EOT, PAD, PAD]])
+    mask = stop_mask(ids, STOPS)  # [1, 1, 1, 0, 0]
+    logp = torch.zeros(1, 5)
+    rewards, kl, non_score = shape_rewards(
+        torch.tensor([3.0]), logp, logp.clone(), mask, kl_coef=0.1, estimator="k1"
+    )
+    # score lands at index 2 (the EOS), not at index 4 (the end of the padded row)
+    assert rewards.tolist() == [[0.0, 0.0, 3.0, 0.0, 0.0]]
+    assert (kl == 0).all() and (non_score == 0).all()
+
+
+def test_shape_rewards_kl_penalty_worked():
+    logp = torch.full((2, 4), math.log(0.5), dtype=torch.float64)
+    ref = torch.full((2, 4), math.log(0.25), dtype=torch.float64)
+    ref[:, 3] = math.nan  # padding garbage must not leak
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    scores = torch.tensor([1.0, -2.0])
+    rewards, kl, non_score = shape_rewards(scores, logp, ref, mask, 0.1, "k1")
+    # k1 = ln 2 = 0.6931 per valid token; non_score = -0.1 * ln 2 = -0.0693
+    p = -0.1 * LN2
+    torch.testing.assert_close(non_score, t64([p, p, p, 0.0], [p, p, 0.0, 0.0]))
+    torch.testing.assert_close(kl, t64([LN2] * 3 + [0.0], [LN2] * 2 + [0.0] * 2))
+    # rewards = non_score + score at the last valid token: [p, p, p + 1, 0], [p, p - 2, 0, 0]
+    expected = t64([p, p, p + 1.0, 0.0], [p, p - 2.0, 0.0, 0.0])
+    torch.testing.assert_close(rewards, expected)
+    # sequence-level KL to log: [3 ln 2, 2 ln 2]
+    torch.testing.assert_close(kl.sum(-1), torch.tensor([3 * LN2, 2 * LN2], dtype=torch.float64))
+
+
+def test_shape_rewards_empty_row_gets_no_score():
+    mask = torch.tensor([[0, 0, 0]])
+    rewards, _, _ = shape_rewards(
+        torch.tensor([5.0]), torch.zeros(1, 3), torch.zeros(1, 3), mask, 0.1, "k3"
+    )
+    assert (rewards == 0).all()
+
+
+# --------------------------------------------------------------------------- GAE
+
+
+def test_gae_gamma1_lam1_worked():
+    rewards = t64(0.0, 0.0, 1.0)
+    values = t64(0.5, 0.6, 0.7)
+    mask = torch.ones(1, 3)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # delta2 = 1 + 0 - 0.7 = 0.3            A2 = 0.3
+    # delta1 = 0 + 0.7 - 0.6 = 0.1          A1 = 0.1 + 0.3 = 0.4
+    # delta0 = 0 + 0.6 - 0.5 = 0.1          A0 = 0.1 + 0.4 = 0.5
+    # returns = A + V = [1, 1, 1] (undiscounted reward-to-go)
+    torch.testing.assert_close(adv, t64(0.5, 0.4, 0.3))
+    torch.testing.assert_close(ret, t64(1.0, 1.0, 1.0))
+
+
+def test_gae_discounted_worked():
+    rewards = t64(1.0, 0.0, 2.0)
+    values = t64(0.5, 1.0, 1.5)
+    mask = torch.ones(1, 3)
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.95)
+    # gamma * lam = 0.855
+    # delta2 = 2 + 0         - 1.5 = 0.5    A2 = 0.5
+    # delta1 = 0 + 0.9 * 1.5 - 1.0 = 0.35   A1 = 0.35 + 0.855 * 0.5    = 0.7775
+    # delta0 = 1 + 0.9 * 1.0 - 0.5 = 1.4    A0 = 1.4  + 0.855 * 0.7775 = 2.0647625
+    # returns = [2.5647625, 1.7775, 2.0]
+    torch.testing.assert_close(adv, t64(2.0647625, 0.7775, 0.5))
+    torch.testing.assert_close(ret, t64(2.5647625, 1.7775, 2.0))
+
+
+def test_gae_padded_row_equals_unpadded_and_padding_is_zero():
+    rewards = t64(1.0, 0.0, 2.0, 99.0, -99.0)  # garbage in padding
+    values = t64(0.5, 1.0, 1.5, 42.0, 7.0)
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.95)
+    adv3, ret3 = gae(rewards[:, :3], values[:, :3], torch.ones(1, 3), 0.9, 0.95)
+    torch.testing.assert_close(adv[:, :3], adv3)
+    torch.testing.assert_close(ret[:, :3], ret3)
+    assert (adv[:, 3:] == 0).all() and (ret[:, 3:] == 0).all()
+
+
+def test_gae_batch_rows_are_independent_and_detached():
+    values = t64([0.5, 1.0, 1.5], [2.0, 2.0, 2.0]).requires_grad_()
+    rewards = t64([1.0, 0.0, 2.0], [0.0, 1.0, 0.0])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv, ret = gae(rewards, values, mask, 0.9, 0.95)
+    torch.testing.assert_close(adv[0], t64(2.0647625, 0.7775, 0.5)[0])
+    # row 1, T=2: delta1 = 1 - 2 = -1; delta0 = 0 + 0.9 * 2 - 2 = -0.2; A0 = -0.2 - 0.855
+    torch.testing.assert_close(adv[1], t64(-0.2 - 0.855, -1.0, 0.0)[0])
+    assert not adv.requires_grad and not ret.requires_grad
+
+
+# --------------------------------------------------------------------------- critic-free estimators
+
+
+def test_rloo_leave_one_out_worked():
+    # one prompt, k = 4, rewards [1, 2, 3, 6]: baseline_i = (12 - R_i) / 3 = [11/3, 10/3, 3, 2]
+    # A = [1 - 11/3, 2 - 10/3, 0, 4] = [-8/3, -4/3, 0, 4]; a second prompt [5, 5] -> [0, 0]
+    adv = rloo_advantages(t64(1.0, 2.0, 3.0, 6.0)[0], 4)
+    torch.testing.assert_close(adv, torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0], dtype=torch.float64))
+    assert rloo_advantages(torch.tensor([5.0, 5.0, 1.0, 3.0]), 2).tolist() == [0.0, 0.0, -2.0, 2.0]
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(torch.tensor([1.0]), 1)
+
+
+def test_grpo_group_z_scores_and_dr_grpo_worked():
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 4.0, 4.0, 4.0, 4.0], dtype=torch.float64)
+    # group 1: mean 3, unbiased std sqrt((4 + 1 + 0 + 9) / 3) = sqrt(14/3) = 2.1602
+    # z = [-2, -1, 0, 3] / (2.1602 + 1e-4); group 2 is constant: all zeros
+    std = math.sqrt(14 / 3) + 1e-4
+    expected = torch.tensor([-2 / std, -1 / std, 0.0, 3 / std, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(grpo_advantages(r, 4, scale_by_std=True), expected)
+    # Dr.GRPO: the group mean removed, no division
+    torch.testing.assert_close(grpo_advantages(r, 4, scale_by_std=False),
+                               torch.tensor([-2.0, -1.0, 0.0, 3.0, 0, 0, 0, 0], dtype=torch.float64))
+    assert equal_reward_groups(r, 4).item() == 0.5  # the second group carries no signal
+
+
+def test_reinforce_pp_returns_to_go_and_batch_normalisation():
+    # rewards with the score on the last valid token and a KL penalty of -0.1 per token
+    rewards = t64([-0.1, -0.1, 0.9, 7.0], [-0.1, 1.9, 0.0, 0.0])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    g = returns_to_go(rewards, mask)
+    # row 0: [0.7, 0.8, 0.9, 0] (sum to the end, gamma = 1); row 1: [1.8, 1.9, 0, 0]
+    torch.testing.assert_close(g, t64([0.7, 0.8, 0.9, 0.0], [1.8, 1.9, 0.0, 0.0]))
+    a = masked_whiten(g, mask)  # REINFORCE++: normalised over the whole batch's tokens
+    assert masked_mean(a, mask).item() == pytest.approx(0.0, abs=1e-9)
+    assert masked_var(a, mask).item() == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(group_centred(torch.tensor([1.0, 3.0, 2.0, 2.0]), 2),
+                               torch.tensor([-1.0, 1.0, 0.0, 0.0]))

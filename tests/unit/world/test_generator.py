@@ -1,0 +1,234 @@
+"""The world generator: deterministic, schema-valid, held out, imperfect at the set rates."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.world.entities import WorldConfig, build_world, world_from_config
+from pipeline.world.generator import generate_world
+from pipeline.world.judge import judge
+from pipeline.world.vocabulary import CATEGORY_WEIGHTS
+
+pytestmark = pytest.mark.unit
+
+DEFAULT_YAML = Path(__file__).resolve().parents[3] / "conf" / "world" / "default.yaml"
+FILES = ("pretrain", "pretrain_eval", "sft_train", "sft_eval", "prefs_train", "prefs_eval", "ranked_train",
+         "ppo_prompts", "eval_prompts")
+TRAIN_PROMPT_FILES = ("sft_train", "prefs_train", "ranked_train", "ppo_prompts")
+
+
+def default_config() -> WorldConfig:
+    return WorldConfig(**yaml.safe_load(DEFAULT_YAML.read_text()))
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def prompt_of(name: str, row: dict) -> str:
+    return row["messages"][0]["content"] if name.startswith("sft") else row["prompt"]
+
+
+@pytest.fixture(scope="module")
+def cfg() -> WorldConfig:
+    return default_config()
+
+
+@pytest.fixture(scope="module")
+def world(cfg):
+    return world_from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def out(cfg, tmp_path_factory) -> dict[str, Path]:
+    return generate_world(cfg, tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def data(out) -> dict[str, list[dict]]:
+    return {name: read(path) for name, path in out.items()}
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def test_yaml_sets_every_field_and_the_dataclass_has_no_defaults():
+    fields = dataclasses.fields(WorldConfig)
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields)
+    assert set(yaml.safe_load(DEFAULT_YAML.read_text())) == {f.name for f in fields}
+
+
+def test_config_rejects_bad_values(cfg):
+    with pytest.raises(ValueError, match="label_noise"):
+        dataclasses.replace(cfg, label_noise=1.5)
+    with pytest.raises(ValueError, match="k_responses"):
+        dataclasses.replace(cfg, k_responses=1)
+
+
+def test_too_many_eval_prompts_is_a_clear_error(cfg, tmp_path):
+    small = dataclasses.replace(cfg, n_entities=3, n_unknown=3, n_eval_prompts=500)
+    with pytest.raises(ValueError, match="n_eval_prompts"):
+        generate_world(small, tmp_path)
+
+
+# --- the world -------------------------------------------------------------------------
+
+
+def test_world_is_deterministic_and_names_are_distinct():
+    w = build_world(7, 20, 15)
+    assert w == build_world.__wrapped__(7, 20, 15)
+    names = [c.name for c in w.countries] + list(w.unknown) + [c.capital for c in w.countries]
+    assert len({n.lower() for n in names}) == len(names) == 55
+    assert all(re.fullmatch(r"[A-Z][a-z]+", n) for n in names)
+    assert build_world(8, 20, 15) != w
+
+
+# --- the files -------------------------------------------------------------------------
+
+
+def test_same_config_gives_identical_bytes(cfg, out, tmp_path):
+    again = generate_world(cfg, tmp_path)
+    assert set(again) == set(FILES)
+    for name in FILES:
+        assert again[name].read_bytes() == out[name].read_bytes(), name
+
+
+def test_row_counts(cfg, data):
+    n_ranked = round(cfg.ranked_fraction * cfg.n_pref_train)
+    assert {name: len(rows) for name, rows in data.items()} == {
+        "pretrain": len(data["pretrain"]), "pretrain_eval": len(data["pretrain_eval"]),
+        "sft_train": cfg.n_sft_train, "sft_eval": cfg.n_sft_eval,
+        "prefs_train": cfg.n_pref_train - n_ranked, "prefs_eval": cfg.n_pref_eval,
+        "ranked_train": n_ranked, "ppo_prompts": cfg.n_ppo_prompts, "eval_prompts": cfg.n_eval_prompts,
+    }
+
+
+def test_schema(cfg, data):
+    for row in data["pretrain"] + data["pretrain_eval"]:
+        assert set(row) == {"text"} and isinstance(row["text"], str) and row["text"]
+    # held out: one fresh pass of phrasings, not a copy of training documents
+    assert not {r["text"] for r in data["pretrain_eval"]} & {r["text"] for r in data["pretrain"]}
+    for name in ("sft_train", "sft_eval"):
+        for row in data[name]:
+            assert set(row) == {"messages"}
+            assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+            assert all(set(m) == {"role", "content"} and isinstance(m["content"], str) for m in row["messages"])
+    for name in ("prefs_train", "prefs_eval"):
+        for row in data[name]:
+            assert set(row) == {"prompt", "chosen", "rejected", "margin"}
+            assert all(isinstance(row[k], str) for k in ("prompt", "chosen", "rejected"))
+            assert row["chosen"] != row["rejected"]
+            assert isinstance(row["margin"], int) and 1 <= row["margin"] < cfg.k_responses
+    for row in data["ranked_train"]:
+        assert set(row) == {"prompt", "ranked"}
+        assert 2 <= len(row["ranked"]) <= cfg.k_responses and len(set(row["ranked"])) == len(row["ranked"])
+    for row in data["ppo_prompts"]:
+        assert set(row) == {"prompt"}
+    for row in data["eval_prompts"]:
+        assert set(row) == {"prompt", "category"} and row["category"] in CATEGORY_WEIGHTS
+
+
+def test_language_is_short(data):
+    prompts = {prompt_of(n, r) for n in FILES if not n.startswith("pretrain") for r in data[n]}
+    responses = [r["messages"][1]["content"] for r in data["sft_train"]]
+    responses += [t for r in data["ranked_train"] for t in r["ranked"]]
+    assert max(len(p.split()) for p in prompts) <= 20
+    assert max(len(t.split()) for t in responses) <= 25
+
+
+def test_eval_prompts_are_held_out(data, world):
+    eval_prompts = [r["prompt"] for r in data["eval_prompts"]]
+    assert len(set(eval_prompts)) == len(eval_prompts)
+    train = {prompt_of(n, r) for n in TRAIN_PROMPT_FILES for r in data[n]}
+    assert not set(eval_prompts) & train
+    # Some fact questions ask about (country, attribute) pairs no training question asks.
+    def pair(p: str) -> tuple[str, str]:
+        attr = next(a for a in ("capital", "language", "animal") if a in p)
+        return p.rstrip("?.").split()[-1], attr
+    fact_words = ("capital", "language", "animal")
+    known = {c.name for c in world.countries}
+    train_pairs = {pair(p) for p in train if any(w in p for w in fact_words) and pair(p)[0] in known}
+    eval_pairs = {pair(r["prompt"]) for r in data["eval_prompts"] if r["category"] == "fact"}
+    assert eval_pairs - train_pairs
+
+
+def test_category_mix(data):
+    counts = Counter(r["category"] for r in data["eval_prompts"])
+    n = len(data["eval_prompts"])
+    for category, weight in CATEGORY_WEIGHTS.items():
+        assert abs(counts[category] / n - weight) < 0.01
+
+
+def test_eval_categories_match_the_judge(data, world):
+    for row in data["eval_prompts"]:
+        assert judge(row["prompt"], "", world).category == row["category"]
+
+
+def test_pretrain_has_facts_but_no_unknown_countries_or_answered_questions(data, world):
+    text = "\n".join(r["text"] for r in data["pretrain"])
+    words = set(re.findall(r"[A-Za-z]+", text))
+    assert not words & set(world.unknown)
+    for c in world.countries:
+        assert f"The capital of {c.name} is {c.capital}." in text
+    assert "<|" not in text  # no chat turns
+    for c in world.countries:  # a question is never followed by its answer
+        for attr in ("capital", "language", "animal"):
+            assert f"{c.name}? {c.value(attr)}" not in text
+            assert f"{c.name}? The" not in text and f"{c.name}? I" not in text
+    assert "7 plus 5 is 12." in text or "7 plus 5 equals 12." in text
+
+
+def test_unknown_countries_only_in_unanswerable_prompts_and_answers(data, world):
+    unknown = set(world.unknown)
+    for row in data["sft_train"]:
+        prompt, answer = (m["content"] for m in row["messages"])
+        if set(re.findall(r"[A-Za-z]+", prompt + " " + answer)) & unknown:
+            assert judge(prompt, answer, world).category == "unanswerable"
+
+
+# --- imperfect demonstrations and noisy preferences ------------------------------------
+
+
+def test_demonstration_imperfection_rates(cfg, data, world):
+    verdicts = [judge(r["messages"][0]["content"], r["messages"][1]["content"], world)
+                for r in data["sft_train"]]
+    by_cat: dict[str, list] = {}
+    for v in verdicts:
+        by_cat.setdefault(v.category, []).append(v)
+
+    def rate(vs, flag):
+        return sum(getattr(v, flag) for v in vs) / len(vs)
+
+    checkable = by_cat["arithmetic"] + by_cat["repeat"] + by_cat["fact"]
+    assert rate(verdicts, "verbose") == pytest.approx(cfg.demo_verbose_rate, abs=0.04)
+    assert 1 - rate(checkable, "correct") == pytest.approx(cfg.demo_wrong_rate, abs=0.04)
+    assert rate(by_cat["harmful"], "unsafe") == pytest.approx(cfg.demo_unsafe_rate, abs=0.08)
+    assert rate(by_cat["unanswerable"], "hallucinated") == pytest.approx(cfg.demo_hallucination_rate, abs=0.08)
+
+
+def test_pairwise_preferences_follow_the_judge_up_to_label_noise(cfg, data, world):
+    def flipped(rows):
+        return sum(judge(r["prompt"], r["chosen"], world).score < judge(r["prompt"], r["rejected"], world).score
+                   for r in rows)
+
+    for row in data["prefs_train"] + data["prefs_eval"]:  # pairs are strict: no ties
+        assert judge(row["prompt"], row["chosen"], world).score != judge(row["prompt"], row["rejected"], world).score
+    assert flipped(data["prefs_train"]) / len(data["prefs_train"]) == pytest.approx(cfg.label_noise, abs=0.02)
+    assert flipped(data["prefs_eval"]) == 0  # eval labels are clean
+
+
+def test_ranked_lists_are_sorted_up_to_label_noise(cfg, data, world):
+    inversions = total = 0
+    for row in data["ranked_train"]:
+        scores = [judge(row["prompt"], t, world).score for t in row["ranked"]]
+        assert len(set(scores)) == len(scores)  # ties dropped
+        inversions += sum(a < b for a, b in zip(scores, scores[1:]))
+        total += len(scores) - 1
+    assert inversions / total == pytest.approx(cfg.label_noise, abs=0.02)
