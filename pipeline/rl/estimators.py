@@ -161,6 +161,31 @@ def group_centred(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (g - g.mean(dim=1, keepdim=True)).reshape(-1)
 
 
+def sequence_advantages(estimator: str, scores: torch.Tensor, seq_kl: torch.Tensor, beta: float, k: int,
+                        scale_by_std: bool) -> torch.Tensor:
+    """One advantage per sequence for RLOO or GRPO, with the KL penalty ``beta * KL_i`` in the reward::
+
+        RLOO:  A_i = R_i - mean_{j != i} R_j,                 R_i = s_i - beta KL_i
+        GRPO:  A_i = (s_i - mean_g s) / (std_g s + eps) - beta (KL_i - mean_g KL)
+
+    GRPO z-scores the task scores alone: z-scoring ``s - beta KL`` would turn the KL's noise into
+    unit-size advantages in a group whose k task rewards are equal (a rule-based or gold reward,
+    the missing-EOS penalty), and beta would no longer set the pull's strength. Without std
+    scaling (Dr.GRPO) both forms are equal, since the baseline is linear in the reward.
+
+    Args:
+        estimator: ``rloo`` or ``grpo``.
+        scores: ``[B]`` task rewards, groups of k adjacent samples.
+        seq_kl: ``[B]`` sequence KL to the reference (zeros when the KL sits in the loss).
+
+    Returns:
+        ``[B]``.
+    """
+    if estimator == "rloo":
+        return rloo_advantages(scores - beta * seq_kl, k)
+    return grpo_advantages(scores, k, scale_by_std) - beta * group_centred(seq_kl, k)
+
+
 def equal_reward_groups(rewards: torch.Tensor, k: int, tol: float = 1e-6) -> torch.Tensor:
     """Share of groups whose k rewards are all equal (their group advantages carry no signal)."""
     g = rewards.view(-1, k)

@@ -40,9 +40,8 @@ from pipeline.rl.estimators import (
     equal_reward_groups,
     gae,
     group_centred,
-    grpo_advantages,
     returns_to_go,
-    rloo_advantages,
+    sequence_advantages,
     shape_rewards,
 )
 from pipeline.rl.health import pearson
@@ -165,11 +164,8 @@ class RLTrainer:
                 adv = returns_to_go(rewards, mask)
             r.advantages = masked_whiten(adv, mask, all_reduce=self._sum)
             return
-        seq = r.scores - (beta * r.kl.sum(1) if in_reward else 0.0)  # R_i, KL as a penalty
-        if self.alg.advantage == "rloo":
-            adv = rloo_advantages(seq, k)
-        else:
-            adv = grpo_advantages(seq, k, self.alg.scale_by_std)
+        seq_kl = r.kl.sum(1) if in_reward else torch.zeros_like(r.scores)
+        adv = sequence_advantages(self.alg.advantage, r.scores, seq_kl, beta, k, self.alg.scale_by_std)
         r.advantages = adv[:, None] * mask
 
     # --- update -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pipeline.rl.estimators import (
     grpo_advantages,
     returns_to_go,
     rloo_advantages,
+    sequence_advantages,
     shape_rewards,
 )
 from pipeline.rl.masked import masked_mean, masked_var, masked_whiten
@@ -151,3 +152,28 @@ def test_reinforce_pp_returns_to_go_and_batch_normalisation():
     assert masked_var(a, mask).item() == pytest.approx(1.0, abs=1e-6)
     torch.testing.assert_close(group_centred(torch.tensor([1.0, 3.0, 2.0, 2.0]), 2),
                                torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+
+
+def test_equal_task_rewards_give_no_task_driven_grpo_advantage():
+    """GRPO's z-score is over the task rewards alone; the KL penalty stays at beta's scale. Scores
+    [1, 1, 1, 1] with sequence KL 0.30-0.35 and beta 0.05: the task part is 0 and the KL part is
+    -beta * (KL_i - mean KL), mean 0.315 -> [0.00075, -0.00025, 0.00125, -0.00175]. Z-scoring
+    scores - beta * KL instead gives unit-size advantages from the KL's noise."""
+    scores, kl = t64(1.0, 1.0, 1.0, 1.0)[0], t64(0.30, 0.32, 0.29, 0.35)[0]
+    adv = sequence_advantages("grpo", scores, kl, beta=0.05, k=4, scale_by_std=True)
+    torch.testing.assert_close(adv, t64(0.00075, -0.00025, 0.00125, -0.00175)[0])
+    # Unequal task rewards: the z-scored task part plus the same KL part.
+    scores = t64(0.0, 1.0, 0.0, 1.0)[0]  # mean 0.5, unbiased std 1/sqrt(3)
+    z = (scores - 0.5) / (3 ** -0.5 + 1e-4)
+    adv = sequence_advantages("grpo", scores, kl, beta=0.05, k=4, scale_by_std=True)
+    torch.testing.assert_close(adv, z - 0.05 * (kl - 0.315))
+
+
+def test_sequence_advantages_without_std_scaling_equal_centring_the_penalised_reward():
+    """Dr.GRPO and RLOO are linear in the reward: the KL may enter before or after the baseline."""
+    g = torch.Generator().manual_seed(0)
+    scores, kl = torch.randn(8, generator=g, dtype=torch.float64), torch.rand(8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(sequence_advantages("grpo", scores, kl, 0.1, 4, scale_by_std=False),
+                               grpo_advantages(scores - 0.1 * kl, 4, scale_by_std=False))
+    torch.testing.assert_close(sequence_advantages("rloo", scores, kl, 0.1, 4, scale_by_std=False),
+                               rloo_advantages(scores - 0.1 * kl, 4))
