@@ -34,6 +34,10 @@ def check_config(cfg) -> None:
     if alg.advantage in ("rloo", "grpo") and k < 2:
         raise ConfigError(f"algorithm.samples_per_prompt={k}: {alg.advantage} compares a prompt's samples with "
                           "each other and needs at least 2")
+    if alg.advantage == "reinforce_pp" and alg.group_baseline and k < 2:
+        raise ConfigError("algorithm.group_baseline=true with algorithm.samples_per_prompt=1 centres every score "
+                          "on itself, to zero, and trains on the KL alone: set algorithm.samples_per_prompt to 2 "
+                          "or more (REINFORCE++-baseline), or algorithm.group_baseline=false")
     if alg.advantage == "gae" and alg.kl_in != "reward":
         raise ConfigError("algorithm.kl_in=loss needs a critic-free estimator: with gae the KL is part of the "
                           "reward the value model predicts; use algorithm.kl_in=reward")

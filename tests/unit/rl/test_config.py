@@ -38,6 +38,8 @@ def test_processes_split_a_global_batch_and_updates_are_pure():
     ("ppo.value_init=random", "ppo.value_init must be one of"),
     ("ppo.old_logprobs=guess", "ppo.old_logprobs must be one of"),
     ("algorithm=rloo algorithm.samples_per_prompt=1", "rloo compares a prompt's samples"),
+    ("algorithm=reinforce_pp algorithm.group_baseline=true",
+     "algorithm.group_baseline=true with algorithm.samples_per_prompt=1"),
     ("algorithm=grpo ppo.rollout_batch_size=30 ppo.minibatch_size=10 ppo.micro_batch_size=10",
      "must be a multiple of algorithm.samples_per_prompt=4"),
     ("algorithm.kl_in=loss", "algorithm.kl_in=loss needs a critic-free estimator"),
