@@ -219,8 +219,8 @@ class RLTrainer:
         if self.ptx is not None and finite:
             loss = self._ptx_loss(ptx_step)
             finite = bool(torch.isfinite(loss))
-            if finite:
-                self.acc.backward(self.alg.ptx_coef * loss)
+            if finite:  # each process holds 1/N of the global ptx batch and gradients are summed
+                self.acc.backward(self.alg.ptx_coef * loss / self.acc.num_processes)
             sums["ptx_loss"] = loss.detach() / self.acc.num_processes
         self._agree_finite(finite)
         self._sum_gradients()
@@ -257,7 +257,7 @@ class RLTrainer:
 
     def _ptx_loss(self, step: int) -> torch.Tensor:
         """PPO-ptx (InstructGPT eq. 2): mean negative log-likelihood of a pretraining batch."""
-        x = self.ptx.batch(self.update, step).to(self.model.device)
+        x = self.ptx.batch(self.update, step, self.acc.process_index, self.acc.num_processes).to(self.model.device)
         with self.acc.autocast():
             return -self.model.sequence_logprobs(x).mean()
 
@@ -382,16 +382,19 @@ def decode(fmt: ChatFormat, response_ids: torch.Tensor, mask: torch.Tensor) -> l
 
 
 class PtxBatches:
-    """Pretraining batches for PPO-ptx: random windows of a packed token stream, drawn from a
-    generator seeded by (seed, update, step), so a resumed run sees the same batches."""
+    """Pretraining batches for PPO-ptx: random windows of a packed token stream. Every process draws
+    the same global batch of ``batch_size x N`` windows from a generator seeded by (seed, update,
+    step) and takes its own slice, so N processes see N different batches, their union is what one
+    process with N times the batch would see, and a resumed run sees the same batches."""
 
     def __init__(self, stream: torch.Tensor, block_size: int, batch_size: int, seed: int):
         if len(stream) <= block_size + 1:
             raise ValueError(f"the ptx corpus has {len(stream)} tokens, fewer than ppo.ptx_block_size + 2")
         self.stream, self.block, self.batch_size, self.seed = stream, block_size, batch_size, seed
 
-    def batch(self, update: int, step: int) -> torch.Tensor:
-        """(batch_size, block_size) token ids."""
+    def batch(self, update: int, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """(batch_size, block_size) token ids: process ``rank``'s slice of the global batch."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + update * 1_009 + step)
-        starts = torch.randint(0, len(self.stream) - self.block, (self.batch_size,), generator=gen)
-        return torch.stack([self.stream[s: s + self.block] for s in starts])
+        starts = torch.randint(0, len(self.stream) - self.block, (self.batch_size * world,), generator=gen)
+        mine = starts[rank * self.batch_size: (rank + 1) * self.batch_size]
+        return torch.stack([self.stream[s: s + self.block] for s in mine])

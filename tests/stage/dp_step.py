@@ -3,7 +3,8 @@
 Run by test_two_processes_on_half_the_rows_give_the_update_of_one_process under accelerate:
 the 1-process run samples the rollout and saves it; the 2-process run loads the same rollout,
 so both steps see identical data and advantages. Each saves its trainable weights.
-With a third argument `nan`, process 1's advantages are NaN (its loss alone is non-finite).
+With a third argument `nan`, process 1's advantages are NaN (its loss alone is non-finite); with
+`ptx`, the step is PPO-ptx's, 4 pretraining windows in all (4 in one process, 2 in each of two).
 """
 
 import sys
@@ -14,13 +15,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.rl.rollout import Rollout  # noqa: E402
+from stages.ppo import ptx_batches  # noqa: E402
 from tests.stage.test_ppo_stage import build, rollout  # noqa: E402
 
 out = Path(sys.argv[1])
 world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
 rows = 8 // world
+ptx = sys.argv[2:] == ["ptx"]
+extra = ["algorithm=ppo_ptx", f"ppo.ptx_batch_size={4 // world}", "ppo.ptx_block_size=32"] if ptx else []
 cfg, model, fmt, trainer = build(["ppo.ppo_epochs=1", f"ppo.rollout_batch_size={rows}", f"ppo.minibatch_size={rows}",
-                                  "ppo.micro_batch_size=2"])
+                                  "ppo.micro_batch_size=2", *extra])
+if ptx:
+    trainer.ptx = ptx_batches(cfg, fmt)
 if world == 1:
     r = rollout(trainer)
     torch.save(vars(r), out / "rollout.pt")

@@ -322,17 +322,20 @@ def test_resume_hash_leaves_out_logging_and_cadence():
 
 
 @pytest.mark.slow
-def test_two_processes_on_half_the_rows_give_the_update_of_one_process(chain, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["ptx"]], ids=["ppo", "ppo_ptx"])
+def test_two_processes_on_half_the_rows_give_the_update_of_one_process(chain, tmp_path, mode):
     """The same global minibatch, split over 2 gloo processes (B/2 rows each) or in one process
-    (B rows): token means, micro-batches and the bucketed gradient sum make one identical step."""
+    (B rows): token means, micro-batches and the bucketed gradient sum make one identical step.
+    With PPO-ptx, the two processes draw the two halves of the one process's pretraining batch and
+    the ptx term enters once, not once per process."""
     script = os.path.join(os.path.dirname(__file__), "dp_step.py")
     env = {**os.environ, "RLHF_ROOT": str(chain), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
-    one = subprocess.run([*launch, "--num_processes", "1", script, str(tmp_path)], env=env,
+    one = subprocess.run([*launch, "--num_processes", "1", script, str(tmp_path), *mode], env=env,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([*launch, "--multi_gpu", "--num_processes", "2", script, str(tmp_path)],
+    two = subprocess.run([*launch, "--multi_gpu", "--num_processes", "2", script, str(tmp_path), *mode],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = torch.load(tmp_path / "weights-1.pt"), torch.load(tmp_path / "weights-2.pt")
@@ -403,6 +406,10 @@ def test_ptx_batches_are_a_pure_function_of_update_and_step():
     assert torch.equal(a.batch(3, 1), b.batch(3, 1)) and not torch.equal(a.batch(3, 1), a.batch(3, 2))
     x = a.batch(0, 0)
     assert x.shape == (4, 16) and (x[:, 1:] - x[:, :-1] == 1).all()  # contiguous windows of the stream
+    # Two processes take the two halves of the batch one process with twice the size draws.
+    halves = [PtxBatches(stream, 16, 2, seed=0).batch(3, 1, rank, 2) for rank in (0, 1)]
+    assert not torch.equal(halves[0], halves[1])
+    assert torch.equal(torch.cat(halves), PtxBatches(stream, 16, 4, seed=0).batch(3, 1))
 
 
 def test_folded_adapters_give_the_numbers_of_the_lora_products(chain):
