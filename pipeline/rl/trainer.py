@@ -101,6 +101,10 @@ class RLTrainer:
         """Sum over processes (the identity with one process)."""
         return self.acc.reduce(x, reduction="sum") if self.acc.num_processes > 1 else x
 
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's ``x`` concatenated along dim 0, in rank order (``x`` with one process)."""
+        return self.acc.gather(x) if self.acc.num_processes > 1 else x
+
     def _mean(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean over all processes' (valid) elements."""
         return masked_mean(x, torch.ones_like(x) if mask is None else mask, all_reduce=self._sum)
@@ -350,8 +354,11 @@ class RLTrainer:
             "rollout/prompt_length": self._mean(r.query_mask.sum(1).float()).item(),
             "rollout/eos_rate": self._mean(ended).item(),
             "health/truncation_rate": 1.0 - self._mean(ended).item(),
-            "health/length_reward_corr": pearson(lengths, r.scores),
-            "health/kl_token_max": r.kl.masked_fill(~r.response_mask.bool(), -math.inf).max().item(),
+            # Over every process's rollout, so that all processes see one value and a health abort
+            # stops them together (a rank that raised alone would leave the others waiting).
+            "health/length_reward_corr": pearson(self._gather(lengths), self._gather(r.scores)),
+            "health/kl_token_max": self._gather(r.kl.masked_fill(~r.response_mask.bool(), -math.inf).amax()[None])
+            .max().item(),
         }
         if self.alg.samples_per_prompt > 1:
             out["health/equal_reward_groups"] = equal_reward_groups(r.scores, self.alg.samples_per_prompt).item()

@@ -4,6 +4,7 @@ Run by test_two_processes_on_half_the_rows_give_the_update_of_one_process under 
 the 1-process run samples the rollout and saves it; the 2-process run loads the same rollout,
 so both steps see identical data and advantages. Each saves its trainable weights.
 With a third argument `nan`, process 1's advantages are NaN (its loss alone is non-finite); with
+`health`, rank 0 alone has a KL spike and both ranks run the health check; with
 `ptx`, the step is PPO-ptx's, 4 pretraining windows in all (4 in one process, 2 in each of two).
 """
 
@@ -14,6 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from pipeline.core.errors import PipelineError  # noqa: E402
+from pipeline.rl import health  # noqa: E402
 from pipeline.rl.rollout import Rollout  # noqa: E402
 from stages.ppo import ptx_batches  # noqa: E402
 from tests.stage.test_ppo_stage import build, rollout  # noqa: E402
@@ -36,6 +39,14 @@ rank = trainer.acc.process_index
 mine = r.select(torch.arange(rank * rows, (rank + 1) * rows))
 if sys.argv[2:] == ["nan"] and rank == 1:
     mine.advantages[:] = float("nan")
+if sys.argv[2:] == ["health"]:  # a KL spike on rank 0 alone: both ranks must see it and stop
+    if rank == 0:
+        mine.kl[0, 0] = 50.0
+    try:
+        health.check(trainer._rollout_metrics(mine), {"kl_token_max": 10.0}, ["kl_token_max"], 1, print)
+    except PipelineError as e:
+        print(f"rank {rank} stopped: {e}", flush=True)
+        raise SystemExit(3)
 try:
     trainer.train_step(mine)
 except FloatingPointError as e:

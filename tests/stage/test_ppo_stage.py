@@ -362,6 +362,24 @@ def test_a_non_finite_loss_on_one_process_stops_every_process_with_one_message(c
 
 
 @pytest.mark.slow
+def test_a_health_abort_seen_on_one_process_stops_every_process(chain, tmp_path):
+    """kl_token_max and length_reward_corr are taken over every process's rollout: a KL spike on
+    rank 0 alone crosses health.abort_on's threshold on both ranks, which stop with one message
+    (a rank that raised alone would leave the other in the next collective)."""
+    script = os.path.join(os.path.dirname(__file__), "dp_step.py")
+    env = {**os.environ, "RLHF_ROOT": str(chain), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    assert subprocess.run([*launch, "--num_processes", "1", script, str(tmp_path)], env=env, capture_output=True,
+                          timeout=600).returncode == 0  # the shared rollout
+    out = subprocess.run([*launch, "--multi_gpu", "--num_processes", "2", script, str(tmp_path), "health"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} stopped: stopped at update 1: health/kl_token_max crossed its threshold" in out.stdout
+
+
+@pytest.mark.slow
 def test_two_cpu_processes_run_the_stage_data_parallel(chain):
     env = {**os.environ, "RLHF_ROOT": str(chain), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
