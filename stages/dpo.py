@@ -16,6 +16,7 @@ the RL stages', so `make eval`, `make generate` and `make export` treat `dpo` as
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
@@ -31,6 +32,7 @@ from pipeline.core.runtime import output_run_dir, resolved, seed_everything, use
 from pipeline.core.tracking import start_tracking
 from pipeline.core.validation import check_ranges
 from pipeline.data.chat import ChatFormat, fold_system_turn
+from pipeline.data.bad_rows import DataReport
 from pipeline.data.layouts import load_validated, preference_example, preference_rows, tokenized
 from pipeline.models.loading import load_causal_lm
 from pipeline.models.policies import base_source_for
@@ -60,13 +62,14 @@ def check_losses(train: DictConfig) -> None:
                           "rDPO for noisy labels), or leave it at 0")
 
 
-def dpo_rows(fmt: ChatFormat, sources: list[str], cfg: DictConfig) -> list[dict]:
+def dpo_rows(fmt: ChatFormat, sources: list[str], cfg: DictConfig, data: Optional[DataReport] = None) -> list[dict]:
     """Preference pairs as conversations for TRL, each first checked and tokenized with the chat
-    format (a conversation the template refuses names its file and line)."""
+    format (a conversation the template refuses names its file and line); skips go to ``data``."""
     def check(row: dict) -> dict:
         return {**row, "_ids": preference_example(fmt, row)}
 
-    rows = load_validated(sources, cfg.data.hub_split, tokenized(preference_rows, check), cfg.data.columns)
+    rows = load_validated(sources, cfg.data.hub_split, tokenized(preference_rows, check), cfg.data.columns,
+                          cfg.data.bad_rows, data)
     fold = fold_system_turn if fmt.fold_system else (lambda m: m)  # TRL renders the template itself
     return [{"prompt": fold(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"],
              "_ids": r["_ids"]} for r in rows]
@@ -102,8 +105,9 @@ def run(cfg: DictConfig) -> dict:
     # --- parent and data (ranked lists expanded): checked before any model loads ---
     sft = find_parent(cfg.paths.run_dir, "sft", cfg.parents.sft)
     fmt = load_sft_tokenizer(sft)
-    train_rows = dpo_rows(fmt, cfg.data.prefs.train, cfg)
-    eval_rows = dpo_rows(fmt, cfg.data.prefs.eval, cfg)
+    data = DataReport()  # bad rows skipped (data.bad_rows) and merged turns, by reason
+    train_rows = dpo_rows(fmt, cfg.data.prefs.train, cfg, data)
+    eval_rows = dpo_rows(fmt, cfg.data.prefs.eval, cfg, data)
     too_long = report_truncation("dpo", [r["_ids"] for r in train_rows], cfg.train.max_length)
 
     # --- model and trainer: base + a trainable SFT adapter copy, the SFT model as reference ---
@@ -117,7 +121,8 @@ def run(cfg: DictConfig) -> dict:
     logged = trainer.state.log_history
     metrics = {"train_loss": final_train_loss(logged, run_mean), "train_loss_mean": mean_train_loss(logged, run_mean),
                "train_pairs_dropped_too_long": too_long,
-               **{k: v for k, v in final_eval.items() if k.startswith("eval_rewards/") or k == "eval_loss"}}
+               **{k: v for k, v in final_eval.items() if k.startswith("eval_rewards/") or k == "eval_loss"},
+               **data.metrics()}
     print(f"dpo: train loss {metrics['train_loss']:.3f}, held-out preference accuracy "
           f"{metrics.get('eval_rewards/accuracies', float('nan')):.3f}")
 

@@ -41,6 +41,7 @@ from pipeline.core.errors import ArtifactError, PipelineError
 from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.core.tracking import start_tracking
 from pipeline.core.validation import check_ranges
+from pipeline.data.bad_rows import DataReport
 from pipeline.data.layouts import load_validated, prompt_row, text_row
 from pipeline.eval.metrics import category_scores, stage_metrics, win_rates
 from pipeline.eval.plots import plot_category_scores, plot_rl_history, plot_stage_scores, read_history
@@ -104,9 +105,10 @@ def find_policies(cfg: DictConfig) -> tuple[list[str], dict[str, str]]:
     return present, skipped
 
 
-def load_prompts(cfg: DictConfig) -> list[dict]:
+def load_prompts(cfg: DictConfig, data: Optional[DataReport] = None) -> list[dict]:
     """The held-out prompt rows (the first ``max_prompts``), each with its ``messages``."""
-    rows = load_validated(cfg.data.eval_prompts, cfg.data.hub_split, prompt_row, cfg.data.columns)
+    rows = load_validated(cfg.data.eval_prompts, cfg.data.hub_split, prompt_row, cfg.data.columns, cfg.data.bad_rows,
+                          data)
     return rows if cfg.max_prompts is None else rows[:cfg.max_prompts]
 
 
@@ -130,11 +132,12 @@ def world_tasks(rows: list[dict], world: World) -> Optional[list[Task]]:
     return tasks
 
 
-def held_out_texts(cfg: DictConfig) -> Optional[list[str]]:
+def held_out_texts(cfg: DictConfig, data: Optional[DataReport] = None) -> Optional[list[str]]:
     """The first ``nll_documents`` of ``data.pretrain_eval``; None when it is off."""
     if not cfg.data.pretrain_eval or cfg.nll_documents == 0:
         return None
-    rows = load_validated([cfg.data.pretrain_eval], cfg.data.hub_split, text_row, cfg.data.columns)
+    rows = load_validated([cfg.data.pretrain_eval], cfg.data.hub_split, text_row, cfg.data.columns,
+                          cfg.data.bad_rows, data)
     return [r["text"] for r in rows[:cfg.nll_documents]]
 
 
@@ -249,10 +252,11 @@ def run(cfg: DictConfig) -> dict:
         check_decoding(dec)
     stages, skipped = find_policies(cfg)
     world = world_from_config(WorldConfig(**OmegaConf.to_container(cfg.world, resolve=True)))
-    rows = load_prompts(cfg)
+    data = DataReport()  # bad rows skipped (data.bad_rows) and merged turns, by reason
+    rows = load_prompts(cfg, data)
     tasks = world_tasks(rows, world)
     conversations = [r["messages"] for r in rows]
-    nll_texts = held_out_texts(cfg)
+    nll_texts = held_out_texts(cfg, data)
     judge = "the gold judge" if tasks is not None else "the RM (not the embedded world's prompts)"
     print(f"eval: {', '.join(stages)} on {len(rows)} prompts x {', '.join(cfg.decodings)}, judged by {judge}")
 
@@ -308,9 +312,10 @@ def run(cfg: DictConfig) -> dict:
         (art.dir / "report.md").write_text(table)
         write_jsonl(art.dir / "responses.jsonl", records)
         plots = save_plots(art.dir, report, {s: p for s, p in histories.items() if p.is_file()})
-        art.metrics = flat_metrics(report)
+        art.metrics = {**flat_metrics(report), **data.metrics()}
     tracker = start_tracking(cfg, "eval")
     log_to_wandb(tracker, report, art.final, plots, records, cfg.logger.num_samples)
+    tracker.summary(data.metrics())
     tracker.log_artifact(art.artifact)
     tracker.finish()
     print(f"\n{table}\neval: {report['seconds']:.0f}s, report in {art.final}")

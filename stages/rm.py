@@ -31,6 +31,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.core.tracking import start_tracking
 from pipeline.core.validation import check_ranges
+from pipeline.data.bad_rows import DataReport
 from pipeline.data.layouts import load_validated, margin_preference_rows, preference_example, preference_rows, tokenized
 from pipeline.models.loading import lora_config
 from pipeline.models.reward import load_sft_tokenizer, sft_backbone_classifier
@@ -68,8 +69,11 @@ def run(cfg: DictConfig) -> dict:
     fmt = load_sft_tokenizer(sft)
     pairs = margin_preference_rows if cfg.train.use_margin else preference_rows
     encode = tokenized(pairs, lambda row: preference_example(fmt, row))
-    train_rows = load_validated(cfg.data.prefs.train, cfg.data.hub_split, encode, cfg.data.columns)
-    eval_rows = load_validated(cfg.data.prefs.eval, cfg.data.hub_split, encode, cfg.data.columns)
+    data = DataReport()  # bad rows skipped (data.bad_rows) and merged turns, by reason
+    train_rows = load_validated(cfg.data.prefs.train, cfg.data.hub_split, encode, cfg.data.columns,
+                                cfg.data.bad_rows, data)
+    eval_rows = load_validated(cfg.data.prefs.eval, cfg.data.hub_split, encode, cfg.data.columns,
+                               cfg.data.bad_rows, data)
     too_long = report_truncation("rm", train_rows, cfg.train.max_length)
 
     # --- backbone: the SFT model, with a fresh scalar head ---
@@ -102,7 +106,7 @@ def run(cfg: DictConfig) -> dict:
     metrics = {"train_loss": final_train_loss(logged, run_mean), "train_loss_mean": mean_train_loss(logged, run_mean),
                "train_pairs_dropped_too_long": too_long,
                **{f"eval_{k}": v for k, v in pair_metrics.items()},
-               **reward_stats(torch.cat([r_c, r_r]))}
+               **reward_stats(torch.cat([r_c, r_r])), **data.metrics()}
     print(f"rm: held-out pairwise accuracy {metrics['eval_accuracy']:.3f} "
           f"(margin {metrics['eval_margin_mean']:.2f}) on {len(eval_rows)} pairs")
     tracker.histogram("eval/rewards_chosen", r_c)

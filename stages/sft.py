@@ -27,6 +27,7 @@ from pipeline.core.runtime import output_run_dir, resolved, seed_everything, use
 from pipeline.core.tracking import start_tracking
 from pipeline.core.validation import check_ranges
 from pipeline.data.chat import ChatFormat
+from pipeline.data.bad_rows import DataReport
 from pipeline.data.layouts import load_validated, prompt_row, sft_example, sft_row, tokenized
 from pipeline.generation.decoding import check_decoding
 from pipeline.generation.samples import sample_responses, sample_stats
@@ -73,10 +74,13 @@ def run(cfg: DictConfig) -> dict:
     source, base = base_model_source(cfg, cfg.parents.base)
     fmt = load_tokenizer(source, cfg.model)
     encode = tokenized(sft_row, lambda row: sft_example(fmt, row))
-    train_rows = load_validated(cfg.data.sft.train, cfg.data.hub_split, encode, cfg.data.columns)
-    eval_rows = load_validated(cfg.data.sft.eval, cfg.data.hub_split, encode, cfg.data.columns)  # [] skips eval
+    data = DataReport()  # bad rows skipped (data.bad_rows) and merged turns, by reason
+    train_rows = load_validated(cfg.data.sft.train, cfg.data.hub_split, encode, cfg.data.columns,
+                                cfg.data.bad_rows, data)
+    eval_rows = load_validated(cfg.data.sft.eval, cfg.data.hub_split, encode, cfg.data.columns,  # [] skips eval
+                               cfg.data.bad_rows, data)
     prompts = [r["messages"] for r in load_validated(cfg.data.eval_prompts, cfg.data.hub_split, prompt_row,
-                                                     cfg.data.columns)]
+                                                     cfg.data.columns, cfg.data.bad_rows, data)]
     truncated = report_truncation("sft", train_rows, cfg.train.max_length)
 
     # --- model: the frozen base ---
@@ -90,7 +94,7 @@ def run(cfg: DictConfig) -> dict:
     run_mean = train_or_resume(trainer, last, "sft")
     logged = trainer.state.log_history
     metrics = {"train_loss": final_train_loss(logged, run_mean), "train_loss_mean": mean_train_loss(logged, run_mean),
-               "train_rows_truncated": truncated}
+               "train_rows_truncated": truncated, **data.metrics()}
     if eval_rows:
         final_eval = trainer.evaluate()
         metrics.update(eval_loss=final_eval["eval_loss"],

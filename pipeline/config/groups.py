@@ -80,6 +80,9 @@ class DataConfig:
     hub_split: str = MISSING  # split used when a source is a hub dataset id
     # The pipeline's field names -> a dataset's own, e.g. {prompt: question, chosen: response_j}
     columns: dict[str, str] = MISSING
+    # skip | error: leave rows no stage can use out (counted by reason, printed, recorded as
+    # data/skipped_<reason>), or stop at the first. See pipeline/data/bad_rows.py.
+    bad_rows: str = MISSING
 
 
 # --- stage schemas --------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Reading and validating training data before any training starts.
 
 Sources are local ``.json`` / ``.jsonl`` / ``.parquet`` files (read with ``datasets``) or
-hub dataset ids. Every row is checked against the formats a stage accepts, and the
-first bad row stops the run with its file, row and field named, and the fix.
+hub dataset ids. Every row is checked against the formats a stage accepts. A bad row is left
+out and counted by reason (``data.bad_rows=skip``, see pipeline/data/bad_rows.py), or stops the
+run with its file, row and field named, and the fix (``data.bad_rows=error``).
 
 Everything is normalised to the conversational form (lists of ``{"role", "content"}``),
 so one chat template formats training, generation and scoring alike. Public layouts are read
@@ -23,6 +24,7 @@ from typing import Any, Callable, Iterable, Optional
 from datasets import Dataset
 
 from pipeline.core.errors import PipelineError
+from pipeline.data.bad_rows import DataReport, SourceTally, check_bad_rows, note_merged_turns, watching_merges
 from pipeline.data.chat import ChatFormat, ConversationError
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -32,18 +34,21 @@ Row = dict[str, Any]
 
 
 class RowError(ValueError):
-    """A malformed row: raised by the validators with the offending field."""
+    """A malformed row: raised by the validators with the offending field and ``reason``, a key of
+    ``bad_rows.REASONS`` (its skip count), or None when only a setting makes it bad (never skipped)."""
 
-    def __init__(self, field: str, problem: str):
+    def __init__(self, field: str, problem: str, reason: Optional[str] = "malformed"):
         super().__init__(f"field `{field}` {problem}")
         self.field = field
+        self.reason = reason
 
 
 # --- reading --------------------------------------------------------------------------
 
 
-def read_rows(source: str, hub_split: str) -> tuple[list[Row], Callable[[int], str]]:
-    """Rows of one source, and a function that names row i for error messages.
+def read_rows(source: str, hub_split: str) -> tuple[list[Row], str, Callable[[int], str]]:
+    """Rows of one source, the source's name, and a function that names row i within it
+    (``where = f"{name}, {label(i)}"`` in messages).
 
     JSONL rows are named by their 1-based line number, since that is what an editor shows.
     """
@@ -54,9 +59,9 @@ def read_rows(source: str, hub_split: str) -> tuple[list[Row], Callable[[int], s
                                 "world, or fix the path in the `data` config.")
         if path.suffix == ".jsonl":
             rows, lines = _read_jsonl(path)
-            return rows, lambda i: f"{path}, line {lines[i]}"
+            return rows, str(path), lambda i: f"line {lines[i]}"
         ds = _load_local(path)
-        return list(ds), lambda i: f"{path}, row {i}"
+        return list(ds), str(path), lambda i: f"row {i}"
     if path.exists() or "/" not in source:
         raise PipelineError(f"data source {source!r} is neither a .json/.jsonl/.parquet file nor a "
                             "hub dataset id (owner/name).")
@@ -65,7 +70,7 @@ def read_rows(source: str, hub_split: str) -> tuple[list[Row], Callable[[int], s
         ds = load_dataset(source, split=hub_split)
     except Exception as e:  # noqa: BLE001 - the hub client raises many types
         raise PipelineError(f"could not load hub dataset {source!r} (split {hub_split!r}): {e}") from e
-    return list(ds), lambda i: f"hub dataset {source}, row {i}"
+    return list(ds), f"hub dataset {source}", lambda i: f"row {i}"
 
 
 def _read_jsonl(path: Path) -> tuple[list[Row], list[int]]:
@@ -98,22 +103,39 @@ def _load_local(path: Path) -> Dataset:
 
 
 def load_validated(sources: Iterable[str], hub_split: str, normalise: Callable[[Row], list[Row]],
-                   columns: Optional[dict[str, str]] = None) -> list[Row]:
-    """Read every source and normalise each row; the first bad row raises PipelineError.
+                   columns: Optional[dict[str, str]] = None, bad_rows: str = "error",
+                   report: Optional[DataReport] = None) -> list[Row]:
+    """Read every source and normalise each row.
 
     ``columns`` maps the pipeline's field names to a dataset's own (``{"prompt": "question"}``):
-    a row that has the dataset's field is read as if it had the pipeline's.
+    a row that has the dataset's field is read as if it had the pipeline's. ``bad_rows``: "error"
+    raises PipelineError at the first bad row; "skip" leaves bad rows out, prints one line per
+    reason and file, and adds the counts to ``report`` (``report.metrics()``: the stage's metrics).
+    Merged HH-RLHF turns are printed and counted either way. See pipeline/data/bad_rows.py.
     """
+    check_bad_rows(bad_rows)
+    report = DataReport() if report is None else report
     out: list[Row] = []
     for source in sources:
-        rows, where = read_rows(source, hub_split)
+        rows, name, label = read_rows(source, hub_split)
         if not rows:
             raise PipelineError(f"{source} holds no rows.")
+        tally = SourceTally(name)
         for i, row in enumerate(rows):
             try:
-                out.extend(normalise(rename_columns(row, columns or {})))
+                with watching_merges() as merges:
+                    normalised = normalise(rename_columns(row, columns or {}))
             except RowError as e:
-                raise PipelineError(f"{where(i)}: {e}. Fix or remove the row.") from e
+                if bad_rows == "error" or e.reason is None:
+                    skip = "" if e.reason is None else (", or set data.bad_rows=skip to leave such rows out "
+                                                        "(counted and reported)")
+                    raise PipelineError(f"{name}, {label(i)}: {e}. Fix or remove the row{skip}.") from e
+                tally.skip(e.reason, label(i), str(e))
+                continue
+            if merges:
+                tally.merge(label(i))
+            out.extend(normalised)
+        tally.close(len(rows), report)
     return out
 
 
@@ -136,7 +158,7 @@ def _text(row: Row, field: str) -> str:
     if not isinstance(value, str):
         raise RowError(field, "is missing" if value is None else f"must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise RowError(field, "is empty")
+        raise RowError(field, "is empty", "empty_turn")
     return value
 
 
@@ -150,7 +172,8 @@ def _messages(value: Any, field: str) -> list[Row]:
             raise RowError(f"{field}[{j}].role", f"must be one of {sorted(ROLES)}, got {m.get('role')!r}")
         content = m.get("content")
         if not isinstance(content, str) or not content.strip():
-            raise RowError(f"{field}[{j}].content", "must be a non-empty string")
+            raise RowError(f"{field}[{j}].content", "must be a non-empty string",
+                           "empty_turn" if isinstance(content, str) else "malformed")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -158,7 +181,7 @@ def _turn(value: Any, field: str, role: str) -> list[Row]:
     """A prompt or response given as text or as messages, in message form."""
     if isinstance(value, str):
         if not value.strip():
-            raise RowError(field, "is empty")
+            raise RowError(field, "is empty", "empty_turn")
         return [{"role": role, "content": value}]
     if value is None:
         raise RowError(field, "is missing")
@@ -261,16 +284,30 @@ _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 def parse_transcript(text: str, field: str) -> list[Row]:
-    """An HH-RLHF transcript ``"\n\nHuman: q\n\nAssistant: a..."`` as messages."""
+    """An HH-RLHF transcript ``"\n\nHuman: q\n\nAssistant: a..."`` as messages.
+
+    Consecutive turns of one speaker (the released set has two Human turns in a row) are merged,
+    their texts joined by a blank line: always, not per model family, since some templates demand
+    alternating turns (Mistral's and Gemma's raise) and every other one accepts them, so all
+    families train on the same conversation. Each merge is counted and printed (``merged_turns``).
+    """
     parts = _HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
         raise RowError(field, "is text that is not an HH-RLHF transcript (\"\\n\\nHuman: ...\\n\\nAssistant: "
                               "...\"); give messages, or add a `prompt` field")
-    msgs = []
+    msgs: list[Row] = []
+    merged = 0
     for k, (speaker, content) in enumerate(zip(parts[1::2], parts[2::2])):
         if not content.strip():
-            raise RowError(field, f"turn {k} ({speaker}) is empty")
-        msgs.append({"role": _HH_ROLES[speaker], "content": content.strip()})
+            raise RowError(field, f"turn {k} ({speaker}) is empty", "empty_turn")
+        role = _HH_ROLES[speaker]
+        if msgs and msgs[-1]["role"] == role:
+            msgs[-1] = {"role": role, "content": f"{msgs[-1]['content']}\n\n{content.strip()}"}
+            merged += 1
+        else:
+            msgs.append({"role": role, "content": content.strip()})
+    if merged:
+        note_merged_turns(merged)
     return msgs
 
 
@@ -304,7 +341,7 @@ def _pair(prompt: list[Row], chosen: list[Row], rejected: list[Row], margin) -> 
     if prompt[-1]["role"] != "user":
         raise RowError("prompt", "must end with a user turn")
     if chosen == rejected:
-        raise RowError("rejected", "equals `chosen`: a comparison needs two different responses")
+        raise RowError("rejected", "equals `chosen`: a comparison needs two different responses", "identical_pair")
     row = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
            "group": json.dumps(prompt)}  # a prompt's pairs share a group (batched together)
     if margin is not None:
@@ -318,7 +355,7 @@ def margin_preference_rows(row: Row) -> list[Row]:
     if any("margin" not in p for p in pairs):
         raise RowError("margin", "is missing: train.use_margin=true needs a numeric `margin` on every "
                                  "comparison (ranked lists get one from their ranks); add it or set "
-                                 "train.use_margin=false")
+                                 "train.use_margin=false", None)  # the setting's problem: never skipped
     return pairs
 
 
@@ -355,7 +392,7 @@ def _encode(fn: Callable[[], Any], field: str):
     try:
         return fn()
     except ConversationError as e:
-        raise RowError(field, str(e)) from None
+        raise RowError(field, str(e), "template_refused") from None
 
 
 def sft_example(fmt: ChatFormat, row: Row) -> Row:

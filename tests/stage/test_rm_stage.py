@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import pipeline.models.reward
-from pipeline.core.artifacts import find_parent
+from pipeline.core.artifacts import find_parent, load_artifact
 from pipeline.data.layouts import load_validated, preference_example, preference_rows, tokenized
 from pipeline.models.reward import load_reward_model
 from pipeline.training.reward import evaluate_pairs
@@ -93,3 +93,19 @@ def test_public_preference_layouts_train_the_rm(chain, fixture):
                                                               f"data.prefs.eval=[{path}]"]))
     assert metrics["train_loss"] > 0 and metrics["train_pairs_dropped_too_long"] == 0
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+
+
+def test_public_hh_rows_with_defects_are_skipped_and_recorded(chain, capsys):
+    # The released HH-RLHF set has empty final turns, chosen == rejected and repeated speakers:
+    # by default (data.bad_rows=skip) they are counted, printed and recorded, not fatal.
+    path = FIXTURES / "hh_rlhf_defects.jsonl"
+    metrics = rm.run(compose_config("rm", TINY_RM + QUIET + [f"data.prefs.train=[{path}]",
+                                                              f"data.prefs.eval=[{FIXTURES / 'hh_rlhf.jsonl'}]"]))
+    assert metrics["data/skipped_empty_turn"] == 2 and metrics["data/skipped_identical_pair"] == 2
+    assert metrics["data/merged_turns"] == 2 and metrics["data/skipped_malformed"] == 0
+    assert load_artifact(chain / "artifacts/default/rm", "rm").metrics == metrics
+    out = capsys.readouterr().out
+    assert f"{path}" in out and "line 3" in out and "line 5" in out
+    from pipeline.core.errors import PipelineError
+    with pytest.raises(PipelineError, match=r"hh_rlhf_defects.jsonl, line 3: .*data.bad_rows=skip"):
+        rm.run(compose_config("rm", TINY_RM + QUIET + [f"data.prefs.train=[{path}]", "data.bad_rows=error"]))

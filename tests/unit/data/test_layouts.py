@@ -203,3 +203,100 @@ def test_columns_map_other_field_names(tmp_path):
 def test_transcript_parser_keeps_inner_newlines():
     msgs = parse_transcript("\n\nHuman: line one\nline two\n\nAssistant: ok", "chosen")
     assert msgs == [{"role": "user", "content": "line one\nline two"}, {"role": "assistant", "content": "ok"}]
+
+
+# --- bad rows in public sets: skipped and counted by reason, or fatal on request -----------------
+
+DEFECTS = __import__("pathlib").Path(__file__).resolve().parents[2] / "fixtures" / "data" / "hh_rlhf_defects.jsonl"
+# hh_rlhf_defects.jsonl: 22 rows; empty final turn on lines 3 and 9, chosen == rejected on lines 5
+# and 11, two Human turns in a row on line 6, two Assistant turns in a row on line 12.
+
+
+def test_hh_defects_are_skipped_and_counted_by_reason(capsys):
+    from pipeline.data.bad_rows import DataReport
+    report = DataReport()
+    rows = load_validated([str(DEFECTS)], "train", preference_rows, bad_rows="skip", report=report)
+    assert len(rows) == 22 - 4  # the merged rows are kept
+    assert report.skipped == {"empty_turn": 2, "identical_pair": 2}
+    assert report.merged == 2
+    out = capsys.readouterr().out
+    lines = {reason: [x for x in out.splitlines() if reason in x] for reason in ("empty_turn", "identical_pair",
+                                                                                  "merged_turns")}
+    for reason, first in (("empty_turn", 3), ("identical_pair", 5), ("merged_turns", 6)):
+        assert len(lines[reason]) == 1, out  # one line per reason and file
+        assert str(DEFECTS) in lines[reason][0] and f"line {first}" in lines[reason][0]
+        assert " 2 " in lines[reason][0]  # the count
+    assert report.metrics() == {"data/skipped_empty_turn": 2, "data/skipped_identical_pair": 2,
+                                "data/skipped_malformed": 0, "data/skipped_template_refused": 0,
+                                "data/merged_turns": 2}
+
+
+def test_counts_add_up_over_several_loads():
+    from pipeline.data.bad_rows import DataReport
+    report = DataReport()
+    for _ in range(2):
+        load_validated([str(DEFECTS)], "train", preference_rows, bad_rows="skip", report=report)
+    assert report.skipped == {"empty_turn": 4, "identical_pair": 4} and report.merged == 4
+
+
+@pytest.mark.parametrize("line, problem", [
+    (3, "field `chosen` turn 1 (Assistant) is empty"),
+    (5, "field `rejected` equals `chosen`"),
+])
+def test_error_mode_stops_at_the_first_bad_row_and_names_the_setting(tmp_path, line, problem):
+    rows = DEFECTS.read_text().splitlines()
+    path = write_jsonl(tmp_path / "hh.jsonl", rows[:2] + [rows[line - 1]])
+    with pytest.raises(PipelineError) as e:
+        load_validated([path], "train", preference_rows, bad_rows="error")
+    assert f"{path}, line 3: {problem}" in str(e.value)
+    assert "Fix or remove the row" in str(e.value) and "data.bad_rows=skip" in str(e.value)
+    with pytest.raises(PipelineError, match=r"hh_rlhf_defects.jsonl, line 3: field `chosen` turn 1"):
+        load_validated([str(DEFECTS)], "train", preference_rows, bad_rows="error")
+
+
+def test_consecutive_same_speaker_turns_are_merged():
+    assert parse_transcript("\n\nHuman: Hi.\n\nHuman: What is 2 plus 3?\n\nAssistant: 5.", "chosen") == [
+        {"role": "user", "content": "Hi.\n\nWhat is 2 plus 3?"}, {"role": "assistant", "content": "5."}]
+    assert parse_transcript("\n\nHuman: q\n\nAssistant: a\n\nAssistant: b\n\nAssistant: c", "chosen") == [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a\n\nb\n\nc"}]
+    (pair,) = load_validated([str(DEFECTS)], "train", preference_rows, bad_rows="skip")[3:4]  # line 6 (3, 5 skipped)
+    assert pair["prompt"] == [{"role": "user", "content": "Hi.\n\nWhat is 2 plus 3?"}]
+    assert pair["chosen"] == [{"role": "assistant", "content": "2 plus 3 is 5."}]
+
+
+def test_merges_are_counted_and_printed_in_error_mode_too(tmp_path, capsys):
+    from pipeline.data.bad_rows import DataReport
+    rows = DEFECTS.read_text().splitlines()
+    path = write_jsonl(tmp_path / "hh.jsonl", [rows[0], rows[5], rows[11]])
+    report = DataReport()
+    assert len(load_validated([path], "train", preference_rows, bad_rows="error", report=report)) == 3
+    assert report.merged == 2 and not report.skipped
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "merged_turns" in x]
+    assert path in line and "line 2" in line
+
+
+def test_bad_rows_value_is_checked():
+    from pipeline.core.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"data.bad_rows='drop'.*'skip'.*'error'"):
+        load_validated([str(DEFECTS)], "train", preference_rows, bad_rows="drop")
+
+
+def test_a_file_whose_every_row_is_bad_still_stops_the_run(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "x", "rejected": "x"},
+                                              {"question": "q", "answer": "a"}])
+    with pytest.raises(PipelineError, match=r"all 2 rows of .*p.jsonl were skipped.*line 1"):
+        load_validated([path], "train", preference_rows, bad_rows="skip")
+
+
+def test_setting_mismatches_are_not_bad_rows(tmp_path):
+    # A missing margin under train.use_margin=true is the setting's problem, not the row's.
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "x", "rejected": "y", "margin": 1},
+                                              {"prompt": "q", "chosen": "x", "rejected": "y"}])
+    with pytest.raises(PipelineError, match=r"line 2: field `margin` is missing.*use_margin=false"):
+        load_validated([path], "train", margin_preference_rows, bad_rows="skip")
+
+
+def test_the_configs_default_is_skip():
+    from tests.conftest import compose_config
+    for stage in ("sft", "rm", "dpo", "ppo", "eval"):
+        assert compose_config(stage).data.bad_rows == "skip"
