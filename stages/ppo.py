@@ -29,6 +29,7 @@ from pathlib import Path
 import hydra
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -38,6 +39,7 @@ from pipeline.core.identity import config_hash
 from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.core.tracking import Tracker, start_tracking
 from pipeline.data.corpus import pack_corpus
+from pipeline.data.bad_rows import DataReport
 from pipeline.data.layouts import load_validated, prompt_row, text_row
 from pipeline.models.reward import load_sft_tokenizer
 from pipeline.rl import health
@@ -70,14 +72,24 @@ def prompt_batch(prompts: list, update: int, per_process: int, rank: int, world:
 
 
 def accelerator_for(precision: str) -> Accelerator:
+    """An Accelerator in ``precision``, even where an earlier stage of this process (``make
+    pipeline``, HF Trainer's accelerator in sft / rm) left accelerate's process-wide state in
+    another: that state is reset first. Only the mixed-precision part (AcceleratorState) is reset;
+    PartialState, which holds the device and any process group, is kept, and in a multi-process
+    run accelerate's own error stands."""
     flags = precision_flags(precision)
     mixed = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed) != mixed and state.get("num_processes", 1) == 1 \
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed)
 
 
-def ptx_batches(cfg: DictConfig, fmt) -> PtxBatches:
+def ptx_batches(cfg: DictConfig, fmt, data: DataReport | None = None) -> PtxBatches:
     """PPO-ptx's pretraining text (``data.pretrain``: rows with a ``text`` field), packed."""
-    texts = [r["text"] for r in load_validated([cfg.data.pretrain], cfg.data.hub_split, text_row, cfg.data.columns)]
+    texts = [r["text"] for r in load_validated([cfg.data.pretrain], cfg.data.hub_split, text_row, cfg.data.columns,
+                                               cfg.data.bad_rows, data)]
     return PtxBatches(pack_corpus(texts, fmt.tokenizer), cfg.ppo.ptx_block_size, cfg.ppo.ptx_batch_size, cfg.seed)
 
 
@@ -93,9 +105,11 @@ def run(cfg: DictConfig) -> dict:
     require_built_on(rm, sft)  # the RM scores for the SFT model it was trained on
     check_rm_accuracy(rm, cfg.reward)
     fmt = load_sft_tokenizer(sft)
-    rows = load_validated(cfg.data.ppo_prompts, cfg.data.hub_split, prompt_row, cfg.data.columns)
+    data = DataReport()  # bad rows skipped (data.bad_rows) and merged turns, by reason
+    rows = load_validated(cfg.data.ppo_prompts, cfg.data.hub_split, prompt_row, cfg.data.columns, cfg.data.bad_rows,
+                          data)
     reward_fn = build_reward_fn(cfg.reward, rm.metrics)
-    ptx = ptx_batches(cfg, fmt) if cfg.algorithm.ptx_coef > 0 else None
+    ptx = ptx_batches(cfg, fmt, data) if cfg.algorithm.ptx_coef > 0 else None
 
     # --- one base, every role: SFT (policy init, reference), RM (reward, value init) ---
     seed_everything(cfg.seed)  # the same initial weights in every process
@@ -107,7 +121,7 @@ def run(cfg: DictConfig) -> dict:
 
     # --- resume from the last checkpoint of an interrupted run ---
     config = resolved(cfg)
-    ckpts = Checkpoints(Path(out_dir) / ".work" / stage / "checkpoints", config_hash(config), acc)
+    ckpts = Checkpoints(Path(out_dir) / ".work" / stage / "checkpoints", config_hash(config, [sft, rm]), acc)
     history, run_id = ckpts.resume(model, trainer) if cfg.resume else ckpts.start_over()
     if trainer.update:
         acc.print(f"{stage}: resuming from update {trainer.update}/{cfg.ppo.total_updates}")
@@ -134,7 +148,7 @@ def run(cfg: DictConfig) -> dict:
 
     # --- save: policy adapter (+ value adapter and head), history ---
     trainer.check_replicas_in_sync()
-    final = summarise(history, cfg.summary_window)
+    final = {**summarise(history, cfg.summary_window), **data.metrics()}
     if acc.is_main_process:
         with staged_artifact(out_dir, stage, config, parent=rm) as art:
             model.save_final(art.dir, fmt)

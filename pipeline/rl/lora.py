@@ -58,7 +58,9 @@ class _FoldedLoRA(torch.autograd.Function):
         dL/dx = g W',   dL/dB = s g^T (x A^T),   dL/dA = s (g B)^T x
 
     The same gradients as the LoRA products (``dL/dx`` takes the adapters' path through ``W'``),
-    with one product in the forward pass instead of three. ``x`` (..., in), ``g`` (..., out)."""
+    with one product in the forward pass instead of three. ``x`` (..., in), ``g`` (..., out). On a
+    half-precision base (bf16 ``x`` and ``W'``, fp32 ``A`` and ``B``) the products run in ``x``'s
+    dtype, as the LoRA products' backward does, and each gradient comes back in its input's dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scale):
@@ -69,10 +71,12 @@ class _FoldedLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight, a, b = ctx.saved_tensors
+        dtype = x.dtype
+        g = g.to(dtype)
         rows, g_rows = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-        grad_x = g @ weight if ctx.needs_input_grad[0] else None
-        grad_a = (g_rows @ b).t() @ rows * ctx.scale
-        grad_b = g_rows.t() @ (rows @ a.t()) * ctx.scale
+        grad_x = g @ weight.to(dtype) if ctx.needs_input_grad[0] else None
+        grad_a = ((g_rows @ b.to(dtype)).t() @ rows * ctx.scale).to(a.dtype)
+        grad_b = (g_rows.t() @ (rows @ a.to(dtype).t()) * ctx.scale).to(b.dtype)
         return grad_x, None, None, grad_a, grad_b, None
 
 

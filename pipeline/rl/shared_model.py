@@ -186,7 +186,7 @@ class SharedBaseActorCritic(nn.Module):
         """Fold the trained adapters again (after an optimizer step or a load): the policy's copy is
         W + s B A, the value's the SFT copy + s B A, one fp32 ``addmm`` a layer (float64 sums, as
         :meth:`fold` makes, cost ~10 ms an optimizer step on the tiny model, most of what folding
-        saves)."""
+        saves). On a half-precision base the sum is made in fp32 and rounded once into the copy."""
         if not self.folds:
             return
         for m in self._layers:
@@ -197,10 +197,12 @@ class SharedBaseActorCritic(nn.Module):
                 if copy_ is None:
                     continue
                 A, B = m.lora_A[a].weight, m.lora_B[a].weight
-                if m.fan_in_fan_out:  # weights stored (in, out)
-                    torch.addmm(frozen.weight, A.t(), B.t(), alpha=m.scaling[a], out=copy_.weight)
-                else:
-                    torch.addmm(frozen.weight, B, A, alpha=m.scaling[a], out=copy_.weight)
+                left, right = (A.t(), B.t()) if m.fan_in_fan_out else (B, A)  # fan_in_fan_out: (in, out)
+                if {copy_.weight.dtype, frozen.weight.dtype, A.dtype, B.dtype} == {torch.float32}:
+                    torch.addmm(frozen.weight, left, right, alpha=m.scaling[a], out=copy_.weight)
+                else:  # addmm takes one dtype: sum in fp32, round once into the (bf16, fp16) copy
+                    copy_.weight.copy_(torch.addmm(frozen.weight.float(), left.float(), right.float(),
+                                                   alpha=m.scaling[a]))
 
     # --- roles ----------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """GPU tier: the mixed-precision paths on a CUDA device (skipped without one).
 
-The tiny chain is built in fp32 on the CPU by the session fixtures; these tests rerun the
-trained stages on the GPU in bf16 / fp16 and check that training stays finite and that
-PPO's first ratio is still 1 under autocast.
+The session fixtures build the tiny chain with ``precision=auto`` (bf16 on such a GPU, through
+HF Trainer's accelerator); these tests rerun the trained stages in bf16 / fp16 in the same
+process (each stage builds its accelerator in its own precision) and check that training stays
+finite, that PPO's first ratio is still 1 under autocast, and that a bf16 base trains with its
+adapters folded.
 """
 
 import math
@@ -53,3 +55,18 @@ def test_ppo_ratio_is_one_and_updates_stay_finite_under_autocast(chain, precisio
     assert out["ratio_first"] == pytest.approx(1.0, abs=2e-2)
     metrics = ppo.run(cfg)
     assert all(math.isfinite(metrics[k]) for k in ("objective/kl", "loss/policy_avg", "loss/value_avg"))
+
+
+def test_a_bf16_base_trains_with_folded_adapters_on_the_gpu(chain):
+    """bf16 folded copies with fp32 adapters: the hand-written backward (fp32 accelerator, so no
+    autocast and _FoldedLoRA runs) and the refold after each optimizer step."""
+    cfg = compose_config("ppo", TINY_PPO + ["model.dtype=bfloat16", "ppo.fold_adapters=always"])
+    acc = accelerator_for("fp32")
+    sft_art, rm_art = find_parent(cfg.paths.run_dir, "sft"), find_parent(cfg.paths.run_dir, "rm")
+    fmt = load_sft_tokenizer(sft_art)
+    model = SharedBaseActorCritic.from_artifacts(sft_art, rm_art, cfg.model, fmt, cfg.ppo.value_init,
+                                                 reward_scale(cfg.reward, rm_art.metrics)).to(acc.device)
+    trainer = RLTrainer(model, fmt, cfg.ppo, cfg.algorithm, acc, build_reward_fn(cfg.reward, rm_art.metrics))
+    assert model.folds and model.peft.get_output_embeddings().weight.dtype == torch.bfloat16
+    out = trainer.train_step(rollout(trainer))
+    assert out["optimizer_steps"] == 4 and math.isfinite(out["ratio"])
