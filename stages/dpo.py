@@ -112,7 +112,7 @@ def run(cfg: DictConfig) -> dict:
 
     # --- model and trainer: base + a trainable SFT adapter copy, the SFT model as reference ---
     work = Path(output_run_dir(cfg)) / ".work" / "dpo"
-    ckpts = TrainerCheckpoints(work, resolved(cfg), "dpo")
+    ckpts = TrainerCheckpoints(work, resolved(cfg), "dpo", [sft])
     last, run_id = ckpts.start(cfg.resume)
     tracker = start_tracking(cfg, "dpo", run_id)
     trainer = dpo_trainer(cfg, sft, fmt, train_rows, eval_rows, work, "wandb" if tracker.enabled else "none")

@@ -81,7 +81,7 @@ def run(cfg: DictConfig) -> dict:
 
     # --- trainer: new LoRA adapter + trainable head; resumes a killed run ---
     work = Path(output_run_dir(cfg)) / ".work" / "rm"
-    ckpts = TrainerCheckpoints(work, resolved(cfg), "rm")
+    ckpts = TrainerCheckpoints(work, resolved(cfg), "rm", [sft])
     last, run_id = ckpts.start(cfg.resume)
     tracker = start_tracking(cfg, "rm", run_id)
     args = RewardConfig(

@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> dict:
     model = load_causal_lm(source, cfg.model, fmt)
 
     # --- trainer: LoRA on the base, loss on assistant tokens; resumes a killed run ---
-    ckpts = TrainerCheckpoints(work_dir(cfg), resolved(cfg), "sft")
+    ckpts = TrainerCheckpoints(work_dir(cfg), resolved(cfg), "sft", [base])
     last, run_id = ckpts.start(cfg.resume)
     tracker = start_tracking(cfg, "sft", run_id)
     trainer = sft_trainer(cfg, model, fmt, train_rows, eval_rows, "wandb" if tracker.enabled else "none")

@@ -78,9 +78,9 @@ def load_checkpoint(path: Path, model, trainer, cfg_hash: str, accelerator) -> l
     meta = json.loads((path / STATE).read_text())
     if meta["config_hash"] != cfg_hash:
         raise ValueError(
-            f"the PPO checkpoint {path} was written with a different config, so it cannot be resumed. "
-            "Run with resume=false to start over (the checkpoint is then replaced), "
-            "or restore the original overrides.")
+            f"the RL checkpoint {path} was written with a different config or parents (a rebuilt SFT or RM "
+            "counts), so it cannot be resumed. Run with resume=false to start over (the checkpoint is then "
+            "replaced), or restore the original overrides and parents.")
     if meta["num_processes"] != accelerator.num_processes:
         raise ValueError(f"{path} was written by {meta['num_processes']} processes, this run has "
                          f"{accelerator.num_processes}; resume with the same number or set resume=false.")

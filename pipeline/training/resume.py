@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from transformers import TrainerCallback
 
@@ -51,10 +51,11 @@ class MarkComplete(TrainerCallback):
 
 
 class TrainerCheckpoints:
-    """The checkpoints of one HF-trainer stage in ``work_dir``, for one resolved config."""
+    """The checkpoints of one HF-trainer stage in ``work_dir``, for one resolved config and the
+    parent artifacts it builds on."""
 
-    def __init__(self, work_dir: Path, config: dict, stage: str):
-        self.dir, self.hash, self.stage = Path(work_dir), config_hash(config), stage
+    def __init__(self, work_dir: Path, config: dict, stage: str, parents: Iterable = ()):
+        self.dir, self.hash, self.stage = Path(work_dir), config_hash(config, parents), stage
 
     def latest(self) -> Optional[Path]:
         done = [p for p in self.dir.glob("checkpoint-*") if (p / COMPLETE).is_file()]
@@ -69,9 +70,9 @@ class TrainerCheckpoints:
             meta = json.loads(run.read_text())
             if meta["config_hash"] != self.hash:
                 raise PipelineError(
-                    f"the {self.stage} checkpoint {last} was written with a different config, so it cannot be "
-                    "resumed. Run with resume=false to start over (the checkpoint is then replaced), or "
-                    "restore the original overrides.")
+                    f"the {self.stage} checkpoint {last} was written with a different config or parents (a "
+                    "rebuilt parent stage counts), so it cannot be resumed. Run with resume=false to start over "
+                    "(the checkpoint is then replaced), or restore the original overrides and parents.")
             return last, meta["run_id"]
         shutil.rmtree(self.dir, ignore_errors=True)  # old checkpoints would mislead a later resume
         self.dir.mkdir(parents=True)

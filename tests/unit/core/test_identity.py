@@ -1,0 +1,50 @@
+"""pipeline.core.identity: what a resume must match, on hand-made configs and parents."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.identity import config_hash
+from pipeline.training.resume import COMPLETE, TrainerCheckpoints
+
+pytestmark = pytest.mark.unit
+
+
+def config(root="/home/a/rlhf", threads=2, lr=1e-4):
+    return {"seed": 0, "paths": {"root_dir": root, "run_dir": f"{root}/artifacts/default"},
+            "data": {"sft": {"train": [f"{root}/data/world/sft_train.jsonl"]}},
+            "parents": {"sft": None}, "train": {"learning_rate": lr, "num_threads": threads, "logging_steps": 5}}
+
+
+SFT_A = SimpleNamespace(stage="sft", checksum="a" * 16)
+SFT_B = SimpleNamespace(stage="sft", checksum="b" * 16)
+
+
+def test_a_rebuilt_parent_changes_the_hash():
+    assert config_hash(config(), [SFT_A]) != config_hash(config(), [SFT_B])
+    assert config_hash(config(), [SFT_A]) == config_hash(config(), [SFT_A])
+
+
+def test_threads_and_the_machine_the_run_sits_on_do_not_change_the_hash():
+    base = config_hash(config(), [SFT_A])
+    assert config_hash(config(threads=16), [SFT_A]) == base
+    assert config_hash(config(root="/mnt/other/place"), [SFT_A]) == base  # moved: data and paths under root
+    assert config_hash(config(lr=3e-4), [SFT_A]) != base
+    other_data = config()
+    other_data["data"]["sft"]["train"] = ["/home/a/rlhf/data/world/other.jsonl"]
+    assert config_hash(other_data, [SFT_A]) != base
+
+
+def test_a_checkpoint_on_another_parent_is_refused(tmp_path):
+    work = tmp_path / ".work" / "rm"
+    last, _ = TrainerCheckpoints(work, config(), "rm", [SFT_A]).start(resume=True)
+    assert last is None
+    (work / "checkpoint-10").mkdir()
+    (work / "checkpoint-10" / COMPLETE).write_text("{}")
+    last, _ = TrainerCheckpoints(work, config(threads=8), "rm", [SFT_A]).start(resume=True)
+    assert last == work / "checkpoint-10"  # same config and parent: resumes
+    with pytest.raises(PipelineError, match="different config or parents"):
+        TrainerCheckpoints(work, config(), "rm", [SFT_B]).start(resume=True)
