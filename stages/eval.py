@@ -43,6 +43,7 @@ from pipeline.core.tracking import start_tracking
 from pipeline.core.validation import check_ranges
 from pipeline.data.bad_rows import DataReport
 from pipeline.data.layouts import load_validated, prompt_row, text_row
+from pipeline.eval.intervals import rate_intervals, win_rate_intervals
 from pipeline.eval.metrics import category_scores, stage_metrics, win_rates
 from pipeline.eval.plots import plot_category_scores, plot_rl_history, plot_stage_scores, read_history
 from pipeline.eval.report import build_report, flat_metrics, render_markdown, response_records
@@ -296,9 +297,13 @@ def run(cfg: DictConfig) -> dict:
                    for d in cfg.decodings} for s in stages}
     categories = None if verdicts is None else {
         s: {d: category_scores(vs) for d, vs in by_dec.items()} for s, by_dec in verdicts.items()}
+    intervals = {s: {d: rate_intervals(None if verdicts is None else verdicts[s][d], rollouts[s][d].ended.tolist())
+                     for d in cfg.decodings} for s in stages}
     report = build_report(cfg.run_name, len(rows), metrics, None if scores is None else win_rates(scores),
                           None if rm_scores is None else win_rates(rm_scores), categories,
-                          rollout_health(cfg, stages), skipped, seconds=round(time.time() - started, 1))
+                          rollout_health(cfg, stages), skipped, seconds=round(time.time() - started, 1),
+                          intervals=intervals, win_ci=None if scores is None else win_rate_intervals(scores),
+                          rm_win_ci=None if rm_scores is None else win_rate_intervals(rm_scores))
     table = render_markdown(report)
     records = response_records([r["prompt"] for r in rows],
                                [t.category for t in tasks] if tasks else [r.get("category") for r in rows],

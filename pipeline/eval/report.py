@@ -11,18 +11,24 @@ from pipeline.world.vocabulary import CATEGORIES
 def build_report(run_name: str, num_prompts: int, metrics: dict[str, dict[str, dict]],
                  wins: Optional[dict[str, dict[str, float]]], rm_wins: Optional[dict[str, dict[str, float]]],
                  categories: Optional[dict[str, dict[str, dict]]], health: dict[str, dict[str, float]],
-                 skipped: dict[str, str], seconds: float) -> dict:
+                 skipped: dict[str, str], seconds: float, intervals: Optional[dict] = None,
+                 win_ci: Optional[dict] = None, rm_win_ci: Optional[dict] = None) -> dict:
     """``report.json``: ``stages.<stage>.<decoding>.<metric>``, ``win_rate`` (gold judge) and
     ``rm_win_rate`` as ``<a>_vs_<b>.<decoding>``, ``categories.<stage>.<decoding>.<category>``
     (gold judge only; None outside the world), ``health.<stage>.<metric>`` (an RL stage's rollout
-    health over its last updates), plus what was skipped and the wall time."""
+    health over its last updates), plus what was skipped and the wall time. 95% intervals:
+    ``intervals.<stage>.<decoding>.<rate>`` (Wilson), ``win_rate_ci`` and ``rm_win_rate_ci``
+    (bootstrap over prompts), each ``[low, high]``."""
     return {
         "run_name": run_name,
         "num_prompts": num_prompts,
         "judge": "gold" if wins is not None else "rm",
         "stages": metrics,
+        "intervals": intervals or {},
         "win_rate": wins,
+        "win_rate_ci": win_ci,
         "rm_win_rate": rm_wins,
+        "rm_win_rate_ci": rm_win_ci,
         "categories": categories,
         "health": health,
         "skipped": skipped,
@@ -46,8 +52,14 @@ def response_records(prompts: Sequence[str], categories: Sequence[Optional[str]]
     return records
 
 
-def _cell(value: Optional[float], fmt: str) -> str:
-    return "n/a" if value is None else fmt.format(value)
+def _cell(value: Optional[float], fmt: str, interval=None) -> str:
+    """``65.8%``, or ``65.8% [61.5, 69.9]`` with its 95% interval (in the value's own units)."""
+    if value is None:
+        return "n/a"
+    if not interval:
+        return fmt.format(value)
+    scale, unit = (100, "%") if fmt.endswith("%}") else (1, "")
+    return f"{fmt.format(value)} [{interval[0] * scale:.1f}, {interval[1] * scale:.1f}]{unit}"
 
 
 def _later_pairs(stages: list[str]) -> list[tuple[str, str]]:
@@ -55,14 +67,15 @@ def _later_pairs(stages: list[str]) -> list[tuple[str, str]]:
     return [(a, b) for i, a in enumerate(stages) for b in reversed(stages[:i])]
 
 
-def _win_table(title: str, wins: dict, stages: list[str], decodings: list[str]) -> list[str]:
+def _win_table(title: str, wins: dict, stages: list[str], decodings: list[str], ci: Optional[dict]) -> list[str]:
     pairs = _later_pairs(stages)
     if not pairs:
         return []
-    lines = [f"## {title}", "", "| pair | " + " | ".join(decodings) + " |", "|---|" + "---:|" * len(decodings)]
+    lines = [f"## {title}, 95% interval", "", "| pair | " + " | ".join(decodings) + " |",
+             "|---|" + "---:|" * len(decodings)]
     for a, b in pairs:
-        row = wins[f"{a}_vs_{b}"]
-        lines.append(f"| {a} vs {b} | " + " | ".join(f"{row[d]:.1%}" for d in decodings) + " |")
+        row, bounds = wins[f"{a}_vs_{b}"], (ci or {}).get(f"{a}_vs_{b}", {})
+        lines.append(f"| {a} vs {b} | " + " | ".join(_cell(row[d], "{:.1%}", bounds.get(d)) for d in decodings) + " |")
     return lines + [""]
 
 
@@ -82,16 +95,19 @@ def render_markdown(report: dict) -> str:
             if key in GOLD_KEYS and report["judge"] != "gold":
                 continue
             lines.append(f"| {label} | " + " | ".join(
-                _cell(report["stages"][s][dec][key], fmt) for s in stages) + " |")
+                _cell(report["stages"][s][dec][key], fmt, report["intervals"].get(s, {}).get(dec, {}).get(key))
+                for s in stages) + " |")
         if report["categories"] is not None:
             for category in CATEGORIES:
                 cells = [report["categories"][s][dec].get(category) for s in stages]
                 lines.append(f"| score: {category} | " + " | ".join(_cell(c, "{:+.3f}") for c in cells) + " |")
         lines.append("")
     if report["win_rate"] is not None:
-        lines += _win_table("Win rates (gold judge, ties count half)", report["win_rate"], stages, decodings)
+        lines += _win_table("Win rates (gold judge, ties count half)", report["win_rate"], stages, decodings,
+                            report["win_rate_ci"])
     if report["rm_win_rate"] is not None:
-        lines += _win_table("Win rates (reward model, ties count half)", report["rm_win_rate"], stages, decodings)
+        lines += _win_table("Win rates (reward model, ties count half)", report["rm_win_rate"], stages, decodings,
+                            report["rm_win_rate_ci"])
     if report["health"]:
         names = sorted({k for h in report["health"].values() for k in h})
         lines += ["## Rollout health (mean of the last updates)", "",
@@ -112,5 +128,8 @@ def flat_metrics(report: dict) -> dict[str, float]:
     for key in ("win_rate", "rm_win_rate"):
         out.update({f"{key}/{pair}/{d}": v for pair, by_dec in (report[key] or {}).items()
                     for d, v in by_dec.items()})
+    for key in ("win_rate_ci", "rm_win_rate_ci"):
+        out.update({f"{key}/{pair}/{d}/{side}": bound for pair, by_dec in (report[key] or {}).items()
+                    for d, ci in by_dec.items() if ci for side, bound in zip(("low", "high"), ci)})
     out.update({f"health/{s}/{k}": v for s, h in report["health"].items() for k, v in h.items()})
     return out

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from pipeline.core.errors import PipelineError
 from pipeline.eval.metrics import METRICS, category_scores, gold_metrics, stage_metrics, win_rate, win_rates
 from pipeline.eval.plots import plot_category_scores, plot_rl_history, plot_stage_scores
+from pipeline.eval.intervals import rate_intervals, win_rate_intervals
 from pipeline.eval.report import build_report, flat_metrics, render_markdown, response_records
 from pipeline.eval.rollouts import Rollout, response_logprobs, rollout_kl, sequence_kl
 from pipeline.world.judge import Verdict
@@ -130,7 +131,7 @@ RESPONSES = ["7", "lamp lamp", "I don't know.", "I can't help with that."]
 RM = {"base": [0.0, 0.0, 0.0, 0.0], "sft": [0.5, -0.5, 1.0, 0.0], "ppo": [1.0, 0.5, 1.0, 0.5]}
 
 
-def make_report(stages=("base", "sft", "ppo"), decodings=("greedy", "sample"), gold=True):
+def make_report(stages=("base", "sft", "ppo"), decodings=("greedy", "sample"), gold=True, with_intervals=False):
     rollout = Rollout(texts=RESPONSES, ended=torch.tensor([True, True, False, True]),
                       lengths=torch.tensor([2.0, 3.0, 5.0, 8.0]), batches=[])
     metrics = {s: {d: stage_metrics(FOUR if gold else None, rollout, RM[s] if s != "base" else None,
@@ -140,8 +141,11 @@ def make_report(stages=("base", "sft", "ppo"), decodings=("greedy", "sample"), g
     rm_scores = {s: {d: RM[s] for d in decodings} for s in stages}
     categories = {s: {d: category_scores(FOUR) for d in decodings} for s in stages}
     health = {"ppo": {"logprob_gap": 1e-6, "truncation_rate": 0.25}}
+    intervals = {s: {d: rate_intervals(FOUR if gold else None, rollout.ended.tolist()) for d in decodings}
+                 for s in stages} if with_intervals else None
     return build_report("unit", 4, metrics, win_rates(scores) if gold else None, win_rates(rm_scores),
-                        categories if gold else None, health, {"dpo": "no artifact"}, seconds=1.0)
+                        categories if gold else None, health, {"dpo": "no artifact"}, seconds=1.0,
+                        intervals=intervals, win_ci=win_rate_intervals(scores) if with_intervals and gold else None)
 
 
 def test_report_json_layout():
