@@ -13,9 +13,20 @@ prefix by prefix. For assistant turn ``i``::
 ``B_i[len(A_i):]`` is the answer as the template writes it, through its end-of-turn token; what
 the template writes after that token (ChatML's newline) belongs to the next turn. Rendering must
 be prefix-consistent (``A_i`` a prefix of ``B_i``, ``B_i`` a prefix of the whole conversation);
-a conversation that is not is refused. The pieces are tokenized one by one, so a prompt's ids
-are exactly the ids a rollout is generated from, and the supervised tokens are exactly the
-answer plus its end-of-turn token.
+a conversation that is not is refused.
+
+**One encoding of the whole text.** The rendered conversation is tokenized once, as the
+tokenizer itself (and so any server, and TRL's DPO) encodes it, and the answer spans are mapped
+to tokens through character offsets. Encoding the pieces one by one would not do: a
+dummy-prefix normalizer (Mistral, Llama 2, SentencePiece in general) gives every piece its own
+leading ``▁``, so ``[/INST]2 plus`` would train ``▁2`` where the tokenizer writes ``2``. A token
+is supervised when any of its characters lies in an answer span, so every answer character and
+the end-of-turn token are learned; a token that straddles the start of an answer (the template's
+last characters fused with the answer's first) is supervised whole. The end-of-turn token is a
+special token, split out before normalization, so the mask ends on it. Offsets need a fast
+tokenizer (``tokenizer.json``); a slow one is refused when the format is built. A prompt's ids
+(:meth:`ChatFormat.prompt_ids`) are the same encoding of the prompt text, the ids a rollout is
+generated from; they start the conversation's ids unless a token straddles the prompt's end.
 
 **Stop tokens.** The end-of-turn token the template closes an assistant turn with (found by
 rendering a probe conversation), the tokenizer's eos, and the eos ids of the model's
@@ -100,9 +111,19 @@ class ChatFormat:
 
     def conversation(self, messages: list[Message]) -> tuple[list[int], list[int]]:
         """``(ids, mask)`` of a whole conversation; ``mask`` is 1 exactly on each assistant answer
-        and the end-of-turn token that closes it (see the module docstring)."""
+        and the end-of-turn token that closes it (see the module docstring).
+
+        ``ids`` is the tokenizer's own encoding of the rendered text (BOS first where the tokenizer
+        adds one and the template does not write it), never the template pieces encoded apart."""
         full = self.render(messages, add_generation_prompt=False)
-        cuts, at = [], 0  # (start, end) of each answer in `full`
+        spans = self._answer_spans(messages, full)
+        encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        mask = span_mask(encoded["offset_mapping"], spans)
+        return list(self.bos_ids) + encoded["input_ids"], [0] * len(self.bos_ids) + mask
+
+    def _answer_spans(self, messages: list[Message], full: str) -> list[tuple[int, int]]:
+        """``(start, end)`` characters of each answer in ``full``, through its end-of-turn token."""
+        spans, at = [], 0
         eot = self.tokenizer.convert_ids_to_tokens(self.end_of_turn_id)
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -117,17 +138,9 @@ class ChatFormat:
             end = with_answer.find(eot, len(before))
             if end < 0:
                 raise ConversationError(f"the chat template does not close assistant turn {i} with {eot!r}")
-            cuts.append((len(before), end + len(eot)))
+            spans.append((len(before), end + len(eot)))
             at = end + len(eot)
-        ids, mask, pos = list(self.bos_ids), [0] * len(self.bos_ids), 0
-        for start, end in cuts:
-            for text, bit in ((full[pos:start], 0), (full[start:end], 1)):
-                piece = self._ids(text) if text else []
-                ids += piece
-                mask += [bit] * len(piece)
-            pos = end
-        tail = self._ids(full[pos:]) if full[pos:] else []
-        return ids + tail, mask + [0] * len(tail)
+        return spans
 
     def scored_ids(self, prompt: list[Message], response: list[Message]) -> list[int]:
         """What a reward model reads: the prompt's ids, then the response through its last end-of-turn
@@ -148,6 +161,16 @@ class ChatFormat:
         """Tokenizer files plus a ``generation_config.json`` holding the stop set."""
         self.tokenizer.save_pretrained(folder)
         self.generation_config().save_pretrained(folder)
+
+
+def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters ``[s, e)`` overlap a span ``[a, b)``, else 0.
+
+    Overlap, not containment: a token straddling a span's edge is supervised whole, because
+    leaving it out would leave the answer's first characters never learned (the rule of
+    transformers' own ``return_assistant_tokens_mask``). A token with an empty range (one a
+    normalizer inserted) counts as the character it sits at."""
+    return [int(any(s < b and max(e, s + 1) > a for a, b in spans)) for s, e in offsets]
 
 
 # --- building a ChatFormat ----------------------------------------------------------------------
@@ -213,9 +236,21 @@ def _ordered_unique(ids: Iterable[Optional[int]]) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _require_offsets(tokenizer, source: str) -> None:
+    """Answer masks come from character offsets, which only fast (Rust) tokenizers give; refusing
+    a slow one here beats a piecewise encoding that differs from the tokenizer's own."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(
+            f"{source}: the tokenizer is not a fast tokenizer, so it gives no character offsets and the "
+            "answer tokens of a conversation cannot be located. Fix: point model.path at a model folder "
+            "with a tokenizer.json, e.g. AutoTokenizer.from_pretrained(<model>, use_fast=True)"
+            ".save_pretrained(<folder>) writes one.")
+
+
 def chat_format(tokenizer, extra_stop_ids: Iterable[int] = (), source: str = "the model") -> ChatFormat:
     """Derive the stop set, system handling and BOS handling from a tokenizer that has its template
     and a pad token that is no stop token (see :func:`load_chat_format`)."""
+    _require_offsets(tokenizer, source)
     fold = not _accepts_system(tokenizer)
     stops = _ordered_unique([find_end_of_turn(tokenizer, source), tokenizer.eos_token_id, *extra_stop_ids])
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stops:

@@ -63,7 +63,10 @@ def test_sft_labels_are_exactly_the_answers_and_their_end_of_turn_token(formats,
     eot = END_OF_TURN[family]
     for (start, end), answer in (((a, b), A1), ((c, d), A2)):
         assert tok.convert_ids_to_tokens(ids[end - 1]) == eot
-        assert tok.decode(ids[start:end - 1]).strip() == answer["content"]
+        # Exact, no .strip(): a stray leading space would be a token no server produces. (Decoding
+        # alone cannot see Mistral's `▁2` for `2`, its decoder strips one leading space; the test
+        # below compares the ids themselves.)
+        assert tok.decode(ids[start:end]) == answer["content"] + eot
     # The prompt side is never supervised: the system text, both questions, the role markers.
     unsupervised = tok.decode([i for i, m in zip(ids, mask) if not m])
     assert "What is 2 plus 3?" in unsupervised and "Hello" in unsupervised and "Be brief." in unsupervised
@@ -71,6 +74,78 @@ def test_sft_labels_are_exactly_the_answers_and_their_end_of_turn_token(formats,
     # The ids of the first prompt are exactly what a rollout is generated from.
     prompt = fmt.prompt_ids([SYSTEM, Q1])
     assert ids[:len(prompt)] == prompt and mask[:len(prompt)] == [0] * len(prompt) and len(prompt) == a
+
+
+def tokenizer_encoding(tok, text: str):
+    """What the tokenizer itself makes of a whole rendered text, with offsets: its BOS is added on
+    encode unless the template already wrote it (Llama 3, Mistral, Gemma write it)."""
+    writes_bos = tok.bos_token is not None and text.startswith(tok.bos_token)
+    return tok(text, add_special_tokens=not writes_bos, return_offsets_mapping=True)
+
+
+def char_spans(text: str, pieces: list[str]) -> list[tuple[int, int]]:
+    """Where each piece occurs in ``text``, in order, as (start, end) character positions."""
+    out, at = [], 0
+    for piece in pieces:
+        start = text.index(piece, at)
+        out.append((start, start + len(piece)))
+        at = start + len(piece)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_conversation_ids_are_the_tokenizers_own_encoding_of_the_rendered_text(formats, family):
+    fmt = formats[family]
+    tok = fmt.tokenizer
+    messages = [SYSTEM, Q1, A1, Q2, A2]
+    ids, mask = fmt.conversation(messages)
+    full = fmt.render(messages, add_generation_prompt=False)
+    whole = tokenizer_encoding(tok, full)
+    # The tokens a server would see for this text: not the template pieces encoded one by one
+    # (a dummy-prefix normalizer would give each piece its own leading `▁`).
+    assert tok.convert_ids_to_tokens(ids) == tok.convert_ids_to_tokens(whole["input_ids"])
+    assert ids == whole["input_ids"]
+    # The mask is 1 on exactly the tokens that spell each answer and its end-of-turn token:
+    # together they cover those characters, each one, and no other character of the text.
+    eot = END_OF_TURN[family]
+    answers = char_spans(full, [A1["content"] + eot, A2["content"] + eot])
+    offsets = whole["offset_mapping"]
+    inside = [any(a <= s and e <= b for a, b in answers) for s, e in offsets]
+    assert mask == [int(x) for x in inside]
+    covered = {c for (s, e), bit in zip(offsets, mask) if bit for c in range(s, e)}
+    assert covered == {c for a, b in answers for c in range(a, b)}
+    assert [full[a:b] for a, b in answers] == [A1["content"] + eot, A2["content"] + eot]
+
+
+# A template whose prompt ends mid-word, so one token spans the end of the prompt and the start
+# of the answer ("Wh" + "at is 2." -> `▁What`).
+GLUED = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+         "{{ m['content'] + eos_token }}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+
+
+def test_a_token_straddling_the_start_of_an_answer_is_supervised(families, tmp_path):
+    (tmp_path / "glued.jinja").write_text(GLUED)
+    fmt = load_chat_format(str(families["mistral"]), str(tmp_path / "glued.jinja"), False)
+    tok = fmt.tokenizer
+    messages = [{"role": "user", "content": "Wh"}, {"role": "assistant", "content": "at is 2."}]
+    ids, mask = fmt.conversation(messages)
+    full = fmt.render(messages, add_generation_prompt=False)
+    whole = tokenizer_encoding(tok, full)
+    assert ids == whole["input_ids"]
+    start = full.index("at is 2.")
+    (first, end), = spans(mask)
+    s, e = whole["offset_mapping"][first]
+    assert s < start < e, "the first supervised token is the one holding both 'Wh' and 'at'"
+    assert all(not bit for bit in mask[:first]) and end == len(ids)
+    assert tok.convert_ids_to_tokens(ids[end - 1]) == "</s>"
+
+
+def test_a_tokenizer_without_character_offsets_is_refused_naming_the_fix(families):
+    tok = AutoTokenizer.from_pretrained(families["gemma"])  # has a pad token that is no stop token
+    tok.__class__ = type("SlowStandIn", (type(tok),), {"is_fast": False})
+    with pytest.raises(PipelineError, match="fast tokenizer") as e:
+        chat_format(tok)
+    assert "\n" not in str(e.value) and "tokenizer.json" in str(e.value)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
