@@ -9,7 +9,7 @@ ARGS    ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data base sft rm ppo dpo eval generate export pipeline test test-unit bench clean
+.PHONY: help setup data base sft rm ppo dpo eval generate export pipeline plan test test-unit bench clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ export: $(STAMP) ## Merge a stage's policy into a plain HF model folder (ARGS="s
 
 pipeline: $(DATA) ## Run base, sft, rm, ppo and eval in order, skipping up-to-date stages
 	$(PY) -m stages.pipeline $(ARGS)
+
+plan: $(STAMP) ## GPU memory of sft, rm and ppo from config.json, and what fits: ARGS="model=llama3 gpu_memory=24GiB"
+	$(PY) -m stages.plan $(ARGS)
 
 test: $(STAMP) ## Run the test suite (unit, stage and slow tiers; gpu tests skip without CUDA)
 	$(PY) -m pytest $(PYTEST_ARGS)

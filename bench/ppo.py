@@ -9,11 +9,20 @@ LoRA r 16 on all linear layers, fixed KL coefficient 0.2, T = 1):
         built here; random weights rarely stop, so responses run to the full length.
 
 Printed, with ratios: episodes/s of the training loop (the first update of a run is warm-up,
-excluded; (a) runs 12 updates, (b) 4, so both time several seconds of work),
+excluded; (a) runs 12 updates, (b) 4, so both time several seconds of work). Both sides time the
+same span: from the end of one update to the end of the next (TRL: its on_step_end stamps, which
+take in its metrics, logging and empty_cache calls; ours: the stage loop's ``time/loop``, which
+takes in the metrics and logging), never model loading;
 whole-process peak RSS (and peak CUDA memory on a GPU); for ours also the FLOPs of one update
 against the measured matmul peak, the time split of an update (sampling, scoring passes,
 optimisation), time per update at 24 / 48 / 96 new tokens with its log-log slope, and PPO (gae)
 against RLOO on the same model. TRL 1.12 runs in its own virtualenv (bench/trl_env.py).
+
+What is compared: TRL's PPOTrainer with ``peft_config`` wraps only the policy in LoRA and trains
+its value model whole under AdamW (that is TRL's design, and what a TRL user gets), while ours
+trains a LoRA value adapter on the shared base. So a second TRL run per model puts TRL's value
+model under the same LoRA (r, alpha, all linear layers; score head trained), the like-for-like
+figure.
 
 The two sides alternate (ours, TRL, ours, TRL, ...: ``--rounds``) and each figure is the median
 over its rounds: on a shared 2-core machine the same run varies by 10-20% from minute to
@@ -160,7 +169,7 @@ def run_ours(root: Path, model_args: list[str], updates: int, extra: list[str], 
         o.startswith("algorithm=") for o in extra) else "ppo"
     history = [json.loads(x) for x in (out / f"bench-{tag}" / stage_name / "history.jsonl").read_text().splitlines()]
     timed = history[1:]
-    seconds = [h["time/rollout"] + h["time/update"] for h in timed]
+    seconds = [h["time/loop"] for h in timed]  # the same span as TRL's update-to-update stamps
     return {"episodes_per_s": SHAPE["rollout"] * len(timed) / sum(seconds), "peak_rss_mb": rss,
             "update_s": sum(seconds) / len(seconds),
             "sample_s": sum(h["time/sample"] for h in timed) / len(timed),
@@ -171,7 +180,7 @@ def run_ours(root: Path, model_args: list[str], updates: int, extra: list[str], 
 
 
 def run_trl(python: Path, policy: Path, reward: Path, prompts: list[str], updates: int, tag: str,
-            stop_ids: list[int]) -> dict:
+            stop_ids: list[int], value_lora: bool = False) -> dict:
     out = WORK / f"trl-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -181,7 +190,7 @@ def run_trl(python: Path, policy: Path, reward: Path, prompts: list[str], update
             "lora_alpha": SHAPE["lora_alpha"], "lora_target": "all-linear", "kl_coef": SHAPE["kl_coef"],
             "temperature": SHAPE["temperature"], "total_updates": updates, "warmup_updates": 1, "num_threads": 2,
             "seed": 0, "stop_token_ids": stop_ids, "learning_rate": SHAPE["lr"], "missing_eos_penalty": 1.0,
-            "output_dir": str(out / "trainer")}
+            "output_dir": str(out / "trainer"), "value_lora": value_lora}
     (out / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": ""}
     code, rss = run_measured([str(python), str(ROOT / "bench/trl_baseline.py"), str(out / "spec.json"),
@@ -232,6 +241,15 @@ def compare(name: str, ours: dict, trl: dict) -> None:
         print(f"[{name}] peak CUDA:  TRL 1.12 {trl['peak_cuda_mb']:.0f} MB")
 
 
+def like_for_like(name: str, ours: dict, trl: dict, trl_lora: dict) -> None:
+    """Against TRL with its value model under the same LoRA as ours (TRL's design trains it whole)."""
+    print(f"[{name}] like for like, TRL's value model in the same LoRA (r {SHAPE['lora_r']}; TRL trains "
+          f"{trl_lora['trainable_params'] / 1e6:.2f}M parameters, not {trl['trainable_params'] / 1e6:.2f}M): "
+          f"TRL {trl_lora['episodes_per_s']:.2f} episodes/s, "
+          f"{trl_lora['peak_rss_mb']:.0f} MB -> ours {ours['episodes_per_s'] / trl_lora['episodes_per_s']:.2f}x, "
+          f"{ours['peak_rss_mb'] / trl_lora['peak_rss_mb']:.2f}x RSS")
+
+
 def split(name: str, ours: dict) -> None:
     total = ours["update_s"]
     print(f"[{name}] one update {total:.2f}s: sampling {ours['sample_s']:.2f}s ({ours['sample_s'] / total:.0%}), "
@@ -274,7 +292,10 @@ def main() -> None:
                                            updates["a"], "a", stops))
         rloo = run_ours(root, [], updates["a"], [f"ppo.max_new_tokens={SHAPE['new_tokens']}", "algorithm=rloo"],
                         "a-rloo")
+        trl_lora = run_trl(python, policy, reward, prompts[:SHAPE["rollout"] * updates["a"]], updates["a"],
+                           "a-lora", stops, value_lora=True)
         compare("a: tiny Llama", ours, trl)
+        like_for_like("a: tiny Llama", ours, trl, trl_lora)
         split("a: tiny Llama", ours)
         flops_line("a: tiny Llama", ours, AutoConfig.from_pretrained(base).to_dict(), peak)
         print(f"[a: tiny Llama] gae vs rloo: {ours['episodes_per_s']:.2f} vs {rloo['episodes_per_s']:.2f} "
@@ -293,7 +314,10 @@ def main() -> None:
                                            updates["b"], "b", stops))
         rloo = run_ours(root, model_args, updates["b"], [f"ppo.max_new_tokens={SHAPE['new_tokens']}",
                                                          "algorithm=rloo"], "b-rloo")
+        trl_lora = run_trl(python, policy, reward, prompts[:SHAPE["rollout"] * updates["b"]], updates["b"],
+                           "b-lora", stops, value_lora=True)
         compare("b: random 36M Llama, 32k vocab", ours, trl)
+        like_for_like("b: random 36M Llama, 32k vocab", ours, trl, trl_lora)
         split("b: random 36M Llama, 32k vocab", ours)
         flops_line("b: random 36M Llama, 32k vocab", ours, config, peak)
         print(f"[b] gae vs rloo: {ours['episodes_per_s']:.2f} vs {rloo['episodes_per_s']:.2f} episodes/s, "

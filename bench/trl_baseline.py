@@ -9,7 +9,8 @@ spec.json: policy_dir (merged SFT causal LM with tokenizer, chat template, pad !
 reward_dir (merged reward model, num_labels=1), prompts, rollout_batch_size, minibatch_size,
 ppo_epochs, max_new_tokens, lora_r, lora_alpha, lora_target, kl_coef, temperature,
 total_updates, warmup_updates, num_threads, seed, stop_token_ids, learning_rate,
-missing_eos_penalty, output_dir.
+missing_eos_penalty, output_dir; optional value_lora (true: the value model gets the policy's LoRA
+and only it and the score head train, the like-for-like variant; TRL's own design trains it whole).
 
 One TRL update = one rollout of rollout_batch_size prompts, then ppo_epochs passes over
 rollout_batch_size / minibatch_size shuffled minibatches, one optimizer step each. TRL's batch
@@ -40,7 +41,7 @@ import torch
 import transformers
 import trl
 from datasets import Dataset
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -82,6 +83,19 @@ def prompt_dataset(tokenizer, prompts: list[str]) -> Dataset:
     return Dataset.from_dict({"input_ids": ids})
 
 
+def lora_value_model(value, spec: dict):
+    """The like-for-like variant: TRL's value model with the policy's LoRA (same r, alpha, target
+    modules) injected in place and everything else frozen but the score head, as our value
+    adapter is. TRL's own design trains the whole value model under AdamW (``peft_config`` wraps
+    only the policy); injecting in place keeps the module layout PolicyAndValueWrapper reads
+    (``value_model.<base_model_prefix>`` and ``value_model.score``)."""
+    value = inject_adapter_in_model(LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
+                                               target_modules=spec["lora_target"], lora_dropout=0.0), value)
+    for name, param in value.named_parameters():
+        param.requires_grad = "lora_" in name or name.startswith("score.")
+    return value
+
+
 def main(spec_path: Path, out_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     rollout, minibatch = spec["rollout_batch_size"], spec["minibatch_size"]
@@ -114,6 +128,8 @@ def main(spec_path: Path, out_path: Path) -> None:
                                                                 dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(spec["reward_dir"], num_labels=1,
                                                                dtype=torch.float32)
+    if spec.get("value_lora"):
+        value = lora_value_model(value, spec)
 
     config = PPOConfig(
         output_dir=spec["output_dir"],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import hydra
@@ -41,12 +42,16 @@ from pipeline.core.tracking import Tracker, start_tracking
 from pipeline.data.corpus import pack_corpus
 from pipeline.data.bad_rows import DataReport
 from pipeline.data.layouts import load_validated, prompt_row, text_row
+from pipeline.models.policies import base_source_for
 from pipeline.models.reward import load_sft_tokenizer
+from pipeline.plan.fit import fit_ppo
+from pipeline.plan.settings import adapter_ranks
 from pipeline.rl import health
 from pipeline.rl.checkpoint import Checkpoints
 from pipeline.rl.config import check_config, check_rm_accuracy
 from pipeline.rl.rewards import build_reward_fn, reward_scale
 from pipeline.rl.shared_model import SharedBaseActorCritic
+from pipeline.rl.snapshots import Snapshots
 from pipeline.rl.trainer import PtxBatches, RLTrainer
 from pipeline.training.hf import precision_flags
 
@@ -93,6 +98,18 @@ def ptx_batches(cfg: DictConfig, fmt, data: DataReport | None = None) -> PtxBatc
     return PtxBatches(pack_corpus(texts, fmt.tokenizer), cfg.ppo.ptx_block_size, cfg.ppo.ptx_batch_size, cfg.seed)
 
 
+def fit_to_card(cfg: DictConfig, base: str, ranks: tuple[int, int], fmt, rows: list[dict], say=print) -> DictConfig:
+    """``cfg.ppo`` with ``ppo.micro_batch_size`` / ``ppo.generation_batch_size`` = auto resolved for the
+    longest prompt of ``rows`` (on CUDA the largest that fit the free memory; on CPU the minibatch and
+    the rollout batch), refusing a configuration whose predicted peak is over the card: before any
+    weight loads (pipeline/plan/fit.py). ``base``: the base model's folder or hub id."""
+    prompt = max((len(fmt.prompt_ids(r["messages"])) for r in rows), default=1)
+    ppo, notes = fit_ppo(cfg, base, prompt, ranks)
+    for note in notes:
+        say(note)
+    return ppo
+
+
 def run(cfg: DictConfig) -> dict:
     check_config(cfg)
     acc = accelerator_for(cfg.ppo.precision)
@@ -110,13 +127,14 @@ def run(cfg: DictConfig) -> dict:
                           data)
     reward_fn = build_reward_fn(cfg.reward, rm.metrics)
     ptx = ptx_batches(cfg, fmt, data) if cfg.algorithm.ptx_coef > 0 else None
+    ppo = fit_to_card(cfg, base_source_for(sft), adapter_ranks(sft, rm), fmt, rows, acc.print)  # auto, and fits
 
     # --- one base, every role: SFT (policy init, reference), RM (reward, value init) ---
     seed_everything(cfg.seed)  # the same initial weights in every process
     value_init = cfg.ppo.value_init if cfg.algorithm.advantage == "gae" else None
     model = SharedBaseActorCritic.from_artifacts(sft, rm, cfg.model, fmt, value_init,
                                                  reward_scale(cfg.reward, rm.metrics)).to(acc.device)
-    trainer = RLTrainer(model, fmt, cfg.ppo, cfg.algorithm, acc, reward_fn, ptx)
+    trainer = RLTrainer(model, fmt, ppo, cfg.algorithm, acc, reward_fn, ptx)
     seed_everything(cfg.seed + acc.process_index)  # each process samples its own responses
 
     # --- resume from the last checkpoint of an interrupted run ---
@@ -125,11 +143,14 @@ def run(cfg: DictConfig) -> dict:
     history, run_id = ckpts.resume(model, trainer) if cfg.resume else ckpts.start_over()
     if trainer.update:
         acc.print(f"{stage}: resuming from update {trainer.update}/{cfg.ppo.total_updates}")
+    snaps = Snapshots(Path(out_dir) / ".work" / stage / "snapshots", cfg.ppo.snapshot_every, trainer.update,
+                      acc.is_main_process)  # ppo.snapshot_every: policy adapters for eval's curve
 
     # --- train ---
     tracker = start_tracking(cfg, stage, run_id) if acc.is_main_process else Tracker(None)
     bar = tqdm(range(trainer.update, cfg.ppo.total_updates), initial=trainer.update,
                total=cfg.ppo.total_updates, disable=not acc.is_main_process, desc=stage)
+    last = time.perf_counter()
     for update in bar:
         batch = prompt_batch(rows, update, cfg.ppo.rollout_batch_size // k, acc.process_index,
                              acc.num_processes, cfg.seed)
@@ -142,9 +163,14 @@ def run(cfg: DictConfig) -> dict:
         if update % cfg.table_every == 0:
             log_samples(tracker, [r["prompt"] for r in batch], texts, rollout, cfg.logger.num_samples,
                         trainer.update)
+        # The loop's whole pass but the checkpoint (rollout, update, metrics, logging), in the history
+        # only: the span a benchmark compares with another trainer's update-to-update stamps.
+        history[-1]["time/loop"] = time.perf_counter() - last
+        snaps.maybe_save(trainer.update, model)  # before the checkpoint: a resume never skips one
         if trainer.update % cfg.checkpoint_every == 0 and trainer.update < cfg.ppo.total_updates:
             ckpts.save(trainer.update, model, trainer, history, run_id)
         health.check(metrics, dict(cfg.health.thresholds), list(cfg.health.abort_on), trainer.update, bar.write)
+        last = time.perf_counter()
 
     # --- save: policy adapter (+ value adapter and head), history ---
     trainer.check_replicas_in_sync()
@@ -153,7 +179,8 @@ def run(cfg: DictConfig) -> dict:
         with staged_artifact(out_dir, stage, config, parent=rm) as art:
             model.save_final(art.dir, fmt)
             (art.dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-            art.metrics = final
+            art.metrics = {**final, **snaps.copy_into(art.dir, history)}  # + metrics.snapshots
+        snaps.remove()
         ckpts.remove()  # the artifact supersedes them
         acc.print(f"{stage}: {trainer.update} updates, score {final['objective/scores']:.3f}, "
                   f"KL {final['objective/kl']:.3f}, stop rate {final['rollout/eos_rate']:.1%}")

@@ -7,8 +7,8 @@ against them: an unknown or misspelled key, or a value of the wrong type, fails 
 once with Hydra's own error message.
 
 ``groups`` holds the shared groups (paths, model, lora, logger, data), ``stages`` the non-RL
-stages, ``rl`` the RL stage. Importing this package registers every schema. It may import
-the packages whose settings it types (generation's decoding, the world's config) and core.
+stages, ``rl`` the RL stage, ``plan`` `make plan`. Importing this package registers every schema.
+It may import the packages whose settings it types (generation's decoding, the world's config) and core.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 
 from pipeline.config.groups import *  # noqa: F401,F403  (the schemas, as ``pipeline.config.X``)
+from pipeline.config.plan import PlanStageConfig
 from pipeline.config.rl import *  # noqa: F401,F403
 from pipeline.config.rl import AlgorithmConfig, PPOStageConfig
 from pipeline.config.stages import *  # noqa: F401,F403
@@ -48,6 +49,7 @@ def register_configs() -> None:
     cs.store(name="generate_schema", node=GenerateStageConfig)
     cs.store(name="export_schema", node=ExportStageConfig)
     cs.store(name="pipeline_schema", node=PipelineStageConfig)
+    cs.store(name="plan_schema", node=PlanStageConfig)
 
 
 register_configs()

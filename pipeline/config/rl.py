@@ -23,9 +23,9 @@ class KLConfig:
 class PPOConfig:
     total_updates: int = MISSING
     rollout_batch_size: int = MISSING  # responses per update per process (k per prompt)
-    generation_batch_size: int = MISSING  # responses sampled and scored per pass
+    generation_batch_size: Any = MISSING  # responses sampled and scored per pass: a positive int or auto
     minibatch_size: int = MISSING  # responses per optimizer step; divides rollout_batch_size
-    micro_batch_size: int = MISSING  # responses per forward/backward; divides minibatch_size
+    micro_batch_size: Any = MISSING  # responses per forward/backward; divides minibatch_size; or auto
     ppo_epochs: int = MISSING
     temperature: float = MISSING
     max_new_tokens: int = MISSING
@@ -50,6 +50,7 @@ class PPOConfig:
     ptx_block_size: int = MISSING  # tokens per pretraining sequence
     precision: str = MISSING  # auto | fp32 | bf16 | fp16
     seed: int = MISSING
+    snapshot_every: Optional[int] = MISSING  # keep the policy adapter every n updates (eval's curve); 0/null: off
     kl: KLConfig = MISSING
 
 
@@ -101,3 +102,4 @@ class PPOStageConfig(StageConfig):
     checkpoint_every: int = MISSING
     summary_window: int = MISSING  # the artifact's metrics: mean of the last n updates
     num_threads: int = MISSING
+    gpu_memory: Any = MISSING  # the card a configuration must fit (24GiB, 80GB, 24e9); null: the CUDA device's

@@ -8,9 +8,10 @@ import uuid
 from typing import Any, Iterable
 
 # Settings that change what is logged or kept, or where and how fast the run goes, never what is
-# trained. ``parents`` names parents by path: they count by their content (checksums) instead.
+# trained (``gpu_memory`` only refuses or sizes ``auto``, recorded as the word). ``parents`` names parents by
+# path: they count by their content (checksums) instead.
 NOT_RESULTS = ("logger", "resume", "hydra", "log_every", "table_every", "checkpoint_every", "summary_window",
-               "health", "num_threads", "paths", "parents")
+               "health", "num_threads", "paths", "parents", "gpu_memory")
 NOT_RESULTS_TRAIN = ("logging_steps", "save_steps", "num_threads")  # under `train.`
 ROOT = "<root>"
 

@@ -49,9 +49,13 @@ def check_config(cfg) -> None:
     if ppo.rollout_batch_size % ppo.minibatch_size:
         raise ConfigError(f"ppo.minibatch_size={ppo.minibatch_size} must divide ppo.rollout_batch_size="
                           f"{ppo.rollout_batch_size}: a ragged minibatch would change the number of optimizer steps")
-    if ppo.minibatch_size % ppo.micro_batch_size:
+    for key in ("generation_batch_size", "micro_batch_size"):  # positive is check_ranges's
+        if ppo[key] != "auto" and (isinstance(ppo[key], bool) or not isinstance(ppo[key], int)):
+            raise ConfigError(f"ppo.{key}={ppo[key]!r} must be a positive integer or auto (the largest that fits "
+                              "the GPU, pipeline/plan); fix the override or the YAML under conf/")
+    if ppo.micro_batch_size != "auto" and ppo.minibatch_size % ppo.micro_batch_size:
         raise ConfigError(f"ppo.micro_batch_size={ppo.micro_batch_size} must divide ppo.minibatch_size="
-                          f"{ppo.minibatch_size}")
+                          f"{ppo.minibatch_size}, or be auto (a divisor that fits)")
     if ppo.kl.controller == "adaptive" and not (ppo.kl.target and ppo.kl.horizon):
         raise ConfigError("ppo.kl.controller=adaptive needs a positive ppo.kl.target and ppo.kl.horizon")
     unknown = set(cfg.health.thresholds) - set(HEALTH_METRICS) | set(cfg.health.abort_on) - set(HEALTH_METRICS)

@@ -415,6 +415,10 @@ def test_ppo_ptx_adds_the_pretraining_likelihood(chain):
     assert load_artifact(chain / "artifacts/default/ppo_ptx", "ppo_ptx").metrics == with_ptx
     without = ppo.run(compose_config("ppo", TINY_PPO))
     assert "loss/ptx_avg" not in without
+    # Every update records the loop's whole pass (what bench/ppo.py compares with TRL's update
+    # stamps): at least the rollout and the update it contains.
+    for h in history(chain):
+        assert h["time/loop"] >= h["time/rollout"] + h["time/update"]
 
 
 def test_ptx_batches_are_a_pure_function_of_update_and_step():

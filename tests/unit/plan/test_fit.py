@@ -1,0 +1,116 @@
+"""pipeline.plan.fit: the largest settings that fit, ppo's auto batches, and the refusal of what cannot fit."""
+
+import pytest
+
+from pipeline.core.errors import ConfigError
+from pipeline.plan.arch import arch_of
+from pipeline.plan.fit import check_fits, divisors, fit, largest, options, resolve_auto
+from pipeline.plan.memory import ppo_breakdown, sft_breakdown
+from pipeline.plan.settings import Settings, settings
+from pipeline.rl.config import check_config
+from tests.conftest import compose_config
+
+pytestmark = pytest.mark.unit
+
+TINY = arch_of("tiny", layers=2, hidden=8, intermediate=16, heads=2, kv_heads=1, vocab=32, tied=True)
+PPO = dict(weight_bytes=4, act_bytes=4, r=2, r_rm=2, prompt=3, response=1, checkpointing=False, fold="never",
+           critic=True)
+
+
+def ppo_settings(micro, gen, minibatch=4, rollout=8) -> Settings:
+    return Settings("ppo", {**PPO, "micro": micro, "gen": gen}, "float32", False, 4, minibatch, rollout)
+
+
+def test_divisors_and_largest():
+    assert divisors(12) == [1, 2, 3, 4, 6, 12]
+    assert largest([1, 2, 4, 8], lambda n: n * 3 <= 13) == 4 and largest([2, 4], lambda n: False) is None
+
+
+def test_auto_takes_the_largest_divisor_that_fits():
+    # static 26272 bytes (test_memory); training 2 x 576 x 4 tokens a response + 256 of logits per response;
+    # a micro-batch of 2 needs 26272 + 9216 + 512 = 36000, of 4: 26272 + 18432 + 1024 = 45728.
+    assert ppo_breakdown(TINY, **{**PPO, "micro": 2, "gen": 1})["static"] == 26272
+    s, notes = resolve_auto(TINY, ppo_settings("auto", "auto"), room=40000)
+    assert s.kw["micro"] == 2  # 4 would need 45728
+    # sampling g responses: g x 256 (KV cache) + g x 256 (sampler); 8 (the rollout) needs 4096: fits.
+    assert s.kw["gen"] == 8
+    assert notes == ["ppo: ppo.micro_batch_size=auto -> 2, ppo.generation_batch_size=auto -> 8 (the largest that "
+                     "fit 39.06 KiB: the free GPU memory less 10% of the card)"]
+    # An explicit value stays; without a CUDA device auto takes the minibatch and the rollout batch, and says so.
+    s, notes = resolve_auto(None, ppo_settings("auto", 4, minibatch=4), room=None)
+    assert (s.kw["micro"], s.kw["gen"]) == (4, 4) and "no CUDA device" in notes[0]
+
+
+def test_auto_micro_follows_a_small_minibatch():
+    cfg = compose_config("ppo", ["ppo.minibatch_size=4", "ppo.micro_batch_size=auto", "ppo.generation_batch_size=auto"])
+    check_config(cfg)  # with micro 16 this is refused: 16 does not divide 4
+    s, _ = resolve_auto(None, settings("ppo", cfg, on_gpu=False, prompt=20, ranks=(16, 16)), room=None)
+    assert (s.kw["micro"], s.kw["gen"]) == (4, cfg.ppo.rollout_batch_size)
+    with pytest.raises(ConfigError, match="ppo.micro_batch_size=16 must divide ppo.minibatch_size=4, or be auto"):
+        check_config(compose_config("ppo", ["ppo.minibatch_size=4"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.micro_batch_size=most", r"ppo.micro_batch_size='most' must be a positive integer or auto"),
+    ("ppo.generation_batch_size=2.5", r"ppo.generation_batch_size=2.5 must be a positive integer or auto"),
+    ("ppo.generation_batch_size=0", r"ppo.generation_batch_size=0 must be > 0"),
+])
+def test_a_batch_size_neither_positive_nor_auto_is_refused_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_config("ppo", [override]))
+
+
+def test_options_keep_the_batch_per_step_and_go_cheapest_first():
+    s = Settings("sft", dict(weight_bytes=4, act_bytes=4, r=2, micro=8, length=4, checkpointing=False),
+                 "float32", False, 4, 8)
+    # static 13984; 1 row needs 4 x (2 x 576) + 4 x 32 x 4 + 4 x 8 x 8 = 5376 more, 2 rows 10752: a room of
+    # 25000 takes 2 rows a pass (x 4 accumulation steps keeps the 8 rows a step).
+    assert sft_breakdown(TINY, **{**s.kw, "micro": 2})["peak"] == 13984 + 10752
+    o = fit(TINY, s, 25000, four_bit=False, checkpointing=False)
+    assert o.settings.kw["micro"] == 2
+    assert o.overrides == "train.per_device_train_batch_size=2 train.gradient_accumulation_steps=4"
+    labels = [label for label, _ in options(TINY, s, 25000)]
+    assert labels == ["fp32", "fp32, checkpointing", "4-bit", "4-bit, checkpointing"]
+    assert fit(TINY, s, 10000, four_bit=False, checkpointing=True) is None  # the static part alone is 13984
+
+
+def test_an_unfit_configuration_is_refused_in_one_line_with_what_fits():
+    s = ppo_settings(4, 8)
+    assert check_fits(TINY, s, None, "no card") is None and check_fits(TINY, s, 10 ** 6, "big") is None
+    with pytest.raises(ConfigError) as e:
+        check_fits(TINY, s, 40000, "gpu_memory=40000")
+    message = str(e.value)
+    assert "\n" not in message
+    # micro 4 needs 45728 bytes (44.66 KiB); the budget is 90% of 40000 = 36000, which micro 2 fills exactly;
+    # with checkpointing micro 4 would need 26272 + 16 x (2 x 32 + 576) + 1024 = 37536: micro 2 again.
+    assert message == ("ppo: the predicted peak 44.66 KiB does not fit the card's 39.06 KiB (gpu_memory=40000); "
+                       "settings that fit: ppo.micro_batch_size=2 (35.16 KiB); or ppo.gradient_checkpointing=true "
+                       "ppo.micro_batch_size=2 (31.16 KiB) (`make plan` lists every option)")
+    with pytest.raises(ConfigError, match="nothing fits: weights, adapters and optimizer alone take 25.66 KiB"):
+        check_fits(TINY, s, 20000, "gpu_memory=20000")
+    # Over the budget but under the card: a warning, not a refusal.
+    assert "within 10% of the card's" in check_fits(TINY, ppo_settings(2, 8), 37000, "x")
+
+
+def test_the_rl_stage_refuses_an_unfit_config_before_loading(tmp_path, capsys):
+    """A family stand-in's config.json and tokenizer, a 1 MiB card: the function stages.ppo.run calls
+    before any weight loads refuses in one line; nothing is mocked."""
+    from pipeline.models.loading import load_tokenizer
+    from stages.ppo import fit_to_card
+    from tests.families import build_family
+    from tests.unit.data.test_families import CORPUS
+
+    folder = str(build_family("llama3", tmp_path / "llama3", CORPUS))
+    rows = [{"messages": [{"role": "user", "content": "What is 2 plus 3?"}]}]
+    cfg = compose_config("ppo", ["gpu_memory=1MiB"])
+    fmt = load_tokenizer(folder, cfg.model)
+    with pytest.raises(ConfigError) as e:
+        fit_to_card(cfg, folder, (16, 16), fmt, rows)
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("ppo: the predicted peak ")
+    assert "does not fit the card's 1.00 MiB (gpu_memory=1MiB)" in str(e.value)
+    # auto on CPU: the fallback, said; the returned settings keep their interpolations (seed).
+    cfg = compose_config("ppo", ["ppo.micro_batch_size=auto", "ppo.generation_batch_size=auto"])
+    ppo = fit_to_card(cfg, folder, (16, 16), fmt, rows)
+    assert (ppo.micro_batch_size, ppo.generation_batch_size, ppo.seed) == (32, 64, cfg.seed)
+    assert "ppo.micro_batch_size=auto -> 32" in capsys.readouterr().out
