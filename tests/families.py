@@ -19,10 +19,17 @@ Real, as the family ships it on the hub (sources in tests/fixtures/families/READ
   * the model class (Qwen2ForCausalLM, LlamaForCausalLM, MistralForCausalLM,
     GemmaForCausalLM - the Gemma v1 architecture -, GPT2LMHeadModel).
 
+Variants (``VARIANTS``, not in ``FAMILIES``): a family's tokenizer, template and generation
+settings on another architecture, from an overlay ``<variant>.json`` naming its ``base``:
+  * ``gemma2``: gemma's tokenizer on Gemma2ForCausalLM, two layers (sliding_attention, then
+    full_attention, as the hub alternates them) with an 8-token sliding window, so that a
+    KV cache (``DynamicCache(config=...)``) holds a ``DynamicSlidingWindowLayer`` that really
+    drops keys on sequences of a test's length.
+
 Not real: the vocabulary and merges (trained here on ``corpus``), so token ids and
 segmentations differ from the hub's; the weights (random, seeded); the sizes (hidden 32,
-1 layer, 2 heads, 1 kv head, 512 positions). What each family leaves out is listed under
-``not_reproduced`` in its ``<family>.json``.
+1 layer, 2 heads, 1 kv head, 512 positions; a variant may change them with ``tiny_sizes``).
+What each family leaves out is listed under ``not_reproduced`` in its ``<family>.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
+    Gemma2ForCausalLM,
     GemmaForCausalLM,
     GenerationConfig,
     GPT2LMHeadModel,
@@ -45,6 +53,9 @@ from transformers import (
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "families"
 FAMILIES = ("qwen2.5", "llama3", "mistral", "gemma", "gpt2")
+# Architecture variants of a family (its tokenizer fixture, another model class): built on
+# demand by the tests that need the architecture, not part of every per-family run.
+VARIANTS = ("gemma2",)
 VOCAB_SIZE = 700  # target size of the trained vocabulary, specials and byte pieces included
 
 # The real split regexes: transformers' Qwen2Tokenizer.PRETOKENIZE_REGEX and the Llama 3
@@ -59,19 +70,31 @@ _ARCH = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "GemmaForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
 }
 _MODEL_TYPE = {
     "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-    "GemmaForCausalLM": "gemma", "GPT2LMHeadModel": "gpt2",
+    "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "GPT2LMHeadModel": "gpt2",
 }
 
 
 def family_spec(family: str) -> dict:
-    """The family's settings as data: ``tests/fixtures/families/<family>.json``."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    return json.loads((FIXTURES / f"{family}.json").read_text(encoding="utf-8"))
+    """The family's settings as data: ``tests/fixtures/families/<family>.json``.
+
+    A variant's file is an overlay on its ``base`` family's: its ``model_config``,
+    ``generation_config`` and ``not_reproduced`` entries are added to (or replace) the base's,
+    its other keys replace the base's."""
+    if family not in FAMILIES + VARIANTS:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + VARIANTS}")
+    spec = json.loads((FIXTURES / f"{family}.json").read_text(encoding="utf-8"))
+    if family in VARIANTS:
+        base = family_spec(spec.pop("base"))
+        for key in ("model_config", "generation_config", "not_reproduced"):
+            base[key] = {**base[key], **spec.pop(key, {})}
+        base.update(spec)
+        spec = base
+    return spec
 
 
 def chat_template(family: str) -> str | None:
@@ -263,6 +286,7 @@ def _model_config(spec: dict, backend: Tokenizer, vocab_size: int):
     else:
         sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512)
+    sizes.update(spec.get("tiny_sizes", {}))
     config = AutoConfig.for_model(_MODEL_TYPE[arch], vocab_size=vocab_size, **sizes, **values)
     config.architectures = [arch]
     return config
@@ -316,8 +340,8 @@ if __name__ == "__main__":
     # pipeline's "bring your own model" commands on without a hub (README).
     import sys
 
-    if len(sys.argv) not in (3, 4) or sys.argv[1] not in FAMILIES:
-        raise SystemExit(f"usage: python -m tests.families {{{','.join(FAMILIES)}}} OUT_DIR [CORPUS.jsonl]")
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in FAMILIES + VARIANTS:
+        raise SystemExit(f"usage: python -m tests.families {{{','.join(FAMILIES + VARIANTS)}}} OUT_DIR [CORPUS.jsonl]")
     source = Path(sys.argv[3] if len(sys.argv) == 4 else "data/world/pretrain.jsonl")
     if not source.is_file():
         raise SystemExit(f"{source} not found: run `make data` first, or give a .jsonl of {{\"text\": ...}} rows")

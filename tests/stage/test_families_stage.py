@@ -1,6 +1,8 @@
 """The real entry points on tiny local models carrying real families' tokenizer settings
 (Qwen2.5 ChatML, Llama 3, Mistral [INST], Gemma, GPT-2 without a template; tests/families.py):
-sft -> rm -> ppo -> eval -> export on each, stop tokens, adapters and exports loaded outside."""
+sft -> rm -> ppo -> eval -> export on each, stop tokens, adapters and exports loaded outside.
+Sampling with a pruned KV cache also runs on the Gemma 2 layout (variant ``gemma2``: a
+sliding-window layer and a global one)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pipeline.rl.rollout import sample
 from stages import eval as eval_stage
 from stages import export, ppo, rm, sft
 from tests.conftest import compose_config
-from tests.families import FAMILIES, build_family
+from tests.families import FAMILIES, VARIANTS, build_family, family_spec
 from tests.stage.conftest import QUIET, TINY_RM, TINY_SFT
 from tests.stage.test_ppo_stage import TINY_PPO, assert_shortcuts_agree
 from tests.stage.test_ppo_stage import build as build_rl
@@ -32,11 +34,11 @@ pytestmark = pytest.mark.stage
 
 @pytest.fixture(scope="module")
 def family_models(world_root, tmp_path_factory):
-    """Each family's tiny model, its tokenizer trained on the world's corpus."""
+    """Each family's (and variant's) tiny model, its tokenizer trained on the world's corpus."""
     corpus = [json.loads(line)["text"] for line in
               (world_root / "data/world/pretrain.jsonl").read_text().splitlines()[:300]]
     root = tmp_path_factory.mktemp("families")
-    return {f: build_family(f, root / f, corpus) for f in FAMILIES}
+    return {f: build_family(f, root / f, corpus) for f in FAMILIES + VARIANTS}
 
 
 @pytest.fixture
@@ -105,31 +107,38 @@ class StopAfter:
 
 
 class StopFirstRow:
-    """A forward hook that, from the n-th call on, gives the first row of each step's batch a large
-    end-of-turn logit: the rows stop one a step, so the batch and its KV cache shrink row by row.
-    Records the batch size of every call."""
+    """A forward hook (``with_kwargs=True``) that, from the n-th call on, gives the first row of each
+    step's batch a large end-of-turn logit: the rows stop one a step, so the batch and its KV cache
+    shrink row by row. Records the batch size of every call and, after it, each cache layer's
+    (class name, batch size, keys kept)."""
 
     def __init__(self, token: int, n: int):
-        self.token, self.n, self.rows = token, n, []
+        self.token, self.n, self.rows, self.layers = token, n, [], []
 
-    def __call__(self, module, args, output):
+    def __call__(self, module, args, kwargs, output):
         self.rows.append(output.logits.shape[0])
+        self.layers.append([(type(layer).__name__, layer.keys.shape[0], layer.keys.shape[-2])
+                            for layer in kwargs["past_key_values"].layers])
         if len(self.rows) >= self.n:
             output.logits[0, -1, self.token] += 50.0
         return output
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+SLIDING = {"gemma2"}  # the stand-ins whose cache has sliding-window layers
+
+
+@pytest.mark.parametrize("family", FAMILIES + VARIANTS)
 def test_rows_that_stop_leave_the_batch_and_the_rest_sample_on_correctly(family, family_models):
     """Rollouts drop a row (and its cache) at its stop token. Each step's batch holds exactly the
     rows still going, and every token the survivors drew after rows left has the log-prob that a
     plain forward of that whole sequence gives: the pruned cache still belongs to the right rows
-    (sliding-window layers included, on Gemma)."""
+    (sliding-window layers included, on the Gemma 2 layout: there the window is shorter than every
+    prompt, so the sliding layer's cache holds only the window's keys while rows leave)."""
     from pipeline.models.loading import load_causal_lm
     fmt = load_chat_format(str(family_models[family]), None, False)
     model = load_causal_lm(str(family_models[family]), compose_config("sft", ["model.path=x"]).model, fmt).eval()
     hook = StopFirstRow(fmt.end_of_turn_id, 3)
-    handle = model.register_forward_hook(hook)
+    handle = model.register_forward_hook(hook, with_kwargs=True)
     prompts = [as_conversation(p) for p in ("What is 2 plus 3?", "Name the capital of Krosfia.",
                                             "Repeat the word 'cup' 2 times.", "Hi")]
     torch.manual_seed(0)
@@ -138,6 +147,18 @@ def test_rows_that_stop_leave_the_batch_and_the_rest_sample_on_correctly(family,
     lengths = mask.sum(1).long()
     assert len(set(lengths.tolist())) > 1  # rows stopped at different steps
     assert hook.rows == [int((lengths > t).sum()) for t in range(len(hook.rows))]
+    # every cache layer, of either kind, was pruned to the batch of each step
+    assert all(b == rows for layers, rows in zip(hook.layers, hook.rows) for _, b, _ in layers)
+    kinds = {name for layers in hook.layers for name, _, _ in layers}
+    assert ("DynamicSlidingWindowLayer" in kinds) == (family in SLIDING), kinds
+    if family in SLIDING:
+        window = model.config.sliding_window
+        assert window < int(q_mask.sum(1).min())  # shorter than every prompt
+        pruned = [layers for layers, rows in zip(hook.layers, hook.rows) if rows < len(prompts)]
+        assert pruned  # sampling went on after rows left
+        for layers in pruned:  # the sliding layer kept only the window; the global one all
+            kept = {name: n for name, _, n in layers}
+            assert kept["DynamicSlidingWindowLayer"] == window - 1 < kept["DynamicLayer"]
     with torch.no_grad():
         for i in range(len(prompts)):
             n = int(lengths[i])
@@ -151,13 +172,13 @@ def test_rows_that_stop_leave_the_batch_and_the_rest_sample_on_correctly(family,
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_rollout_stops_at_the_familys_end_of_turn_token(family, family_models):
-    from transformers import AutoModelForCausalLM
-
     from pipeline.models.loading import load_causal_lm
     fmt = load_chat_format(str(family_models[family]), None, False)
     cfg = compose_config("sft", ["model.path=x"]).model
     model = load_causal_lm(str(family_models[family]), cfg, fmt).eval()
-    assert isinstance(model, type(AutoModelForCausalLM.from_pretrained(family_models[family])))
+    # the family's own class (not "whatever AutoModelForCausalLM makes of the folder", which is
+    # what load_causal_lm calls: that comparison could not fail)
+    assert type(model).__name__ == family_spec(family)["architecture"]
     eot = fmt.end_of_turn_id
     assert fmt.tokenizer.convert_ids_to_tokens(eot) == END_OF_TURN[family]
     model.register_forward_hook(StopAfter(eot, 3))

@@ -2,6 +2,15 @@
 
 Every family is built once per module from a short inline corpus and reloaded the way
 a hub checkout is (AutoTokenizer / AutoModelForCausalLM / GenerationConfig).
+
+These tests check the test fixtures, not the pipeline: that the builder turns
+tests/fixtures/families/<family>.json and <family>.jinja into a checkout transformers loads
+with those settings (several compare the built files with the very fixture they were built
+from, so they pass whenever the builder copies the fixture faithfully, and say nothing about
+whether the fixture is right; ``EXPECTED`` and ``RENDERED`` are written out independently to
+guard that). Pipeline coverage on the families is in tests/unit/data/test_chat.py and
+tests/stage/test_families_stage.py. The variants (``VARIANTS``: gemma2) only get a check that
+they build with the architecture they claim; their tokenizer is the base family's.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from tests.families import FAMILIES, FIXTURES, build_family, family_spec
+from tests.families import FAMILIES, FIXTURES, VARIANTS, build_family, family_spec
 
 pytestmark = pytest.mark.unit
 
@@ -327,3 +336,15 @@ def test_hub_dtype_loads_as_bfloat16_by_default(tmp_path):
     path = build_family("qwen2.5", tmp_path / "bf16", CORPUS, hub_dtype=True)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_gemma2_variant_is_gemmas_tokenizer_on_the_gemma2_sliding_window_layout(built, tmp_path):
+    assert VARIANTS == ("gemma2",)
+    path = build_family("gemma2", tmp_path / "gemma2", CORPUS, seed=0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # gemma's, byte for byte
+        assert (path / name).read_bytes() == (built["gemma"] / name).read_bytes(), name
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert type(model).__name__ == "Gemma2ForCausalLM"
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    assert model.config.sliding_window == 8
+    assert GenerationConfig.from_pretrained(path).cache_implementation == "hybrid"
