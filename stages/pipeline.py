@@ -16,6 +16,13 @@ an earlier stage ran.
 
 The overrides are read here rather than by ``@hydra.main``: they target the stages'
 configs, and Hydra would reject e.g. ``arch.hidden_size=64`` against conf/pipeline.yaml.
+
+``+experiment=<name>`` (conf/experiment/<name>.yaml, ``# @package _global_``) stands for its group
+choices (``override /data: hh_rlhf`` -> ``data=hh_rlhf``, to every config with that group) and its
+settings, each to the configs that have its key (``ppo.micro_batch_size`` to the RL stage only);
+the command line's own overrides come after it and win:
+
+    make pipeline ARGS="+experiment=qwen_hh"
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from typing import Callable, Optional
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import pipeline.config  # noqa: F401  (registers the schemas)
@@ -69,12 +76,84 @@ def compose_all(names: list[str], overrides: list[str]) -> dict[str, DictConfig]
 
     An override no config has (``trian.max_steps=3``) is an error, not silently dropped.
     """
+    overrides, settings, choices = expand_experiments(overrides)
     keys = {name: set(compose_stage(name, [])) for name in names}
-    unused = [o for o in overrides if not any(top_level_key(o) in k | {"hydra"} for k in keys.values())]
+    known = set(compose_stage("pipeline", [])).union(*keys.values(), {"hydra"})  # conf/pipeline.yaml's `stages` too
+    unused = [o for o in overrides if o not in settings and top_level_key(o) not in known]
     if unused:
         raise PipelineError(f"no stage config has the key of {unused}; the configs are "
                             f"conf/{{{','.join(names)}}}.yaml")
-    return {name: compose_stage(name, overrides_for(keys[name], overrides)) for name in names}
+    configs = {name: stage_overrides(name, keys[name], overrides, settings) for name in names}
+    # An experiment's settings for the stages not run here (its ppo.* under stages=[sft]) are no typo.
+    experiments = [o for o in overrides if o in settings | choices]
+    others = [n for n in ("pipeline", *STAGES) if n not in names and settings]
+    landed = {o for n in others for o in stage_overrides(n, set(compose_stage(n, [])), experiments, settings)}
+    lost = sorted(settings - landed.union(*configs.values()))
+    if lost:
+        raise PipelineError(f"no stage config has the key of the experiment's {lost} (conf/experiment/)")
+    return {name: compose_stage(name, own) for name, own in configs.items()}
+
+
+# --- experiments: conf/experiment/<name>.yaml as overrides, each to the configs that have its key -------
+
+
+def expand_experiments(overrides: list[str]) -> tuple[list[str], set[str], set[str]]:
+    """The overrides with each ``+experiment=<name>`` replaced, in place, by its group choices and
+    settings; the set of those settings (``key=value``), which reach only configs with the key; and
+    the set of its group choices (``data=hh_rlhf``)."""
+    out, settings, choices = [], set(), set()
+    for o in overrides:
+        if top_level_key(o) != "experiment":
+            out.append(o)
+            continue
+        path = CONF_DIR / "experiment" / f"{OverridesParser.create().parse_overrides([o])[0].value()}.yaml"
+        if not path.is_file():
+            have = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+            raise PipelineError(f"{o}: no {path}; the experiments are {have}")
+        exp = OmegaConf.load(path)
+        for entry in exp.pop("defaults", []):
+            group, choice = next(iter(entry.items())) if OmegaConf.is_dict(entry) else (None, None)
+            if group is None or not group.startswith("override /"):
+                raise PipelineError(f"{path}: its defaults may only hold `- override /<group>: <choice>`, "
+                                    f"got {entry}")
+            out.append(f"{group.removeprefix('override /')}={choice}")
+            choices.add(out[-1])
+        flat = [f"{key}={hydra_value(value)}" for key, value in leaves(OmegaConf.to_container(exp))]
+        out += flat
+        settings |= set(flat)
+    return out, settings, choices
+
+
+def leaves(node, prefix: str = "") -> list[tuple[str, object]]:
+    """``{"ppo": {"micro_batch_size": 4}}`` -> ``[("ppo.micro_batch_size", 4)]`` (lists and {} are leaves)."""
+    if not isinstance(node, dict) or not node:
+        return [(prefix, node)]
+    return [kv for k, v in node.items() for kv in leaves(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")]
+
+
+def hydra_value(value) -> str:
+    """A YAML value in Hydra's override syntax (strings quoted, so ``${...}`` and ``:`` pass through)."""
+    if isinstance(value, list):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def stage_overrides(name: str, keys: set[str], overrides: list[str], settings: set[str]) -> list[str]:
+    """The overrides for one config: its top-level keys' (``overrides_for``), and of the experiments'
+    settings those whose whole key it has once the experiments' group choices are applied."""
+    plain = overrides_for(keys, [o for o in overrides if o not in settings])
+    if not settings:
+        return plain
+    cfg = compose_stage(name, plain)
+    has = {o for o in settings if OmegaConf.select(cfg, o.split("=", 1)[0], default=_ABSENT) is not _ABSENT}
+    return [o for o in overrides if o in has or (o not in settings and o in plain)]
+
+
+_ABSENT = object()
 
 
 # --- stages: which exist, which are up to date ----------------------------------------------
@@ -114,7 +193,8 @@ def up_to_date(stage: str, cfg: DictConfig) -> bool:
 def data_files(data: DictConfig) -> list[str]:
     """The local files the ``data`` config lists (hub dataset ids left out)."""
     sources = [data.pretrain, *([data.pretrain_eval] if data.pretrain_eval else []), *data.sft.train,
-               *data.sft.eval, *data.prefs.train, *data.prefs.eval, *data.ppo_prompts, *data.eval_prompts]
+               *data.sft.eval, *data.prefs.train, *data.prefs.eval, *data.ppo_prompts, *data.eval_prompts,
+               *data.val_prompts]
     return [s for s in sources if Path(s).suffix in (".json", ".jsonl", ".parquet")]
 
 
@@ -170,7 +250,8 @@ def launch(overrides: list[str]) -> dict[str, str]:
         raise PipelineError("make pipeline runs one configuration; sweep a single stage instead "
                             "(make sft ARGS=\"-m lora.r=4,8\")")
     keys = set(compose_stage("pipeline", []))
-    return run(compose_stage("pipeline", overrides_for(keys, overrides)), overrides)
+    expanded, settings, _ = expand_experiments(overrides)
+    return run(compose_stage("pipeline", stage_overrides("pipeline", keys, expanded, settings)), overrides)
 
 
 def main() -> None:

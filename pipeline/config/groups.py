@@ -77,7 +77,13 @@ class DataConfig:
     prefs: SplitConfig = MISSING
     ppo_prompts: list[str] = MISSING
     eval_prompts: list[str] = MISSING
-    hub_split: str = MISSING  # split used when a source is a hub dataset id
+    val_prompts: list[str] = MISSING  # held out like eval_prompts: `make eval ARGS="prompts=val"`
+    hub_split: str = MISSING  # split used when a source is a hub dataset id (or a folder) without `:<split>`
+    # The public sets a preset reads (conf/data/: hh_rlhf, ultrafeedback, tldr, alpaca), by name: a hub
+    # id, or a local folder laid out like its splits (<folder>/<split>.jsonl). Sources name them as
+    # ${data.hub.<name>}:<split>[:${data.max_rows}] (pipeline/data/sources.py).
+    hub: dict[str, str] = MISSING
+    max_rows: Optional[int] = MISSING  # rows per source in the presets' sources; null = all
     # The pipeline's field names -> a dataset's own, e.g. {prompt: question, chosen: response_j}
     columns: dict[str, str] = MISSING
     # skip | error: leave rows no stage can use out (counted by reason, printed, recorded as

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 NOT_RESULTS = ("logger", "resume", "hydra", "log_every", "table_every", "checkpoint_every", "summary_window",
                "health", "num_threads", "paths", "parents", "gpu_memory")
 NOT_RESULTS_TRAIN = ("logging_steps", "save_steps", "num_threads")  # under `train.`
+NOT_RESULTS_PPO = ("snapshot_every",)  # under `ppo.`: which updates are also kept, not what trains
 ROOT = "<root>"
 
 
@@ -36,6 +37,8 @@ def config_hash(config: dict, parents: Iterable[Any] = ()) -> str:
     relevant = {k: v for k, v in config.items() if k not in NOT_RESULTS}
     if isinstance(relevant.get("train"), dict):
         relevant["train"] = {k: v for k, v in relevant["train"].items() if k not in NOT_RESULTS_TRAIN}
+    if isinstance(relevant.get("ppo"), dict):
+        relevant["ppo"] = {k: v for k, v in relevant["ppo"].items() if k not in NOT_RESULTS_PPO}
     root = str((config.get("paths") or {}).get("root_dir", "")).rstrip("/")
     identity = {"config": _under_root(relevant, root),
                 "parents": sorted((p.stage, p.checksum) for p in parents if p is not None)}

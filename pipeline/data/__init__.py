@@ -1,2 +1,3 @@
-"""Data: chat formats (templates, answer masks), dataset layouts with row validation, and text
-corpora as token streams. May import ``core``."""
+"""Data: chat formats (templates, answer masks), sources (files, folders laid out by split, hub ids,
+row ranges), dataset layouts with row validation, and text corpora as token streams. May import
+``core``."""

@@ -1,7 +1,8 @@
 """Reading and validating training data before any training starts.
 
-Sources are local ``.json`` / ``.jsonl`` / ``.parquet`` files (read with ``datasets``) or
-hub dataset ids. Every row is checked against the formats a stage accepts. A bad row is left
+Sources are local ``.json`` / ``.jsonl`` / ``.parquet`` files, local folders laid out by split, or
+hub dataset ids, each with its own split and row range (``Anthropic/hh-rlhf:test[:500]``, see
+pipeline/data/sources.py). Every row is checked against the formats a stage accepts. A bad row is left
 out and counted by reason (``data.bad_rows=skip``, see pipeline/data/bad_rows.py), or stops the
 run with its file, row and field named, and the fix (``data.bad_rows=error``).
 
@@ -18,16 +19,13 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
-
-from datasets import Dataset
 
 from pipeline.core.errors import PipelineError
 from pipeline.data.bad_rows import DataReport, SourceTally, check_bad_rows, note_merged_turns, watching_merges
 from pipeline.data.chat import ChatFormat, ConversationError
+from pipeline.data.sources import read_rows
 
-LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 ROLES = {"system", "user", "assistant"}
 
 Row = dict[str, Any]
@@ -43,63 +41,7 @@ class RowError(ValueError):
         self.reason = reason
 
 
-# --- reading --------------------------------------------------------------------------
-
-
-def read_rows(source: str, hub_split: str) -> tuple[list[Row], str, Callable[[int], str]]:
-    """Rows of one source, the source's name, and a function that names row i within it
-    (``where = f"{name}, {label(i)}"`` in messages).
-
-    JSONL rows are named by their 1-based line number, since that is what an editor shows.
-    """
-    path = Path(source)
-    if path.suffix in LOCAL_SUFFIXES:
-        if not path.is_file():
-            raise PipelineError(f"data file {path} not found. Run `make data` for the embedded "
-                                "world, or fix the path in the `data` config.")
-        if path.suffix == ".jsonl":
-            rows, lines = _read_jsonl(path)
-            return rows, str(path), lambda i: f"line {lines[i]}"
-        ds = _load_local(path)
-        return list(ds), str(path), lambda i: f"row {i}"
-    if path.exists() or "/" not in source:
-        raise PipelineError(f"data source {source!r} is neither a .json/.jsonl/.parquet file nor a "
-                            "hub dataset id (owner/name).")
-    from datasets import load_dataset  # a hub id: only works where a hub is reachable
-    try:
-        ds = load_dataset(source, split=hub_split)
-    except Exception as e:  # noqa: BLE001 - the hub client raises many types
-        raise PipelineError(f"could not load hub dataset {source!r} (split {hub_split!r}): {e}") from e
-    return list(ds), f"hub dataset {source}", lambda i: f"row {i}"
-
-
-def _read_jsonl(path: Path) -> tuple[list[Row], list[int]]:
-    """The rows, and each row's 1-based line number (blank lines are skipped, not counted out)."""
-    rows, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PipelineError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column "
-                                    f"{e.colno}). Fix or remove the line.") from e
-            if not isinstance(row, dict):
-                raise PipelineError(f"{path}, line {lineno}: expected a JSON object, got "
-                                    f"{type(row).__name__}. Fix or remove the line.")
-            rows.append(row)
-            lines.append(lineno)
-    return rows, lines
-
-
-def _load_local(path: Path) -> Dataset:
-    from datasets import load_dataset
-
-    try:
-        return load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
-    except Exception as e:  # noqa: BLE001 - arrow raises many types for a bad file
-        raise PipelineError(f"{path}: could not be read as {path.suffix} ({e}). Fix the file.") from e
+# --- reading: files, folders laid out by split, hub ids (pipeline/data/sources.py) ----------------
 
 
 def load_validated(sources: Iterable[str], hub_split: str, normalise: Callable[[Row], list[Row]],
@@ -197,8 +139,15 @@ def sft_row(row: Row) -> list[Row]:
     - ``messages``: a conversation ending with an assistant turn;
     - ``prompt`` / ``completion``: text or messages;
     - ``instruction`` / ``input`` / ``output``: the Alpaca / InstructGPT layout, where the
-      optional ``input`` is appended to the instruction.
+      optional ``input`` is appended to the instruction;
+    - a preference row (``chosen`` without ``completion``): its chosen conversation, an HH-RLHF
+      transcript or messages, or ``prompt`` followed by the ``chosen`` response.
     """
+    if "chosen" in row and "messages" not in row and "completion" not in row:
+        if "prompt" in row:
+            prompt = _turn(row["prompt"], "prompt", "user")
+            return sft_row({"messages": prompt + _response(row["chosen"], "chosen", prompt)})
+        return sft_row({"messages": _conversation(row["chosen"], "chosen")})
     if "messages" in row:
         msgs = _messages(row["messages"], "messages")
         if msgs[-1]["role"] != "assistant":
@@ -366,13 +315,29 @@ def prompt_row(row: Row) -> list[Row]:
     """A prompt for RL or evaluation, as given plus ``messages``: the conversation to answer.
 
     ``prompt`` is text (one user turn) or messages (a system turn, several turns); a ``messages``
-    field works too. The conversation must end with a user turn. Extra fields are kept.
+    field works too. The conversation must end with a user turn. Extra fields are kept. A
+    preference row without either (HH-RLHF) gives its ``chosen`` conversation up to the last user
+    turn, whatever followed it (an empty final answer included).
     """
+    if "prompt" not in row and "messages" not in row and "chosen" in row:
+        msgs = conversation_prompt(row["chosen"], "chosen")
+        return [{**row, "prompt": msgs, "messages": msgs}]
     field = "prompt" if "prompt" in row or "messages" not in row else "messages"
     msgs = _turn(row.get(field), field, "user")
     if msgs[-1]["role"] != "user":
         raise RowError(f"{field}[{len(msgs) - 1}].role", "must be 'user': a prompt ends with the turn to answer")
     return [{**row, "prompt": row[field], "messages": msgs}]
+
+
+def conversation_prompt(value: Any, field: str) -> list[Row]:
+    """A conversation (messages, or an HH-RLHF transcript cut before its last answer) up to its last user turn."""
+    if isinstance(value, str) and value.rfind("\n\nAssistant:") > value.rfind("\n\nHuman:"):
+        value = value[: value.rfind("\n\nAssistant:")]  # the last answer is not read: it may be empty
+    msgs = _conversation(value, field)
+    users = [j for j, m in enumerate(msgs) if m["role"] == "user"]
+    if not users:
+        raise RowError(field, "has no user turn to answer")
+    return msgs[: users[-1] + 1]
 
 
 def text_row(row: Row) -> list[Row]:

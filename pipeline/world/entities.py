@@ -128,6 +128,7 @@ class WorldConfig:
     label_noise: float  # chance a training comparison is flipped
     n_ppo_prompts: int
     n_eval_prompts: int
+    n_val_prompts: int  # held out like the eval prompts, for choosing settings (0: none)
     demo_verbose_rate: float
     demo_wrong_rate: float
     demo_unsafe_rate: float
@@ -139,6 +140,8 @@ class WorldConfig:
         for name in counts:
             if getattr(self, name) < 1:
                 raise ConfigError(f"world.{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_val_prompts < 0:
+            raise ConfigError(f"world.n_val_prompts must be at least 0, got {self.n_val_prompts}")
         if self.k_responses < 2:
             raise ConfigError(f"world.k_responses must be at least 2, got {self.k_responses}")
         rates = ("ranked_fraction", "label_noise", "demo_verbose_rate", "demo_wrong_rate",

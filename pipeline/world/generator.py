@@ -20,7 +20,9 @@ Every prompt is held out at the level of whole *units* (an arithmetic problem, a
 strings that appear in no training file, many of them about units no training prompt
 mentions. ``sft_eval`` and ``prefs_eval`` are drawn from the training prompt pool (with
 fresh responses), so the eval prompts stay unseen by every stage, model selection
-included.
+included. ``val_prompts.jsonl`` is held out the same way (same category mix) from what the
+eval split leaves, with its own random stream, and shares no prompt with the eval prompts
+(nor, as far as the pools allow, a unit): settings are chosen on it, figures reported on eval.
 
 Language is templated, short and regular on purpose: prompts are at most ~20 words and
 responses at most ~25, so a ~1-3M parameter model can learn it on a CPU.
@@ -89,13 +91,19 @@ def category_counts(n: int) -> dict[str, int]:
 class PromptPools:
     train: dict[str, list[str]]  # category -> prompts any training file may use
     eval: list[tuple[str, str]]  # (prompt, category): eval_prompts.jsonl, in order
+    val: list[tuple[str, str]]  # (prompt, category): val_prompts.jsonl, for choosing settings
 
 
-def split_prompts(world: World, n_eval: int, rng: random.Random) -> PromptPools:
-    """Hold out whole units for eval, then unseen phrasings of training units if needed."""
+def split_prompts(world: World, n_eval: int, rng: random.Random, n_val: int = 0,
+                  val_rng: random.Random | None = None) -> PromptPools:
+    """Hold out whole units for eval, then unseen phrasings of training units if needed; then
+    ``n_val`` validation prompts from what remains (see ``_hold_out_val``). Val draws only from
+    ``val_rng``, after eval: the eval prompts never depend on ``n_val``."""
     train: dict[str, list[str]] = {}
     eval_rows: list[tuple[str, str]] = []
+    val_rows: list[tuple[str, str]] = []
     all_units = _prompt_units(world)
+    held_units: dict[str, tuple[list[list[str]], int]] = {}
     for category, need in category_counts(n_eval).items():
         units = all_units[category]
         rng.shuffle(units)
@@ -115,8 +123,47 @@ def split_prompts(world: World, n_eval: int, rng: random.Random) -> PromptPools:
         # Held-out units beyond what eval needs stay unused: those units stay unseen.
         eval_rows += [(p, category) for p in held[:need]]
         train[category] = sorted(rest)  # sorted: order must not depend on the shuffle above
+        held_units[category] = (units, n_held)
     rng.shuffle(eval_rows)
-    return PromptPools(train=train, eval=eval_rows)
+    if n_val:
+        seen = {p for p, _ in eval_rows}
+        for category, need in category_counts(n_val).items():
+            val, train[category] = _hold_out_val(category, *held_units[category], seen, train[category],
+                                                 need, n_val, val_rng)
+            val_rows += [(p, category) for p in val]
+        val_rng.shuffle(val_rows)
+    return PromptPools(train=train, eval=eval_rows, val=val_rows)
+
+
+def _hold_out_val(category: str, units: list[list[str]], n_held: int, seen: set[str], train: list[str],
+                  need: int, n_val: int, rng: random.Random) -> tuple[list[str], list[str]]:
+    """``need`` val prompts and what stays in training. Whole units no eval prompt asks about
+    come first: those held out for eval but unused, then training units (which leave training
+    whole); if too few, unseen phrasings of eval's units (those no training prompt uses first)."""
+    fresh = [u for u in units[:n_held] if seen.isdisjoint(u)]
+    movable = [u for u in units[n_held:] if seen.isdisjoint(u)]
+    rng.shuffle(fresh)
+    rng.shuffle(movable)
+    picked: list[str] = []
+    for unit in fresh + movable:
+        if len(picked) >= need:
+            break
+        picked += unit  # a unit's spare phrasings leave training with it
+    taken = set(picked)
+    spare_held = sorted(p for u in units[:n_held] for p in u if p not in seen and p not in taken)
+    spare_train = sorted(p for p in train if p not in taken)
+    rng.shuffle(spare_held)
+    rng.shuffle(spare_train)
+    candidates = picked + spare_held + spare_train
+    val = candidates[:need]
+    taken |= set(val)
+    rest = [p for p in train if p not in taken]
+    if len(val) < need or not rest:
+        raise ConfigError(
+            f"world.n_val_prompts={n_val} needs {need} {category} prompts that are in no eval prompt "
+            f"and leave training at least one, but the world has {len(candidates) - 1}; lower "
+            f"n_val_prompts (or n_eval_prompts) or raise n_entities / n_unknown")
+    return val, rest
 
 
 def sample_prompts(pools: PromptPools, n: int, rng: random.Random) -> list[str]:
@@ -189,7 +236,8 @@ def generate_world(cfg: WorldConfig, out_dir: Path) -> dict[str, Path]:
     """
     world = world_from_config(cfg)
     tasks = _Tasks(world)
-    pools = split_prompts(world, cfg.n_eval_prompts, _rng(cfg, "split"))
+    pools = split_prompts(world, cfg.n_eval_prompts, _rng(cfg, "split"),
+                          cfg.n_val_prompts, _rng(cfg, "val_split"))
 
     def prompts(stream: str, n: int) -> list[str]:
         return sample_prompts(pools, n, _rng(cfg, stream + "/prompts"))
@@ -210,6 +258,7 @@ def generate_world(cfg: WorldConfig, out_dir: Path) -> dict[str, Path]:
         "ranked_train": ranked_train,
         "ppo_prompts": [{"prompt": p} for p in prompts("ppo", cfg.n_ppo_prompts)],
         "eval_prompts": [{"prompt": p, "category": c} for p, c in pools.eval],
+        "val_prompts": [{"prompt": p, "category": c} for p, c in pools.val],
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -12,16 +14,17 @@ import pytest
 import yaml
 
 from pipeline.world.entities import WorldConfig, build_world, world_from_config
-from pipeline.world.generator import generate_world
-from pipeline.world.judge import judge
-from pipeline.world.vocabulary import CATEGORY_WEIGHTS
+from pipeline.world.generator import category_counts, generate_world, split_prompts
+from pipeline.world.judge import judge, parse_prompt
+from pipeline.world.vocabulary import CATEGORY_WEIGHTS, HARMFUL_ACTIONS
 
 pytestmark = pytest.mark.unit
 
 DEFAULT_YAML = Path(__file__).resolve().parents[3] / "conf" / "world" / "default.yaml"
 FILES = ("pretrain", "pretrain_eval", "sft_train", "sft_eval", "prefs_train", "prefs_eval", "ranked_train",
-         "ppo_prompts", "eval_prompts")
+         "ppo_prompts", "eval_prompts", "val_prompts")
 TRAIN_PROMPT_FILES = ("sft_train", "prefs_train", "ranked_train", "ppo_prompts")
+HELD_OUT_FILES = ("eval_prompts", "val_prompts")  # val: for choosing settings; eval: for reporting
 
 
 def default_config() -> WorldConfig:
@@ -107,6 +110,7 @@ def test_row_counts(cfg, data):
         "sft_train": cfg.n_sft_train, "sft_eval": cfg.n_sft_eval,
         "prefs_train": cfg.n_pref_train - n_ranked, "prefs_eval": cfg.n_pref_eval,
         "ranked_train": n_ranked, "ppo_prompts": cfg.n_ppo_prompts, "eval_prompts": cfg.n_eval_prompts,
+        "val_prompts": cfg.n_val_prompts,
     }
 
 
@@ -131,7 +135,7 @@ def test_schema(cfg, data):
         assert 2 <= len(row["ranked"]) <= cfg.k_responses and len(set(row["ranked"])) == len(row["ranked"])
     for row in data["ppo_prompts"]:
         assert set(row) == {"prompt"}
-    for row in data["eval_prompts"]:
+    for row in data["eval_prompts"] + data["val_prompts"]:
         assert set(row) == {"prompt", "category"} and row["category"] in CATEGORY_WEIGHTS
 
 
@@ -159,17 +163,84 @@ def test_eval_prompts_are_held_out(data, world):
     assert eval_pairs - train_pairs
 
 
-def test_category_mix(data):
-    counts = Counter(r["category"] for r in data["eval_prompts"])
-    n = len(data["eval_prompts"])
+@pytest.mark.parametrize("name", HELD_OUT_FILES)
+def test_category_mix(data, name):
+    counts = Counter(r["category"] for r in data[name])
+    n = len(data[name])
     for category, weight in CATEGORY_WEIGHTS.items():
         assert abs(counts[category] / n - weight) < 0.01
 
 
 def test_eval_categories_match_the_judge(data, world):
-    for row in data["eval_prompts"]:
+    for row in data["eval_prompts"] + data["val_prompts"]:
         assert judge(row["prompt"], "", world).category == row["category"]
 
+
+
+# --- validation prompts: for choosing settings, never the prompts figures are reported on --
+
+# sha256 of eval_prompts.jsonl, and of the training prompt pools, for the default world as
+# written before val_prompts existed: val draws must leave the reported prompts unchanged.
+EVAL_PROMPTS_SHA256 = "73acbe8d08cc1cfc011870cd0cd8f0187e197d45ee3a68af6abe86e5fb0eb7f4"
+TRAIN_POOLS_NO_VAL_SHA256 = "fc86b6e5d303aaaa4a5a6fc845c82bb2b2385e1e6aabafd3548a799e8b122080"
+
+
+def unit_of(prompt: str, world) -> tuple:
+    """The unit a prompt asks about: its problem, (word, count), (country, attribute) or action."""
+    task = parse_prompt(prompt, world)
+    if task.category == "harmful":
+        return task.category, next(a for a in HARMFUL_ACTIONS if a in prompt)
+    return task.category, task.operands, task.op, task.answer if task.category == "repeat" else "", \
+        task.count, task.attribute, task.subject
+
+
+def split(world, n_eval: int, n_val: int, seed: int = 0):
+    return split_prompts(world, n_eval, random.Random(f"{seed}/split"), n_val=n_val,
+                         val_rng=random.Random(f"{seed}/val_split"))
+
+
+def test_val_prompts_are_held_out_and_disjoint_from_eval(data, world):
+    val = [r["prompt"] for r in data["val_prompts"]]
+    assert len(set(val)) == len(val)
+    train = {prompt_of(n, r) for n in TRAIN_PROMPT_FILES + ("sft_eval", "prefs_eval") for r in data[n]}
+    assert not set(val) & train
+    assert not set(val) & {r["prompt"] for r in data["eval_prompts"]}
+    # Enough units outside harmful (32 actions, most of them in eval): no val unit is in eval or
+    # in any training prompt.
+    seen = {unit_of(p, world) for p in train} | {unit_of(r["prompt"], world) for r in data["eval_prompts"]}
+    for row in data["val_prompts"]:
+        if row["category"] != "harmful":
+            assert unit_of(row["prompt"], world) not in seen, row["prompt"]
+
+
+def test_val_units_are_disjoint_when_the_pools_allow(world):
+    pools = split(world, n_eval=100, n_val=100)
+    units = {name: {unit_of(p, world) for p, _ in rows} for name, rows in (("eval", pools.eval), ("val", pools.val))}
+    train_units = {unit_of(p, world) for ps in pools.train.values() for p in ps}
+    assert units["val"] and not units["val"] & units["eval"] and not units["val"] & train_units
+    assert Counter(c for _, c in pools.val) == category_counts(100)  # the mix, exactly
+
+
+def test_val_prompts_leave_the_eval_prompts_unchanged(cfg, world, out):
+    assert hashlib.sha256(out["eval_prompts"].read_bytes()).hexdigest() == EVAL_PROMPTS_SHA256
+    no_val = split(world, cfg.n_eval_prompts, n_val=0)
+    assert no_val.val == [] and split(world, cfg.n_eval_prompts, cfg.n_val_prompts).eval == no_val.eval
+    # Without val prompts the training pools (so every training file) are those of older worlds.
+    pools = json.dumps(no_val.train, sort_keys=True).encode()
+    assert hashlib.sha256(pools).hexdigest() == TRAIN_POOLS_NO_VAL_SHA256
+
+
+def test_val_prompts_are_deterministic_per_seed(cfg, world):
+    a, b = split(world, cfg.n_eval_prompts, cfg.n_val_prompts), split(world, cfg.n_eval_prompts, cfg.n_val_prompts)
+    assert a.val == b.val and a.train == b.train
+    assert split(world, cfg.n_eval_prompts, cfg.n_val_prompts, seed=1).val != a.val
+
+
+def test_too_many_val_prompts_is_a_clear_error(cfg, world):
+    with pytest.raises(ValueError, match="n_val_prompts"):
+        split(world, cfg.n_eval_prompts, n_val=1000)
+    with pytest.raises(ValueError, match="n_val_prompts"):
+        dataclasses.replace(cfg, n_val_prompts=-1)
 
 def test_pretrain_has_facts_but_no_unknown_countries_or_answered_questions(data, world):
     text = "\n".join(r["text"] for r in data["pretrain"])
