@@ -6,12 +6,15 @@ prompts the gold judge labels every answer; on any other prompts the run's rewar
 judge (mean score, RM win rates). Every answer gets its RM score and length, sampled answers
 their KL to the SFT policy, and each stage its NLL on held-out pretraining text (the alignment
 tax). The report (``report.json``, ``report.md``, ``responses.jsonl`` and PNG plots) lands in
-``artifacts/<run>/eval/``; see ``pipeline/eval/`` for the metrics.
+``artifacts/<run>/eval/``; see ``pipeline/eval/`` for the metrics. ``judge=`` adds an independent
+judge, a reward model the run did not train (pipeline/eval/judge.py); RL stages that kept snapshots
+(``ppo.snapshot_every``) get their over-optimisation curve (pipeline/eval/curve.py).
 
     make eval
     make eval ARGS="max_prompts=100 logger=none"
     make eval ARGS="data.eval_prompts=[my_prompts.jsonl]"       # your prompts: RM-judged
     make eval ARGS="decodings.sample.temperature=0.7 +decoding@decodings.nucleus=top_p"
+    make eval ARGS="judge=artifacts/other_seed/rm"              # or a reward model folder / hub id
 """
 
 from __future__ import annotations
@@ -37,15 +40,17 @@ from pipeline.core.artifacts import (
     stage_path,
     staged_artifact,
 )
-from pipeline.core.errors import ArtifactError, PipelineError
+from pipeline.core.errors import ArtifactError, ConfigError, PipelineError
 from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.core.tracking import start_tracking
 from pipeline.core.validation import check_ranges
 from pipeline.data.bad_rows import DataReport
 from pipeline.data.layouts import load_validated, prompt_row, text_row
+from pipeline.eval.curve import build_curves, sample_snapshots, stage_scores
 from pipeline.eval.intervals import rate_intervals, win_rate_intervals
+from pipeline.eval.judge import add_judge_scores, check_judge, judge_report, judge_scores
 from pipeline.eval.metrics import category_scores, stage_metrics, win_rates
-from pipeline.eval.plots import plot_category_scores, plot_rl_history, plot_stage_scores, read_history
+from pipeline.eval.plots import plot_category_scores, plot_curves, plot_rl_history, plot_stage_scores, read_history
 from pipeline.eval.report import build_report, flat_metrics, render_markdown, response_records
 from pipeline.eval.rollouts import Rollout, corpus_nll, generate_rollout, rollout_kl
 from pipeline.generation.decoding import check_decoding
@@ -106,9 +111,20 @@ def find_policies(cfg: DictConfig) -> tuple[list[str], dict[str, str]]:
     return present, skipped
 
 
+PROMPT_SPLITS = {"eval": "eval_prompts", "val": "val_prompts"}  # `prompts` -> the data key it reads
+
+
+def prompt_files(cfg: DictConfig) -> list[str]:
+    """The files of the split ``prompts`` names: eval (figures are reported on) or val (settings chosen on)."""
+    if cfg.prompts not in PROMPT_SPLITS:
+        raise ConfigError(f"prompts={cfg.prompts!r} must be eval (data.eval_prompts: the prompts figures are "
+                          "reported on) or val (data.val_prompts: the prompts settings are chosen on)")
+    return list(cfg.data[PROMPT_SPLITS[cfg.prompts]])
+
+
 def load_prompts(cfg: DictConfig, data: Optional[DataReport] = None) -> list[dict]:
     """The held-out prompt rows (the first ``max_prompts``), each with its ``messages``."""
-    rows = load_validated(cfg.data.eval_prompts, cfg.data.hub_split, prompt_row, cfg.data.columns, cfg.data.bad_rows,
+    rows = load_validated(prompt_files(cfg), cfg.data.hub_split, prompt_row, cfg.data.columns, cfg.data.bad_rows,
                           data)
     return rows if cfg.max_prompts is None else rows[:cfg.max_prompts]
 
@@ -211,6 +227,9 @@ def save_plots(folder: Path, report: dict, histories: dict[str, Path]) -> list[s
     if histories:
         plot_rl_history({s: read_history(p) for s, p in histories.items()}, folder / "rl_history.png")
         names.append("rl_history.png")
+    if report.get("curves"):
+        plot_curves(report["curves"], folder / "overoptimisation.png")
+        names.append("overoptimisation.png")
     return names
 
 
@@ -252,6 +271,7 @@ def run(cfg: DictConfig) -> dict:
     for dec in cfg.decodings.values():
         check_decoding(dec)
     stages, skipped = find_policies(cfg)
+    check_judge(cfg.judge)  # a judge= that names no model fails now, not after the sampling
     world = world_from_config(WorldConfig(**OmegaConf.to_container(cfg.world, resolve=True)))
     data = DataReport()  # bad rows skipped (data.bad_rows) and merged turns, by reason
     rows = load_prompts(cfg, data)
@@ -277,6 +297,7 @@ def run(cfg: DictConfig) -> dict:
                                                                  cfg.batch_size)
         print(f"eval: {stage} generated in {time.time() - t0:.1f}s")
         del policy
+    snapshots = sample_snapshots(cfg, stages, conversations, reference)  # ppo.snapshot_every's policies, T = 1
 
     # --- judge: the gold label of every response (world prompts only), and the RM's score ---
     texts = {s: {d: r.texts for d, r in by_dec.items()} for s, by_dec in rollouts.items()}
@@ -285,11 +306,15 @@ def run(cfg: DictConfig) -> dict:
         for s, by_dec in texts.items()}
     scores = None if verdicts is None else {
         s: {d: [v.score for v in vs] for d, vs in by_dec.items()} for s, by_dec in verdicts.items()}
-    rm_scores = reward_scores(cfg, conversations, texts)
+    scored = {**texts, **snapshots.texts()}  # the snapshots' answers too: each scorer loads once
+    all_rm = reward_scores(cfg, conversations, scored)
+    rm_scores = stage_scores(all_rm, stages)
     if tasks is None and rm_scores is None:
         raise PipelineError("these prompts are not the embedded world's, so the gold judge cannot score them, "
                             f"and the run has no reward model at {stage_path(cfg.paths.run_dir, 'rm')}: "
                             "run `make rm` first (same run_name) to compare the stages with it")
+    all_judge = judge_scores(cfg, conversations, scored)  # judge=: a reward model the run did not train
+    judged = stage_scores(all_judge, stages)
 
     # --- report ---
     metrics = {s: {d: stage_metrics(None if verdicts is None else verdicts[s][d], rollouts[s][d],
@@ -304,10 +329,15 @@ def run(cfg: DictConfig) -> dict:
                           rollout_health(cfg, stages), skipped, seconds=round(time.time() - started, 1),
                           intervals=intervals, win_ci=None if scores is None else win_rate_intervals(scores),
                           rm_win_ci=None if rm_scores is None else win_rate_intervals(rm_scores))
-    table = render_markdown(report)
+    report["split"] = cfg.prompts  # eval: figures to report; val: for choosing settings
+    report["judge_model"] = judge_report(cfg.judge, judged, rm_scores, scores)  # None without judge=
+    report["curves"] = build_curves(snapshots, all_rm, all_judge, scores, tasks, world)  # {} without snapshots
+    title, rest = render_markdown(report).split("\n", 1)
+    table = f"{title}\n\nPrompts: the {cfg.prompts} split (`data.{PROMPT_SPLITS[cfg.prompts]}`).\n{rest}"
     records = response_records([r["prompt"] for r in rows],
                                [t.category for t in tasks] if tasks else [r.get("category") for r in rows],
                                texts, scores, rm_scores)
+    add_judge_scores(records, judged)
 
     # --- save: swapped into artifacts/<run>/eval only once every file is written ---
     histories = {s: stage_path(cfg.paths.run_dir, s) / "history.jsonl" for s in stages if s in RL_STAGES}

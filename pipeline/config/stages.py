@@ -165,6 +165,7 @@ class EvalStageConfig(StageConfig):
     data: DataConfig = MISSING
     world: WorldConfig = MISSING  # the judge's world: the settings `make data` ran with
     policies: list[str] = MISSING  # stages evaluated where their artifact exists
+    prompts: str = MISSING  # eval | val: data.eval_prompts (report figures) or data.val_prompts (choose settings)
     decodings: dict[str, DecodingConfig] = MISSING  # one report block per decoding
     max_prompts: Optional[int] = MISSING  # the first n eval prompts; null = all of them
     batch_size: int = MISSING  # prompts per generate call
@@ -172,6 +173,7 @@ class EvalStageConfig(StageConfig):
     nll_documents: int = MISSING  # held-out corpus documents for the NLL row (0 = skip)
     nll_block_size: int = MISSING  # tokens per document
     num_threads: int = MISSING
+    judge: Optional[str] = MISSING  # a reward model not trained in the run (folder, hub id or rm artifact); null: none
 
 
 @dataclass

@@ -77,3 +77,31 @@ def plot_rl_history(histories: dict[str, list[dict]], path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def plot_curves(curves: dict[str, dict], path: Path) -> Path:
+    """The over-optimisation curve (Gao et al. 2023): one panel per scorer present (proxy = the
+    run's RM, gold = the world's judge, judge = the independent judge), its mean score against
+    sqrt(KL) to SFT, one point per snapshot (SFT itself at 0), a line per RL stage.
+
+    ``curves[stage]``: ``{"points": [{"sqrt_kl", "proxy", "gold", "judge", "update"}, ...], "origin"}``
+    as pipeline/eval/curve.py builds them."""
+    titles = {"proxy": "proxy: the run's RM", "gold": "gold: the world's judge", "judge": "independent judge"}
+    keys = [k for k in titles if any(p[k] is not None for c in curves.values() for p in c["points"])]
+    fig, axes = _figure(5 * max(1, len(keys)), 4, ncols=max(1, len(keys)))
+    axes = axes if len(keys) > 1 else [axes]
+    for ax, key in zip(axes, keys):
+        for stage, curve in curves.items():
+            points = ([curve["origin"]] if curve["origin"] and curve["origin"][key] is not None else []) \
+                + [p for p in curve["points"] if p[key] is not None]
+            ax.plot([p["sqrt_kl"] for p in points], [p[key] for p in points], marker="o", label=stage)
+            for p in points:  # each point named by its update (0: SFT)
+                ax.annotate(str(p["update"]), (p["sqrt_kl"], p[key]), textcoords="offset points", xytext=(3, 3),
+                            fontsize=7)
+        ax.set_xlabel("sqrt(KL to SFT) (nats^1/2)")
+        ax.set_ylabel("mean score")
+        ax.set_title(titles[key])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

@@ -116,6 +116,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(_cell(h.get(name), "{:.4g}") for h in report["health"].values())
                          + " |")
         lines.append("")
+    lines += judge_lines(report) + curve_lines(report)
     if report["skipped"]:
         lines += ["Not in this report:", *(f"- {stage}: {why}" for stage, why in report["skipped"].items())]
     return "\n".join(lines).rstrip() + "\n"
@@ -132,4 +133,86 @@ def flat_metrics(report: dict) -> dict[str, float]:
         out.update({f"{key}/{pair}/{d}/{side}": bound for pair, by_dec in (report[key] or {}).items()
                     for d, ci in by_dec.items() if ci for side, bound in zip(("low", "high"), ci)})
     out.update({f"health/{s}/{k}": v for s, h in report["health"].items() for k, v in h.items()})
+    out.update(judge_and_curve_metrics(report))
+    return out
+
+
+# --- the independent judge and the over-optimisation curve (pipeline/eval/judge.py, curve.py) ---------
+
+
+def judge_lines(report: dict) -> list[str]:
+    """``report.md``'s judge section: mean judge score per stage, win rates against SFT and the
+    agreement of the scorers; nothing without ``judge=``."""
+    judge = report.get("judge_model")
+    if not judge:
+        return []
+    stages = list(judge["scores"])
+    decodings = list(judge["scores"][stages[0]])
+    lines = [f"## Independent judge: `{judge['source']}`", "",
+             "A reward model the run did not train (the gold role of Gao et al. 2023; the run's RM is the proxy), "
+             "each conversation re-rendered in the judge's own chat template.", "",
+             "| metric | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
+    lines += [f"| judge score (mean), {d} | " + " | ".join(_cell(judge["scores"][s][d], "{:+.3f}") for s in stages)
+              + " |" for d in decodings]
+    lines.append("")
+    if judge["win_rate"]:
+        lines += ["### Win rates against SFT (judge, ties count half), 95% interval", "",
+                  "| pair | " + " | ".join(decodings) + " |", "|---|" + "---:|" * len(decodings)]
+        for pair, row in judge["win_rate"].items():
+            ci = judge["win_rate_ci"].get(pair, {})
+            lines.append(f"| {pair.replace('_vs_', ' vs ')} | "
+                         + " | ".join(_cell(row[d], "{:.1%}", ci.get(d)) for d in decodings) + " |")
+        lines.append("")
+    if judge["agreement"]:
+        lines += ["### Agreement of the scorers", "",
+                  "Share of response pairs (one prompt, two stages, one decoding) both scorers order the same way, "
+                  "ties in either left out; 50% is chance.", "",
+                  "| scorers | " + " | ".join(decodings) + " |", "|---|" + "---:|" * len(decodings)]
+        for pair, row in judge["agreement"].items():
+            lines.append(f"| {pair.replace('_vs_', ' vs ')} | " + " | ".join(
+                f"{_cell(row[d]['share'], '{:.1%}')} of {row[d]['pairs']}" for d in decodings) + " |")
+        lines.append("")
+    return lines
+
+
+CURVE_COLUMNS = (("proxy", "proxy (RM)"), ("gold", "gold judge"), ("judge", "independent judge"))
+
+
+def curve_lines(report: dict) -> list[str]:
+    """``report.md``'s over-optimisation curves: a row per snapshot (SFT first, as update 0), and the
+    snapshot scoring best on the gold judge / the independent judge."""
+    lines = []
+    for stage, curve in (report.get("curves") or {}).items():
+        rows = ([curve["origin"]] if curve["origin"] else []) + curve["points"]
+        cols = [(k, label) for k, label in CURVE_COLUMNS if any(r[k] is not None for r in rows)]
+        lines += [f"## Over-optimisation curve: {stage} (Gao et al. 2023; decoding `{curve['decoding']}`)", "",
+                  "| update | sqrt(KL to SFT) | KL to SFT | " + " | ".join(label for _, label in cols) + " |",
+                  "|---:|---:|---:|" + "---:|" * len(cols)]
+        for r in rows:
+            name = "0 (sft)" if r is curve["origin"] else str(r["update"])
+            lines.append(f"| {name} | {r['sqrt_kl']:.3f} | {r['kl']:.3f} | "
+                         + " | ".join(_cell(r[k], "{:+.3f}") for k, _ in cols) + " |")
+        lines.append("")
+        for key, label in CURVE_COLUMNS[1:]:
+            if (best := curve["best"].get(key)) is not None:
+                lines.append(f"Best snapshot on the {label}: update {best['update']} ({best['score']:+.3f} at "
+                             f"sqrt(KL) {best['sqrt_kl']:.3f}).")
+        lines.append("")
+    return lines
+
+
+def judge_and_curve_metrics(report: dict) -> dict[str, float]:
+    """W&B keys: ``judge/<stage>/<decoding>/score``, ``judge_win_rate/<pair>/<decoding>``,
+    ``agreement/<pair>/<decoding>``, ``curve/<stage>/best_<gold|judge>_update``."""
+    out = {}
+    judge = report.get("judge_model")
+    if judge:
+        out.update({f"judge/{s}/{d}/score": v for s, by_dec in judge["scores"].items()
+                    for d, v in by_dec.items() if v is not None})
+        out.update({f"judge_win_rate/{pair}/{d}": v for pair, by_dec in judge["win_rate"].items()
+                    for d, v in by_dec.items()})
+        out.update({f"agreement/{pair}/{d}": a["share"] for pair, by_dec in judge["agreement"].items()
+                    for d, a in by_dec.items() if a["share"] is not None})
+    for stage, curve in (report.get("curves") or {}).items():
+        out.update({f"curve/{stage}/best_{key}_update": b["update"] for key, b in curve["best"].items() if b})
     return out

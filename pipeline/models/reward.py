@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from peft import PeftConfig, PeftModel
 
-from pipeline.core.artifacts import Artifact, require_built_on
+from pipeline.core.artifacts import Artifact, recorded_parent, require_built_on
 from pipeline.data.chat import ChatFormat, load_saved_chat_format
 from pipeline.generation.decoding import left_pad
 from pipeline.models.loading import load_sequence_classifier
@@ -44,6 +44,24 @@ def load_reward_model(rm: Artifact, sft: Artifact, model_cfg):
     model = sft_backbone_classifier(sft, model_cfg, fmt)
     model = PeftModel.from_pretrained(model, rm.path / "adapter")
     return model.eval(), fmt
+
+
+def standalone_reward_model(rm: Artifact, model_cfg):
+    """(model, chat format) of an RM artifact as one plain sequence classifier: its SFT backbone and
+    RM adapter merged, on the SFT the artifact records as its parent (another run's RM works too)."""
+    sft = recorded_parent(rm)
+    model, fmt = load_reward_model(rm, sft, model_cfg)
+    return model.merge_and_unload().eval(), fmt
+
+
+def save_standalone_reward_model(rm: Artifact, out, model_cfg):
+    """Write an RM artifact as a plain HF folder (safetensors, config, tokenizer with its chat template):
+    ``AutoModelForSequenceClassification`` loads it without peft or this pipeline, e.g. as another
+    run's independent judge (``make eval ARGS="judge=<out>"``). Returns ``out``."""
+    model, fmt = standalone_reward_model(rm, model_cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    fmt.tokenizer.save_pretrained(out)
+    return out
 
 
 @torch.no_grad()

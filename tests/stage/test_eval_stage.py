@@ -152,3 +152,156 @@ def test_the_report_depends_on_the_most_recently_built_stage(tmp_path):
     assert eval_parent(str(tmp_path)).stage == "ppo"
     build("rloo")
     assert eval_parent(str(tmp_path)).stage == "rloo"
+
+
+# --- which prompts: `prompts=val` to choose settings, `eval` (the default) to report ----------
+
+
+def test_the_prompts_key_picks_the_prompt_file():
+    from pipeline.core.errors import ConfigError
+
+    cfg = compose_config("eval", QUIET)
+    assert cfg.prompts == "eval" and eval_stage.prompt_files(cfg) == list(cfg.data.eval_prompts)
+    cfg = compose_config("eval", QUIET + ["prompts=val"])
+    assert eval_stage.prompt_files(cfg) == list(cfg.data.val_prompts)
+    assert [Path(p).name for p in cfg.data.val_prompts] == ["val_prompts.jsonl"]
+    with pytest.raises(ConfigError, match=r"prompts='test' .*eval.*val"):
+        eval_stage.prompt_files(compose_config("eval", QUIET + ["prompts=test"]))
+
+
+def test_eval_on_the_val_prompts_reads_them_and_says_so(base_run):
+    report = eval_stage.run(compose_config("eval", QUIET + ["prompts=val", "max_prompts=4", "policies=[base]"]))
+    out = base_run / "artifacts" / "default" / "eval"
+    val = (base_run / "data" / "world" / "val_prompts.jsonl").read_text().splitlines()[:4]
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [json.loads(line)["prompt"] for line in val]
+    assert report["split"] == "val" == json.loads((out / "report.json").read_text())["split"]
+    assert "Prompts: the val split (`data.val_prompts`)." in (out / "report.md").read_text()
+
+
+# --- the over-optimisation curve (ppo.snapshot_every) and an independent judge (judge=) ------------
+
+
+def test_snapshots_give_the_overoptimisation_curve(chain):
+    """PPO keeps its policy every update (2 updates), the manifest lists the snapshots, and eval
+    samples each one: a curve of 2 points, proxy and gold against sqrt(KL) to SFT."""
+    import math
+
+    from safetensors.torch import load_file
+
+    from pipeline.core.artifacts import load_artifact
+    from stages import ppo
+    from tests.stage.test_ppo_stage import TINY_PPO
+
+    ppo.run(compose_config("ppo", TINY_PPO + ["ppo.snapshot_every=1"]))
+    art = load_artifact(chain / "artifacts/default/ppo", "ppo")
+    history = [json.loads(line) for line in (art.path / "history.jsonl").read_text().splitlines()]
+    snaps = art.metrics["snapshots"]
+    assert [s["update"] for s in snaps] == [1, 2] and [s["path"] for s in snaps] == [
+        "snapshots/update-000001", "snapshots/update-000002"]
+    assert [(s["kl"], s["score"]) for s in snaps] == [(h["objective/kl"], h["objective/scores"]) for h in history]
+    for s in snaps:  # adapter files only, checksummed like the rest of the artifact
+        assert sorted(p.name for p in (art.path / s["path"]).iterdir()) == ["adapter_config.json",
+                                                                          "adapter_model.safetensors"]
+        assert f"{s['path']}/adapter_model.safetensors" in art.manifest["files"]
+    last, final = load_file(art.path / snaps[-1]["path"] / "adapter_model.safetensors"), \
+        load_file(art.path / "policy" / "adapter_model.safetensors")
+    assert last.keys() == final.keys() and all(last[k].equal(final[k]) for k in final)  # the last is the policy
+    assert not (chain / "artifacts/default/.work/ppo").exists()  # the artifact holds them now
+
+    report = eval_stage.run(compose_config("eval", QUIET + ["max_prompts=4", "policies=[sft,ppo]",
+                                                            "nll_documents=0"]))
+    curve = report["curves"]["ppo"]
+    assert curve["decoding"] == "sample" and [p["update"] for p in curve["points"]] == [1, 2]
+    for p in curve["points"]:
+        assert p["sqrt_kl"] == math.sqrt(max(p["kl"], 0.0)) and isinstance(p["proxy"], float)
+        assert -1.0 <= p["gold"] <= 1.0 and p["judge"] is None
+    assert curve["origin"]["sqrt_kl"] == 0.0 and curve["origin"]["gold"] == report["stages"]["sft"]["sample"]["gold_score"]
+    assert curve["best"]["gold"]["update"] in (1, 2) and curve["best"]["judge"] is None
+    out = chain / "artifacts" / "default" / "eval"
+    assert json.loads((out / "report.json").read_text())["curves"] == json.loads(json.dumps(report["curves"]))
+    md = (out / "report.md").read_text()
+    assert "## Over-optimisation curve: ppo" in md and "| 0 (sft) | 0.000 | 0.000 |" in md
+    assert (out / "overoptimisation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def llama3_reward_model(world_root: Path, out: Path) -> tuple[Path, Path]:
+    """A tiny Llama 3 stand-in (its tokenizer and chat template, unlike the world model's) as a
+    reward model: the language model, and the same with a seeded score head saved as a classifier."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.families import build_family
+
+    corpus = [json.loads(line)["text"] for line in
+              (world_root / "data/world/pretrain.jsonl").read_text().splitlines()[:300]]
+    lm = build_family("llama3", out / "lm", corpus)
+    torch.manual_seed(0)
+    judge = AutoModelForSequenceClassification.from_pretrained(lm, num_labels=1)
+    judge.save_pretrained(out / "judge")
+    AutoTokenizer.from_pretrained(lm).save_pretrained(out / "judge")
+    return lm, out / "judge"
+
+
+def test_eval_with_an_independent_judge_in_its_own_template(chain, world_root, tmp_path):
+    from pipeline.eval.judge import classifier_scores, load_judge, score_texts
+
+    lm, folder = llama3_reward_model(world_root, tmp_path)
+    cfg = compose_config("eval", QUIET + ["max_prompts=4", "policies=[base,sft]", "nll_documents=0",
+                                          f"judge={folder}"])
+    with pytest.raises(PipelineError, match="no trained score head"):
+        load_judge(str(lm), cfg.model)  # a plain language model is no reward model
+    judge = load_judge(str(folder), cfg.model)
+    prompt = [{"role": "user", "content": "What is 2 plus 3?"}]
+    ids = judge.encode(prompt, "5")  # the judge's template and tokenizer, never the policy's ids
+    text = judge.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "5"}], tokenize=False)
+    assert ids == judge.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>") and "<|user|>" not in text
+    seqs = [judge.encode(prompt, r) for r in ("5", "It is five.", "I cannot say, sorry.")]
+    pad = judge.tokenizer.convert_tokens_to_ids("<|end_of_text|>")  # in no sequence: batched, right-padded
+    assert classifier_scores(judge.model, pad, seqs, 8) == pytest.approx(classifier_scores(judge.model, None, seqs, 8),
+                                                                         abs=1e-5)
+
+    report = eval_stage.run(cfg)
+    out = chain / "artifacts" / "default" / "eval"
+    section = json.loads((out / "report.json").read_text())["judge_model"]
+    assert section["source"] == str(folder) and report["judge"] == "gold"  # the world's gold judge stays
+    assert set(section["scores"]) == {"base", "sft"}
+    assert all(isinstance(v, float) for by_dec in section["scores"].values() for v in by_dec.values())
+    assert set(section["win_rate"]) == {"base_vs_sft"} and set(section["win_rate"]["base_vs_sft"]) == {"greedy", "sample"}
+    low, high = section["win_rate_ci"]["base_vs_sft"]["greedy"]
+    assert low <= section["win_rate"]["base_vs_sft"]["greedy"] <= high
+    assert set(section["agreement"]) == {"rm_vs_judge", "rm_vs_gold", "judge_vs_gold"}
+    md = (out / "report.md").read_text()
+    assert f"## Independent judge: `{folder}`" in md and "| base vs sft |" in md and "| rm vs judge |" in md
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    cell = rows[0]["responses"]["sft"]["greedy"]
+    prompts = [r["messages"] for r in eval_stage.load_prompts(cfg)]
+    assert cell["judge_score"] == pytest.approx(
+        score_texts(judge, prompts[:1], {"sft": {"greedy": [cell["response"]]}}, 8)["sft"]["greedy"][0], abs=1e-5)
+    assert section["scores"]["sft"]["greedy"] == pytest.approx(
+        sum(r["responses"]["sft"]["greedy"]["judge_score"] for r in rows) / 4)
+    assert report["curves"] == {}
+
+
+def test_an_rm_artifact_judges_as_itself_directly_or_exported(chain, tmp_path):
+    """Another run's RM as the judge: the artifact folder itself (merged in memory), or exported as a
+    plain classifier folder; both score exactly as the RM does in its own run."""
+    from pipeline.core.artifacts import find_parent
+    from pipeline.eval.judge import load_judge, score_texts
+    from pipeline.models.reward import load_reward_model, save_standalone_reward_model, score_conversations
+
+    cfg = compose_config("eval", QUIET)
+    run = chain / "artifacts" / "default"
+    rm, sft = find_parent(run, "rm"), find_parent(run, "sft")
+    exported = save_standalone_reward_model(rm, tmp_path / "judge", cfg.model)
+    assert (exported / "model.safetensors").is_file() and not (exported / "adapter_config.json").exists()
+    prompts = [[{"role": "user", "content": p}] for p in ("What is 2 plus 3?", "How do I rob a small shop?",
+                                                          "Repeat the word 'cup' 2 times.")]
+    texts = {"x": {"greedy": ["2 plus 3 is 5.", "I can't help with that.", "cup cup"]}}
+    model, fmt = load_reward_model(rm, sft, cfg.model)
+    expected = score_conversations(model, fmt, prompts, [[{"role": "assistant", "content": t}]
+                                                         for t in texts["x"]["greedy"]], 8).tolist()
+    for source in (rm.path, exported):
+        judge = load_judge(str(source), cfg.model)
+        assert score_texts(judge, prompts, texts, 2)["x"]["greedy"] == pytest.approx(expected, abs=1e-4)

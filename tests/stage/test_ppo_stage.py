@@ -315,7 +315,7 @@ def test_resume_hash_leaves_out_logging_and_cadence():
     from pipeline.core.runtime import resolved
     base = config_hash(resolved(compose_config("ppo")))
     for override in ("log_every=7", "table_every=3", "checkpoint_every=1", "summary_window=2", "logger=none",
-                     "health.thresholds.logprob_gap=1.0"):
+                     "health.thresholds.logprob_gap=1.0", "ppo.snapshot_every=5"):
         assert config_hash(resolved(compose_config("ppo", [override]))) == base, override
     for override in ("ppo.learning_rate=1e-3", "seed=3", "algorithm=rloo", "ppo.micro_batch_size=8"):
         assert config_hash(resolved(compose_config("ppo", [override]))) != base, override
