@@ -120,9 +120,10 @@ def rm_breakdown(a, *, weight_bytes: float, act_bytes: int, r: int, micro: int, 
                   ("weights", "adapters", "optimizer"), ("activations", "logits"))
 
 
-def folds(a, r: int, fold: str = "auto") -> bool:
-    """Whether ppo.fold_adapters=``fold`` folds each role's adapters into a weight copy."""
-    return fold == "always" or (fold == "auto" and lora_params(a, r) / linear_params(a) >= FOLD_SHARE)
+def folds(a, r: int, fold: str = "auto", weight_bytes: float = 4) -> bool:
+    """Whether ppo.fold_adapters=``fold`` folds each role's adapters into a weight copy (auto: an
+    fp32 base only, as pipeline/rl/trainer.py ``folds`` decides)."""
+    return fold == "always" or (fold == "auto" and weight_bytes == 4 and lora_params(a, r) / linear_params(a) >= FOLD_SHARE)
 
 
 def ppo_breakdown(a, *, weight_bytes: float, act_bytes: int, r: int, micro: int, gen: int, prompt: int,
@@ -140,7 +141,7 @@ def ppo_breakdown(a, *, weight_bytes: float, act_bytes: int, r: int, micro: int,
              "logits": 2 * min(micro * response, max(1, LOGPROB_CHUNK // a.vocab)) * a.vocab * 4,
              "kv cache (sampling)": gen * (prompt + response) * a.layers * 2 * a.kv * act_bytes,
              "sampler": 2 * gen * a.vocab * 4,
-             "folded": roles * linear_params(a) * weight_bytes if folds(a, r, fold) else 0.0}
+             "folded": roles * linear_params(a) * weight_bytes if folds(a, r, fold, weight_bytes) else 0.0}
     return _total(parts, ("weights", "adapters", "optimizer", "folded"), ("activations", "logits"),
                   ("kv cache (sampling)", "sampler"))
 

