@@ -1,14 +1,17 @@
 """Benchmarks: every figure is a ratio against a baseline measured in the same process.
 
     make bench                      # all benchmarks
-    make bench ARGS="kv_cache"      # one of: kv_cache, merged_lora, shared_base, ppo
+    make bench ARGS="kv_cache"      # one of: kv_cache, merged_lora, shared_base, ppo, grpo
     make bench ARGS="ppo --models b"  # our RL stage vs TRL 1.12's PPOTrainer (bench/ppo.py)
+    make bench ARGS="grpo --models a" # our GRPO vs TRL 1.16's GRPOTrainer (bench/grpo.py)
 
 - kv_cache:     sampling with the KV cache vs recomputing the prefix every step.
 - merged_lora:  a forward pass with the LoRA adapter merged into the base vs unmerged.
 - shared_base:  parameter memory of PPO's four roles on one shared base vs four
                 separate models (needs artifacts/<run>/sft and rm: `make rm` first).
 - ppo:          our RL stage against TRL 1.12's PPOTrainer, whole processes side by side.
+- grpo:         our GRPO (algorithm=grpo) against TRL 1.16's GRPOTrainer, the same way
+                (results in bench/results/grpo-2core-cpu.txt).
 
 Timings take the median of several repeats after a warm-up; the machine is whatever
 runs this (2 CPU cores on CI), so only the ratios carry over.
@@ -116,8 +119,13 @@ def bench_ppo() -> None:
     ppo.main()
 
 
+def bench_grpo() -> None:
+    from bench import grpo
+    grpo.main()
+
+
 BENCHES = {"kv_cache": bench_kv_cache, "merged_lora": bench_merged_lora, "shared_base": bench_shared_base,
-           "ppo": bench_ppo}
+           "ppo": bench_ppo, "grpo": bench_grpo}
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
