@@ -66,7 +66,7 @@ test: $(STAMP) ## Run the test suite (unit, stage and slow tiers; gpu tests skip
 test-unit: $(STAMP) ## Run only the fast unit tests
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
-bench: $(STAMP) ## Benchmarks in bench/ (ARGS=ppo: ours vs TRL 1.12's PPOTrainer, side by side)
+bench: $(STAMP) ## Benchmarks in bench/ (ARGS=ppo: ours vs TRL 1.12's PPOTrainer; ARGS=grpo: ours vs TRL 1.16's GRPOTrainer)
 	$(PY) bench/run.py $(ARGS)
 
 clean: ## Remove artifacts, generated data, W&B runs and Hydra outputs (keeps .venv)

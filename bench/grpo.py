@@ -25,7 +25,7 @@ alternate (ours, ours recompute, TRL, ours, ...: ``--rounds``) and each figure i
 its rounds: on a shared 2-core machine the same run varies by 10-20% (far more when other jobs
 share it) from minute to minute, and alternating keeps that drift out of the ratios.
 
-    make bench ARGS=grpo                          # both models (roughly 15 minutes on 2 idle CPU cores)
+    make bench ARGS=grpo                          # both models (about 10 minutes on 2 idle CPU cores)
     make bench ARGS="grpo --models a --rounds 3"  # one model
 """
 
