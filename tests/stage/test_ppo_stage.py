@@ -344,18 +344,24 @@ def test_two_processes_on_half_the_rows_give_the_update_of_one_process(chain, tm
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.slow
-def test_a_non_finite_loss_on_one_process_stops_every_process_with_one_message(chain, tmp_path):
+def two_processes_after_one(chain, tmp_path, mode: str) -> subprocess.CompletedProcess:
+    """dp_step.py in one process (which samples and saves the shared rollout), then in two gloo
+    processes with ``mode``; the two-process run's result."""
     script = os.path.join(os.path.dirname(__file__), "dp_step.py")
     env = {**os.environ, "RLHF_ROOT": str(chain), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
     assert subprocess.run([*launch, "--num_processes", "1", script, str(tmp_path)], env=env, capture_output=True,
                           timeout=600).returncode == 0  # the shared rollout
+    return subprocess.run([*launch, "--multi_gpu", "--num_processes", "2", script, str(tmp_path), mode],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_process_stops_every_process_with_one_message(chain, tmp_path):
     # Raising on process 1 alone would leave process 0 in the gradient all-reduce until the
     # launcher tore it down; both must stop on their own, with the same message.
-    out = subprocess.run([*launch, "--multi_gpu", "--num_processes", "2", script, str(tmp_path), "nan"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = two_processes_after_one(chain, tmp_path, "nan")
     assert out.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank} stopped: the RL loss became non-finite at update 1 (on 1 of 2 processes)" in out.stdout
@@ -366,14 +372,7 @@ def test_a_health_abort_seen_on_one_process_stops_every_process(chain, tmp_path)
     """kl_token_max and length_reward_corr are taken over every process's rollout: a KL spike on
     rank 0 alone crosses health.abort_on's threshold on both ranks, which stop with one message
     (a rank that raised alone would leave the other in the next collective)."""
-    script = os.path.join(os.path.dirname(__file__), "dp_step.py")
-    env = {**os.environ, "RLHF_ROOT": str(chain), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
-    assert subprocess.run([*launch, "--num_processes", "1", script, str(tmp_path)], env=env, capture_output=True,
-                          timeout=600).returncode == 0  # the shared rollout
-    out = subprocess.run([*launch, "--multi_gpu", "--num_processes", "2", script, str(tmp_path), "health"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = two_processes_after_one(chain, tmp_path, "health")
     assert out.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank} stopped: stopped at update 1: health/kl_token_max crossed its threshold" in out.stdout
