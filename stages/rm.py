@@ -34,7 +34,9 @@ from pipeline.core.validation import check_ranges
 from pipeline.data.bad_rows import DataReport
 from pipeline.data.layouts import load_validated, margin_preference_rows, preference_example, preference_rows, tokenized
 from pipeline.models.loading import lora_config
+from pipeline.models.policies import base_source_for
 from pipeline.models.reward import load_sft_tokenizer, sft_backbone_classifier
+from pipeline.plan.fit import fit_train
 from pipeline.training.hf import (
     NonFiniteLossGuard,
     final_train_loss,
@@ -75,6 +77,10 @@ def run(cfg: DictConfig) -> dict:
     eval_rows = load_validated(cfg.data.prefs.eval, cfg.data.hub_split, encode, cfg.data.columns,
                                cfg.data.bad_rows, data)
     too_long = report_truncation("rm", train_rows, cfg.train.max_length)
+
+    note = fit_train("rm", cfg, base_source_for(sft))  # refused here, before any weight loads, if over the card
+    if note:
+        print(note)
 
     # --- backbone: the SFT model, with a fresh scalar head ---
     model = sft_backbone_classifier(sft, cfg.model, fmt)

@@ -32,6 +32,7 @@ from pipeline.data.layouts import load_validated, prompt_row, sft_example, sft_r
 from pipeline.generation.decoding import check_decoding
 from pipeline.generation.samples import sample_responses, sample_stats
 from pipeline.models.loading import base_model_source, load_causal_lm, load_tokenizer, lora_config
+from pipeline.plan.fit import fit_train
 from pipeline.training.hf import (
     NonFiniteLossGuard,
     final_train_loss,
@@ -82,6 +83,10 @@ def run(cfg: DictConfig) -> dict:
     prompts = [r["messages"] for r in load_validated(cfg.data.eval_prompts, cfg.data.hub_split, prompt_row,
                                                      cfg.data.columns, cfg.data.bad_rows, data)]
     truncated = report_truncation("sft", train_rows, cfg.train.max_length)
+
+    note = fit_train("sft", cfg, source)  # refused here, before any weight loads, if over the card
+    if note:
+        print(note)
 
     # --- model: the frozen base ---
     model = load_causal_lm(source, cfg.model, fmt)

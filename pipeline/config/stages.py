@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -111,6 +111,7 @@ class SFTStageConfig(StageConfig):
     parents: SFTParents = MISSING
     resume: bool = MISSING  # rerun of a killed stage continues from its last checkpoint
     save_merged: bool = MISSING
+    gpu_memory: Any = MISSING  # the card the run must fit (24GiB, 80GB, 24e9); null: the CUDA device's
 
 
 @dataclass
@@ -134,6 +135,7 @@ class RMStageConfig(StageConfig):
     parents: RMParents = MISSING
     resume: bool = MISSING  # rerun of a killed stage continues from its last checkpoint
     score_batch_size: int = MISSING
+    gpu_memory: Any = MISSING  # the card the run must fit (24GiB, 80GB, 24e9); null: the CUDA device's
 
 
 @dataclass

@@ -7,6 +7,7 @@
                                  a CUDA device (room None) the minibatch and the rollout batch
     check_fits(arch, s, card)    refuse, in one line, a configuration whose predicted peak is over the card
     fit_ppo(cfg, ...)            the RL stage's ppo settings, auto resolved and checked, before any weight loads
+    fit_train(stage, cfg, base)  sft / rm: the same refusal, before any weight loads
 
 Micro-batches only change how a batch is cut (gradients accumulate), so every candidate keeps the
 batch per optimizer step: sft / rm suggestions pair the micro-batch with its gradient accumulation.
@@ -145,3 +146,13 @@ def fit_ppo(cfg: DictConfig, base: str, prompt: int, ranks: tuple[int, int]) -> 
     ppo = OmegaConf.merge(cfg, {"ppo": {"micro_batch_size": s.kw["micro"],
                                         "generation_batch_size": s.kw["gen"]}}).ppo
     return ppo, notes + ([warning] if warning else [])
+
+
+def fit_train(stage: str, cfg: DictConfig, base: str) -> Optional[str]:
+    """sft and rm: refuse a configuration whose predicted peak is over the card (``gpu_memory``, else
+    the CUDA device's) before any weight loads; a warning line when it is within the margin. Nothing to
+    check (None) on a CPU without ``gpu_memory``. ``base``: the base model's folder or hub id."""
+    card, source = the_card(cfg.gpu_memory)
+    if card is None:
+        return None
+    return check_fits(read_arch(base), settings(stage, cfg, on_gpu=cuda_memory() is not None), card, source)

@@ -1,5 +1,5 @@
-"""`make plan` on the world's model and a local config.json, and the RL stage's fit to a card on the
-tiny chain: auto batches resolved and an unfit configuration refused before any weight loads."""
+"""`make plan` on the world's model and a local config.json, and every training stage's fit to a card on
+the tiny chain: auto batches resolved and an unfit configuration refused before any weight loads."""
 
 import re
 
@@ -11,6 +11,7 @@ from pipeline.plan.arch import read_arch
 from pipeline.plan.memory import GiB, ppo_breakdown, sft_breakdown
 from stages import plan
 from tests.conftest import compose_config
+from tests.stage.conftest import QUIET, TINY_RM, TINY_SFT
 from tests.stage.test_ppo_stage import TINY_PPO
 
 pytestmark = pytest.mark.stage
@@ -86,3 +87,23 @@ def test_ppo_resolves_auto_batches_and_refuses_an_unfit_card_before_loading(chai
     assert final["updates"] == 1
     assert "ppo.micro_batch_size=auto -> 4, ppo.generation_batch_size=auto -> 8 (no CUDA device" \
         in capsys.readouterr().out
+
+
+def test_sft_and_rm_refuse_an_unfit_card_before_loading(chain, monkeypatch):
+    """The refusal comes before the stage's loader is ever called, in one line, and leaves the chain's
+    artifacts as they were."""
+    from stages import rm, sft
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("weights loaded before the card was checked")
+
+    monkeypatch.setattr(sft, "load_causal_lm", loaded)
+    monkeypatch.setattr(rm, "sft_backbone_classifier", loaded)
+    before = {p: p.read_bytes() for p in (chain / "artifacts").rglob("*") if p.is_file()}
+    for stage, overrides in ((sft, TINY_SFT), (rm, TINY_RM)):
+        name = stage.__name__.split(".")[-1]
+        with pytest.raises(ConfigError) as e:
+            stage.run(compose_config(name, overrides + QUIET + ["gpu_memory=64KiB"]))
+        assert "\n" not in str(e.value) and str(e.value).startswith(f"{name}: the predicted peak ")
+        assert "does not fit the card's 64.00 KiB (gpu_memory=64KiB)" in str(e.value)
+    assert {p: p.read_bytes() for p in (chain / "artifacts").rglob("*") if p.is_file()} == before
