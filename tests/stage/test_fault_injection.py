@@ -102,8 +102,13 @@ def test_sigkill_at_a_random_moment_then_rerun_completes_and_matches(stage, chai
     # --- rerun: resumes from the last checkpoint (unless the kill came after the end) ---
     rerun_extra = ["log_every=3", "checkpoint_every=4"] if stage == "ppo" else ["train.logging_steps=4"]
     out = run_stage(stage, chain, rerun_extra)
+    loads = watch.seen  # the watcher must load the finished artifact too, or its silence proves nothing
+    deadline = time.time() + 30
+    while watch.seen == loads and time.time() < deadline:
+        time.sleep(0.05)
     watch.stop.set()
     watch.join()
+    assert watch.seen > loads, "the watcher never loaded the finished artifact: it was not looking"
     assert out.returncode == 0, out.stderr[-3000:]
     assert ("resuming from" in out.stdout + out.stderr) == resumable
     assert not watch.problems, watch.problems[:2]
