@@ -249,23 +249,31 @@ class SharedBaseActorCritic(nn.Module):
     @torch.no_grad()
     def _check_shortcuts(self) -> tuple[bool, bool]:
         """Whether (1) the LM head applied by hand to hidden states gives the model's own logits and
-        (2) two sequences packed in one row give what each gives alone. A family that fails (1)
-        runs the LM head over every position; one that fails (2) packs one sequence per row."""
+        (2) sequences packed two to a row, in a batch of two rows, give what each gives alone. A family
+        that fails (1) runs the LM head over every position; one that fails (2) packs one sequence per
+        row. Two rows, on the model's own device and attention implementation, because that is what
+        training runs: transformers finds packed sequences for flash-attention only in a batch of one
+        row, and there several rows would attend across their sequences."""
         was_training = self.training
         self.eval()
         try:
             vocab = self.peft.base_model.model.config.vocab_size
-            a = (torch.arange(5, device=self.device) * 7 + 3) % vocab
-            b = (torch.arange(3, device=self.device) * 5 + 2) % vocab
-            alone = [self.peft(input_ids=x[None], use_cache=False).logits[0].float() for x in (a, b)]
-            ids, pos = torch.cat([a, b])[None], torch.cat([torch.arange(5), torch.arange(3)]).to(self.device)[None]
-            by_hand = self._lm_logits(self._backbone()(input_ids=a[None], use_cache=False).last_hidden_state)[0].float()
-            packed = self.peft(input_ids=ids, position_ids=pos, use_cache=False).logits[0].float()
+            seqs = [(torch.arange(n, device=self.device) * k + c) % vocab for n, k, c in
+                    ((5, 7, 3), (3, 5, 2), (4, 3, 1), (4, 11, 6))]  # rows: seqs 0 + 1 and 2 + 3, 8 columns
+            alone = [self.peft(input_ids=x[None], use_cache=False).logits[0].float() for x in seqs]
+            ids = torch.stack([torch.cat(seqs[:2]), torch.cat(seqs[2:])])
+            pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]], device=self.device)
+            by_hand = self._lm_logits(self._backbone()(input_ids=seqs[0][None], use_cache=False).last_hidden_state)
+            packed = self.peft(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
             # Half precision rounds differently under another attention mask; a leak across
             # sequences moves logits by their own scale, far beyond either tolerance.
             tol = 1e-3 if self.peft.get_output_embeddings().weight.dtype == torch.float32 else 3e-2
-            close = lambda x, y: bool(torch.allclose(x, y, rtol=tol, atol=tol * float(y.abs().max().clamp(min=1))))
-            return close(by_hand, alone[0]), close(packed[:5], alone[0]) and close(packed[5:], alone[1])
+
+            def close(x, y):
+                return bool(torch.allclose(x, y, rtol=tol, atol=tol * float(y.abs().max().clamp(min=1))))
+
+            split = [packed[0, :5], packed[0, 5:], packed[1, :4], packed[1, 4:]]
+            return close(by_hand[0].float(), alone[0]), all(close(x, y) for x, y in zip(split, alone))
         finally:
             self.train(was_training)
 

@@ -152,6 +152,32 @@ def test_fallbacks_for_families_the_shortcuts_do_not_fit_give_the_same_numbers(b
     assert model._check_shortcuts() == (False, True)
 
 
+def test_packing_is_refused_where_only_one_row_keeps_sequences_apart(built):
+    """flash-attention in transformers finds packed sequences from position_ids only in a batch of
+    one row; with several rows each row attends across its sequences. An attention that behaves so
+    (exact at one row, plain causal over whole rows otherwise) must fail the packing check, which a
+    one-row check would pass."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    def one_row_only(module, query, key, value, attention_mask, **kwargs):
+        if query.shape[0] > 1:
+            attention_mask, kwargs["is_causal"] = None, True
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("one_row_only", one_row_only)
+    AttentionMaskInterface.register("one_row_only", sdpa_mask)
+    _, model, _, _ = built
+    config, implementation = model.peft.base_model.model.config, model.peft.base_model.model.config._attn_implementation
+    assert model._check_shortcuts() == (True, True)
+    config._attn_implementation = "one_row_only"
+    try:
+        assert model._check_shortcuts() == (True, False)
+    finally:
+        config._attn_implementation = implementation
+
+
 def test_attention_cost_of_the_test_llama(built):
     """The test chain's base (one layer, hidden 32, 2 heads of 16, MLP 64): attention costs
     4 * 2 * 16 = 128 FLOPs a column of row width, the linear layers 2 * (4 * 32 * 32 + 3 * 32 * 64)
