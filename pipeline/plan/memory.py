@@ -32,12 +32,12 @@ The stages:
           RM's), two trained (+ value head); without a critic (rloo, grpo, reinforce_pp) no value adapter
           and one trained. Training and sampling alternate, so the peak holds the larger of
             training   activations of micro x (prompt + response) tokens, one role at a time (the policy
-                       and value terms are backpropagated separately), and one chunk of at most 8M logits
+                       and value terms are backpropagated separately), and one chunk of at most 32M logits
                        (pipeline.rl.logprobs.head_logprobs: the LM head and the log-prob run over chunks
                        of rows, recomputed in the backward pass), fp32, for the output and its gradient
             sampling   the KV cache, generation_batch x (prompt + response) x L x 2 x H_kv at the
-                       activation dtype, and the sampler's generation_batch x V fp32 log-softmax and
-                       probabilities
+                       activation dtype, and the sampler's generation_batch x V working copies: fp32 logits
+                       and log-probs, float64 CDF and its input (pipeline.rl.rollout.draw)
           plus, where ppo.fold_adapters folds (auto: where an adapter costs >= 10% of a layer's FLOPs,
           r sum(in + out) / sum(in x out)), a copy of the adapted linear weights per role with its
           adapters folded in.
@@ -128,8 +128,9 @@ def folds(a, r: int, fold: str = "auto", weight_bytes: float = 4) -> bool:
 
 def ppo_breakdown(a, *, weight_bytes: float, act_bytes: int, r: int, micro: int, gen: int, prompt: int,
                   response: int, checkpointing: bool, r_rm: int | None = None, fold: str = "auto",
-                  critic: bool = True) -> dict[str, float]:
-    """Bytes the RL stage holds at its peak (the training pass, or sampling, whichever is larger)."""
+                  critic: bool = True, device: str = "cuda") -> dict[str, float]:
+    """Bytes the RL stage holds at its peak (the training pass, or sampling, whichever is larger) on
+    ``device`` ("cuda": what a plan is for; "cpu": the LM head's chunk is smaller there)."""
     r_rm = r if r_rm is None else r_rm
     roles = 4 if critic else 3
     trained = lora_params(a, r) + (lora_params(a, r_rm) if critic else 0)
@@ -138,9 +139,9 @@ def ppo_breakdown(a, *, weight_bytes: float, act_bytes: int, r: int, micro: int,
              "adapters": (2 * lora_params(a, r) + (roles - 2) * lora_params(a, r_rm)) * 4,
              "optimizer": trained * 4 * 3,  # gradient + two Adam moments, fp32
              "activations": activations(a, tokens, act_bytes, checkpointing),
-             "logits": 2 * min(micro * response, max(1, LOGPROB_CHUNK // a.vocab)) * a.vocab * 4,
+             "logits": 2 * min(micro * response, max(1, LOGPROB_CHUNK[device] // a.vocab)) * a.vocab * 4,
              "kv cache (sampling)": gen * (prompt + response) * a.layers * 2 * a.kv * act_bytes,
-             "sampler": 2 * gen * a.vocab * 4,
+             "sampler": gen * a.vocab * (4 + 4 + 8 + 8),
              "folded": roles * linear_params(a) * weight_bytes if folds(a, r, fold, weight_bytes) else 0.0}
     return _total(parts, ("weights", "adapters", "optimizer", "folded"), ("activations", "logits"),
                   ("kv cache (sampling)", "sampler"))

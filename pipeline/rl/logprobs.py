@@ -14,11 +14,20 @@ from torch.utils.checkpoint import checkpoint
 # --------------------------------------------------------------------------- log-probs
 
 
-LOGPROB_CHUNK = 1 << 23  # logits per chunk (32 MB in fp32): the working copies never grow with B * T
+# Logits per chunk, per device type: the working copies never grow with B * T. On CPUs 8M (32 MB in
+# fp32). On GPUs the LM head's chunk must be compute-bound: n rows do 2n FLOPs per bf16 weight (2
+# bytes) read, so n must pass the card's FLOPs per byte of bandwidth (H200 989 TFLOP/s / 4.8 TB/s
+# ~ 206, RTX 4090 165 / 1.0 ~ 165); 32M logits is 261 rows at Llama 3's 128k vocabulary, 220 at
+# Qwen's 152k (128 MB in fp32).
+LOGPROB_CHUNK = {"cpu": 1 << 23, "cuda": 1 << 25}
 
 
-def _rows_per_chunk(vocab: int) -> int:
-    return max(1, LOGPROB_CHUNK // max(1, vocab))
+def logits_per_chunk(device: torch.device | str) -> int:
+    return LOGPROB_CHUNK["cuda" if torch.device(device).type == "cuda" else "cpu"]
+
+
+def _rows_per_chunk(vocab: int, device: torch.device | str) -> int:
+    return max(1, logits_per_chunk(device) // max(1, vocab))
 
 
 class _TokenLogprob(torch.autograd.Function):
@@ -33,7 +42,7 @@ class _TokenLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature):  # logits [N, V], labels [N] -> [N] fp32 (or fp64)
-        chunk, dtype = _rows_per_chunk(logits.shape[-1]), torch.promote_types(logits.dtype, torch.float32)
+        chunk, dtype = _rows_per_chunk(logits.shape[-1], logits.device), torch.promote_types(logits.dtype, torch.float32)
         out = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
         lse = torch.empty_like(out)
         for s in range(0, logits.shape[0], chunk):
@@ -47,7 +56,7 @@ class _TokenLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         logits, labels, lse = ctx.saved_tensors
-        T, chunk = ctx.temperature, _rows_per_chunk(logits.shape[-1])
+        T, chunk = ctx.temperature, _rows_per_chunk(logits.shape[-1], logits.device)
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], chunk):
             g = grad_out[s:s + chunk, None].to(lse.dtype)
@@ -99,7 +108,7 @@ def head_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Te
         return logprobs_from_logits(head(h)[None], lab[None], temperature)[0]
 
     recompute = torch.is_grad_enabled() and hidden.requires_grad
-    step, out = _rows_per_chunk(vocab), []
+    step, out = _rows_per_chunk(vocab, hidden.device), []
     for s in range(0, B * T, step):
         h, lab = flat[s:s + step], y[s:s + step]
         out.append(checkpoint(chunk_logprobs, h, lab, use_reentrant=False, preserve_rng_state=False)
@@ -117,7 +126,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
         ``[B, T]`` float32 entropies (not masked).
     """
     B, T, V = logits.shape
-    flat, chunk, out = logits.reshape(B * T, V), _rows_per_chunk(V), []
+    flat, chunk, out = logits.reshape(B * T, V), _rows_per_chunk(V, logits.device), []
     for s in range(0, B * T, chunk):
         logp = F.log_softmax(flat[s:s + chunk].float() / temperature, dim=-1)
         # A -inf logit (masked vocabulary) has p = 0 and must contribute 0, not 0 * -inf = nan,

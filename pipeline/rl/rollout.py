@@ -204,8 +204,8 @@ def cumulative(x: torch.Tensor) -> torch.Tensor:
     tail and made tail tokens undrawable. In float64 the drawn distribution is ``softmax(x)`` to
     1e-9 in total variation and a token of p >= ~1e-15 can be drawn (tests/unit/rl/test_rollout.py).
     """
-    x = x.double()
-    return (x - x.amax(-1, keepdim=True)).exp().cumsum(-1)
+    x = x.to(torch.float64, copy=True)  # a copy: the in-place steps below must not touch the caller's
+    return x.sub_(x.amax(-1, keepdim=True)).exp_().cumsum(-1)
 
 
 def draw(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

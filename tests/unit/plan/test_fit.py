@@ -32,7 +32,7 @@ def test_auto_takes_the_largest_divisor_that_fits():
     assert ppo_breakdown(TINY, **{**PPO, "micro": 2, "gen": 1})["static"] == 26272
     s, notes = resolve_auto(TINY, ppo_settings("auto", "auto"), room=40000)
     assert s.kw["micro"] == 2  # 4 would need 45728
-    # sampling g responses: g x 256 (KV cache) + g x 256 (sampler); 8 (the rollout) needs 4096: fits.
+    # sampling g responses: g x 256 (KV cache) + g x 32 x 24 (sampler); 8 (the rollout) needs 8192: fits.
     assert s.kw["gen"] == 8
     assert notes == ["ppo: ppo.micro_batch_size=auto -> 2, ppo.generation_batch_size=auto -> 8 (the largest that "
                      "fit 39.06 KiB: the free GPU memory less 10% of the card)"]
@@ -82,10 +82,11 @@ def test_an_unfit_configuration_is_refused_in_one_line_with_what_fits():
     message = str(e.value)
     assert "\n" not in message
     # micro 4 needs 45728 bytes (44.66 KiB); the budget is 90% of 40000 = 36000, which micro 2 fills exactly;
-    # with checkpointing micro 4 would need 26272 + 16 x (2 x 32 + 576) + 1024 = 37536: micro 2 again.
+    # with checkpointing micro 4 would need 26272 + 16 x (2 x 32 + 576) + 1024 = 37536: micro 2 again, whose
+    # peak is then sampling's, 26272 + 8 x (256 + 768) = 34464 (33.66 KiB).
     assert message == ("ppo: the predicted peak 44.66 KiB does not fit the card's 39.06 KiB (gpu_memory=40000); "
                        "settings that fit: ppo.micro_batch_size=2 (35.16 KiB); or ppo.gradient_checkpointing=true "
-                       "ppo.micro_batch_size=2 (31.16 KiB) (`make plan` lists every option)")
+                       "ppo.micro_batch_size=2 (33.66 KiB) (`make plan` lists every option)")
     with pytest.raises(ConfigError, match="nothing fits: weights, adapters and optimizer alone take 25.66 KiB"):
         check_fits(TINY, s, 20000, "gpu_memory=20000")
     # Over the budget but under the card: a warning, not a refusal.

@@ -73,7 +73,7 @@ def test_head_logprobs_in_chunks_give_the_full_logits_numbers_and_gradients(monk
     """The LM head run chunk by chunk (recomputed in the backward pass) gives the log-probs and the
     gradients (to the hidden states and to a trainable head) of the whole [B, T, V] logits, at
     T = 0.7 and with a Gemma-style soft-cap inside the head; and autograd keeps no logits."""
-    monkeypatch.setattr(logprobs_module, "_rows_per_chunk", lambda vocab: 2)  # 6 rows -> 3 chunks
+    monkeypatch.setattr(logprobs_module, "_rows_per_chunk", lambda vocab, device: 2)  # 6 rows -> 3 chunks
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -95,3 +95,14 @@ def test_head_logprobs_in_chunks_give_the_full_logits_numbers_and_gradients(monk
     assert sum(saved) < 2 * 40  # the chunks' inputs at most, never a chunk's logits (2 x 40)
     with torch.no_grad():  # scoring passes: no recomputation, same numbers
         torch.testing.assert_close(head_logprobs(head, hidden, labels, 40, 0.7), expected)
+
+
+def test_lm_head_chunks_are_compute_bound_on_a_gpu_and_small_on_a_cpu():
+    # A chunk of n rows does 2n FLOPs per 2-byte bf16 weight of the LM head read: n FLOPs per byte,
+    # which must pass an H200's 989 TFLOP/s over 4.8 TB/s (~206) at Llama 3's and Qwen's vocabularies.
+    from pipeline.rl.logprobs import _rows_per_chunk, logits_per_chunk
+
+    assert (logits_per_chunk("cpu"), logits_per_chunk(torch.device("cuda", 1))) == (1 << 23, 1 << 25)
+    assert (_rows_per_chunk(128256, "cuda"), _rows_per_chunk(151936, "cuda")) == (261, 220)
+    assert min(_rows_per_chunk(128256, "cuda"), _rows_per_chunk(151936, "cuda")) > 989 / 4.8
+    assert (_rows_per_chunk(128256, "cpu"), _rows_per_chunk(32000, "cpu")) == (65, 262)
