@@ -9,7 +9,7 @@ ARGS    ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data base sft rm ppo dpo eval generate export pipeline plan test test-unit bench clean
+.PHONY: help setup data base sft rm ppo dpo eval generate export pipeline plan test test-unit bench gpu-wheels clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -66,8 +66,11 @@ test: $(STAMP) ## Run the test suite (unit, stage and slow tiers; gpu tests skip
 test-unit: $(STAMP) ## Run only the fast unit tests
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
-bench: $(STAMP) ## Benchmarks in bench/ (ARGS=ppo: ours vs TRL 1.12's PPOTrainer; ARGS=grpo: ours vs TRL 1.16's GRPOTrainer)
+bench: $(STAMP) ## Benchmarks in bench/ (ARGS=ppo: ours vs TRL 1.12's PPOTrainer; ARGS=grpo: ours vs TRL 1.16's GRPOTrainer; ARGS=gpu: the one-shot GPU bench, ARGS="gpu --dry-run" at tiny shapes)
 	$(PY) bench/run.py $(ARGS)
+
+gpu-wheels: ## Download the wheels the GPU machine installs (bench/gpu_wheels.sh -> bench/.gpu-wheels; run there: bench/gpu_run.sh)
+	bash bench/gpu_wheels.sh
 
 clean: ## Remove artifacts, generated data, W&B runs and Hydra outputs (keeps .venv)
 	rm -rf artifacts data/world wandb outputs multirun

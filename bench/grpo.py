@@ -73,15 +73,22 @@ def run_trl(python: Path, policy: Path, reward: Path, prompts: list[str], update
             "lora_alpha": SHAPE["lora_alpha"], "lora_target": "all-linear", "kl_coef": SHAPE["kl_coef"],
             "temperature": SHAPE["temperature"], "total_updates": updates, "warmup_updates": 1, "num_threads": 2,
             "seed": 0, "stop_token_ids": stop_ids, "learning_rate": SHAPE["lr"], "output_dir": str(out / "trainer")}
-    (out / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    return run_trl_spec(python, spec, out, env)
+
+
+def run_trl_spec(python: Path, spec: dict, out: Path, env: dict, timeout: float | None = None) -> dict:
+    """bench/trl_grpo_baseline.py on ``spec`` in ``out`` (spec.json, out.json, log.txt) as a whole
+    process; its result with the process's peak RSS, checked to have run the spec's batch shape."""
+    (out / "spec.json").write_text(json.dumps(spec))
     code, rss = run_measured([str(python), str(ROOT / "bench/trl_grpo_baseline.py"), str(out / "spec.json"),
-                              str(out / "out.json")], env, out / "log.txt")
+                              str(out / "out.json")], env, out / "log.txt", timeout)
     if code:
-        raise SystemExit(f"bench: TRL GRPO run {tag} failed, see {out / 'log.txt'}")
+        raise SystemExit(f"bench: TRL GRPO run failed (exit {code}), see {out / 'log.txt'}")
     result = json.loads((out / "out.json").read_text())
     result["peak_rss_mb"] = rss  # measured the same way as ours (wait4 on the process)
-    steps = updates * (SHAPE["rollout"] // SHAPE["minibatch"]) * SHAPE["epochs"]
+    updates = spec["total_updates"]
+    steps = updates * (spec["rollout_batch_size"] // spec["minibatch_size"]) * spec["ppo_epochs"]
     if result["generations"] != updates or result["optimizer_steps"] != steps:
         raise SystemExit(f"bench: TRL ran {result['generations']} generations and {result['optimizer_steps']} "
                          f"optimizer steps, not {updates} and {steps}: the batch mapping is off ({out / 'log.txt'})")

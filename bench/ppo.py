@@ -42,6 +42,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,12 +69,21 @@ BIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden
            num_key_value_heads=8, max_position_embeddings=512, tie_word_embeddings=True)
 
 
-def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, float]:
-    """Run ``cmd`` as a child process; (exit code, its peak RSS in MB from wait4)."""
+def run_measured(cmd: list[str], env: dict, log: Path, timeout: float | None = None) -> tuple[int, float]:
+    """Run ``cmd`` as a child process; (exit code, its peak RSS in MB from wait4). Past ``timeout``
+    seconds the child is killed (exit code -9)."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            if timer:
+                timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    return proc.returncode, usage.ru_maxrss / 1024
 
 
 # --- the chains both sides start from ------------------------------------------------------
@@ -121,11 +131,12 @@ def chain_b() -> Path:
     return root
 
 
-def merged_for_trl(root: Path, model_args: list[str], tag: str) -> tuple[Path, Path]:
-    """TRL's inputs: the SFT policy and the RM, each merged into a plain HF folder under
-    bench/.work, rebuilt whenever the RM artifact (which pins its SFT) changes."""
+def merged_for_trl(root: Path, model_args: list[str], tag: str, run: str = "default") -> tuple[Path, Path]:
+    """TRL's inputs: the SFT policy and the RM of ``root``'s run ``run`` (``model_args`` name it unless
+    it is the default), each merged into a plain HF folder under bench/.work, rebuilt whenever the RM
+    artifact (which pins its SFT) changes."""
     out = WORK / f"trl-inputs-{tag}"
-    built_from = (root / "artifacts/default/rm/manifest.json").read_text()
+    built_from = (root / "artifacts" / run / "rm" / "manifest.json").read_text()
     if (out / "built-from.json").is_file() and (out / "built-from.json").read_text() == built_from:
         return out / "policy", out / "reward"
     shutil.rmtree(out, ignore_errors=True)
@@ -167,10 +178,17 @@ def run_ours(root: Path, model_args: list[str], updates: int, extra: list[str], 
         raise SystemExit(f"bench: our run {tag} failed, see {out.with_suffix('.log')}")
     stage_name = next(o.split("=")[1] for o in extra if o.startswith("algorithm=")) if any(
         o.startswith("algorithm=") for o in extra) else "ppo"
-    history = [json.loads(x) for x in (out / f"bench-{tag}" / stage_name / "history.jsonl").read_text().splitlines()]
+    return {**history_figures(out / f"bench-{tag}" / stage_name / "history.jsonl", SHAPE["rollout"]),
+            "peak_rss_mb": rss}
+
+
+def history_figures(path: Path, rollout: int) -> dict:
+    """Speed of an RL run from its history.jsonl, over updates 2.. (update 1 is warm-up): episodes/s
+    and the mean split of an update (sampling, scoring passes, optimisation; the stage's time/* keys)."""
+    history = [json.loads(x) for x in path.read_text().splitlines()]
     timed = history[1:]
     seconds = [h["time/loop"] for h in timed]  # the same span as TRL's update-to-update stamps
-    return {"episodes_per_s": SHAPE["rollout"] * len(timed) / sum(seconds), "peak_rss_mb": rss,
+    return {"episodes_per_s": rollout * len(timed) / sum(seconds),
             "update_s": sum(seconds) / len(seconds),
             "sample_s": sum(h["time/sample"] for h in timed) / len(timed),
             "score_s": sum(h["time/rollout"] - h["time/sample"] for h in timed) / len(timed),

@@ -1,9 +1,10 @@
 """Benchmarks: every figure is a ratio against a baseline measured in the same process.
 
     make bench                      # all benchmarks
-    make bench ARGS="kv_cache"      # one of: kv_cache, merged_lora, shared_base, ppo, grpo
+    make bench ARGS="kv_cache"      # one of: kv_cache, merged_lora, shared_base, ppo, grpo, gpu
     make bench ARGS="ppo --models b"  # our RL stage vs TRL 1.12's PPOTrainer (bench/ppo.py)
     make bench ARGS="grpo --models a" # our GRPO vs TRL 1.16's GRPOTrainer (bench/grpo.py)
+    make bench ARGS="gpu --dry-run"   # the GPU bench (bench/gpu.py) end to end at tiny shapes
 
 - kv_cache:     sampling with the KV cache vs recomputing the prefix every step.
 - merged_lora:  a forward pass with the LoRA adapter merged into the base vs unmerged.
@@ -12,6 +13,11 @@
 - ppo:          our RL stage against TRL 1.12's PPOTrainer, whole processes side by side.
 - grpo:         our GRPO (algorithm=grpo) against TRL 1.16's GRPOTrainer, the same way
                 (results in bench/results/grpo-2core-cpu.txt).
+- gpu:          the one-shot GPU bench (bench/gpu.py, on a card via bench/gpu_run.sh): peak memory of
+                sft / rm / ppo / grpo beside the memory model, decode ms/step against the bandwidth
+                floor, episodes/s of ppo, grpo and TRL 1.16's GRPOTrainer at the Llama-3-8B and
+                Qwen2.5-0.5B shapes (results in bench/results/gpu-<device>.txt). Not part of
+                `make bench` without a name: on a CPU it runs only as a dry run at tiny shapes.
 
 Timings take the median of several repeats after a warm-up; the machine is whatever
 runs this (2 CPU cores on CI), so only the ratios carry over.
@@ -124,11 +130,17 @@ def bench_grpo() -> None:
     grpo.main()
 
 
+def bench_gpu() -> None:
+    from bench import gpu
+    gpu.main()
+
+
 BENCHES = {"kv_cache": bench_kv_cache, "merged_lora": bench_merged_lora, "shared_base": bench_shared_base,
-           "ppo": bench_ppo, "grpo": bench_grpo}
+           "ppo": bench_ppo, "grpo": bench_grpo, "gpu": bench_gpu}
+DEFAULT = [name for name in BENCHES if name != "gpu"]  # `make bench` with no name: the CPU benches
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    names = [a for a in sys.argv[1:] if not a.startswith("-") and a in BENCHES] or list(BENCHES)
+    names = [a for a in sys.argv[1:] if not a.startswith("-") and a in BENCHES] or DEFAULT
     for name in names:
         BENCHES[name]()

@@ -9,7 +9,11 @@ spec.json: policy_dir (merged SFT causal LM with tokenizer, chat template, pad !
 (merged reward model, num_labels=1, same tokenizer), prompts (user turns), rollout_batch_size
 (completions per update), samples_per_prompt, minibatch_size, ppo_epochs, max_new_tokens, lora_r,
 lora_alpha, lora_target, kl_coef, temperature, total_updates, warmup_updates, num_threads, seed,
-stop_token_ids, learning_rate, output_dir.
+stop_token_ids, learning_rate, output_dir; optional (bench/gpu.py): dtype (float32 unless given: the
+weights' dtype and, for bfloat16, TRL's bf16 autocast), micro_batch_size (completions per forward
+pass, the minibatch unless given: per_device_train_batch_size, with gradient_accumulation_steps =
+minibatch / micro and steps_per_generation = rollout / micro), gradient_checkpointing (false unless
+given).
 
 Batch shape. One update of ours = rollout_batch_size completions (rollout_batch_size /
 samples_per_prompt prompts, samples_per_prompt each), sampled and scored once, then ppo_epochs
@@ -138,14 +142,19 @@ def main(spec_path: Path, out_path: Path) -> None:
         raise SystemExit("warmup_updates must leave at least one timed update")
     torch.set_num_threads(spec["num_threads"])
     transformers.set_seed(spec["seed"])
-    steps_per_generation = rollout // minibatch
-    steps_per_update = steps_per_generation * spec["ppo_epochs"]
+    micro = spec.get("micro_batch_size", minibatch)
+    if minibatch % micro:
+        raise SystemExit(f"micro_batch_size {micro} must divide minibatch_size {minibatch}")
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    checkpointing = bool(spec.get("gradient_checkpointing", False))
+    steps_per_generation = rollout // micro  # micro-batches per generation
+    steps_per_update = rollout // minibatch * spec["ppo_epochs"]  # optimizer steps per generation
 
     tokenizer = AutoTokenizer.from_pretrained(spec["policy_dir"])
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in spec["stop_token_ids"]:
         # TRL pads completions and the RM finds its last token by the first pad: pad must not stop.
         raise SystemExit("the policy tokenizer needs a pad token distinct from the stop tokens")
-    policy = AutoModelForCausalLM.from_pretrained(spec["policy_dir"], dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(spec["policy_dir"], dtype=dtype)
     # Sampling must be exactly the spec's (temperature, top_k=0, top_p=1, the stop tokens): drop
     # whatever the SFT export saved (repetition penalty, min length, ...). GRPOTrainer reads its
     # stop ids from generation_config.eos_token_id (plus the tokenizer's eos).
@@ -153,7 +162,7 @@ def main(spec_path: Path, out_path: Path) -> None:
                                                 bos_token_id=tokenizer.bos_token_id,
                                                 eos_token_id=list(spec["stop_token_ids"]))
     reward = AutoModelForSequenceClassification.from_pretrained(spec["reward_dir"], num_labels=1,
-                                                                dtype=torch.float32).eval()
+                                                                dtype=dtype).eval()
     reward_tokenizer = AutoTokenizer.from_pretrained(spec["reward_dir"])
 
     config = GRPOConfig(
@@ -161,8 +170,8 @@ def main(spec_path: Path, out_path: Path) -> None:
         seed=spec["seed"],
         # Batch shape: see the module docstring.
         num_generations=k,
-        per_device_train_batch_size=minibatch,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=minibatch // micro,
         steps_per_generation=steps_per_generation,
         num_iterations=spec["ppo_epochs"],
         max_steps=spec["total_updates"] * steps_per_update,
@@ -178,10 +187,10 @@ def main(spec_path: Path, out_path: Path) -> None:
         lr_scheduler_type="constant",
         max_grad_norm=1.0,
         # fp32 (TRL's default is bf16=True) and no activation checkpointing (TRL's default is on;
-        # given under transformers 5's name, gradient_checkpointing mirrors it).
-        bf16=False,
+        # given under transformers 5's name, gradient_checkpointing mirrors it), unless the spec asks.
+        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),  # a bf16 model on CPU runs without autocast
         fp16=False,
-        activation_checkpointing=False,
+        activation_checkpointing=checkpointing,
         disable_dropout=True,  # ours runs every role without dropout
         use_vllm=False,
         # Metrics once per update (TRL averages them over logging_steps optimizer steps); nothing else:
@@ -205,8 +214,9 @@ def main(spec_path: Path, out_path: Path) -> None:
         peft_config=LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
                                target_modules=spec["lora_target"], lora_dropout=0.0, task_type="CAUSAL_LM"),
     )
-    if trainer.args.gradient_checkpointing or trainer.ref_model is not None:
-        raise SystemExit("expected no activation checkpointing and the reference as the adapter-disabled policy")
+    if bool(trainer.args.gradient_checkpointing) != checkpointing or trainer.ref_model is not None:
+        raise SystemExit(f"expected activation checkpointing {checkpointing} and the reference as the "
+                         "adapter-disabled policy")
     sample_s, rollout_s = [], []
     timed(trainer, "_generate_single_turn", sample_s)
     timed(trainer, "_generate_and_score_completions", rollout_s)
@@ -232,6 +242,7 @@ def main(spec_path: Path, out_path: Path) -> None:
         "response_tokens": sum(e["completions/mean_length"] for e in logs[warm:]) / max(1, len(logs[warm:])),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "peak_cuda_reserved_mb": torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None,
         "device": str(trainer.accelerator.device),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "stop_token_ids": trainer.eos_token_ids,
