@@ -27,6 +27,18 @@ Timing: a callback stamps on_train_begin and every on_step_end. TRL calls on_ste
 update, after the optimizer steps, the metrics and the scheduler step, so consecutive stamps
 bracket exactly one pass of its update loop (rollout + PPO epochs + its per-update cleanup);
 model loading and trainer construction fall before on_train_begin and are not timed.
+
+Fastest honest configuration (issue 21 item 12). Against a plain PPOTrainer script (default
+PPOConfig but the workload; bf16=False, since bf16 raises on a CPU-only machine and, under
+transformers 5, never reaches PPOTrainer's own Accelerator anyway), on case (b), one process, the
+two alternating one update at a time on an idle 2-core CPU: this configuration ran 2.21 episodes/s,
+the plain one 1.96 (4 timed updates each; bench/ab/trl_ppo_plain_vs_baseline.py,
+bench/results/trl-ppo-plain-vs-baseline-2core-cpu.txt). Checked one by one and found free: the
+stop token and missing-EOS penalty (random weights never stop, so generation runs all 24 tokens
+either way), the replaced generation config, the prompt encoding (the same ids as ppo_tldr's
+``apply_chat_template(tokenize=True)``), the callback and logging (< 0.01 s an update); gradient
+checkpointing is never enabled by 1.12's PPOTrainer. A 2.70 episodes/s plain run could not be
+reproduced.
 """
 
 from __future__ import annotations
@@ -122,6 +134,7 @@ def main(spec_path: Path, out_path: Path) -> None:
     policy = AutoModelForCausalLM.from_pretrained(spec["policy_dir"], dtype=torch.float32)
     # Sampling must be exactly TRL's (temperature, top_k=0, top_p=1): drop whatever the SFT
     # export saved (repetition penalty, min length, ...). TRL sets eos from stop_token_id.
+    # Costs nothing: the same generate call timed 30.7 s with the export's config, 30.9 s with this.
     policy.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id,
                                                 bos_token_id=tokenizer.bos_token_id)
     reward = AutoModelForSequenceClassification.from_pretrained(spec["reward_dir"], num_labels=1,
@@ -145,7 +158,9 @@ def main(spec_path: Path, out_path: Path) -> None:
         total_episodes=spec["total_updates"] * rollout,
         response_length=spec["max_new_tokens"],
         temperature=spec["temperature"],
-        # TRL takes a single stop id (also used as generation's eos); the spec's first one.
+        # TRL takes a single stop id (also used as generation's eos); the spec's first one. Part of
+        # the workload (truncation and the missing-EOS penalty, as ours), and free: generation with
+        # eos=None and eos=1 ran the same 64x24 tokens in 30.7 vs 30.9 s with identical profiles.
         stop_token_id=spec["stop_token_ids"][0],
         missing_eos_penalty=spec["missing_eos_penalty"],
         kl_coef=spec["kl_coef"],  # TRL's kl_coef is fixed (no adaptive controller in 1.12)
@@ -153,15 +168,22 @@ def main(spec_path: Path, out_path: Path) -> None:
         whiten_rewards=False,
         learning_rate=spec["learning_rate"],
         lr_scheduler_type="constant",  # TRL default "linear" would decay to 0 over total_updates
-        # fp32: TRL's default is bf16=True. TRL also defaults gradient_checkpointing=True, but 1.12's
-        # PPOTrainer bypasses Trainer's setup and never enables it; stated off (under transformers
-        # 5's name, which avoids the deprecation warning) so the args record what runs.
+        # fp32, as ours. TRL's default bf16=True is not a faster option here: under transformers 5
+        # TrainingArguments no longer exports ACCELERATE_MIXED_PRECISION, so PPOTrainer's own
+        # Accelerator() runs mixed_precision "no" whatever bf16 says (checked: bf16=True with
+        # use_cpu=True gives accelerator.mixed_precision "no", fp32 weights; bf16=True without
+        # use_cpu raises on a CPU-only machine). TRL also defaults gradient_checkpointing=True, but
+        # 1.12's PPOTrainer bypasses Trainer's setup and never enables it (is_gradient_checkpointing
+        # stays False); stated off (under transformers 5's name, which avoids the deprecation
+        # warning) so the args record what runs. bf16 would be a precision change, not adopted.
         bf16=False,
         fp16=False,
         activation_checkpointing=False,
         # Nothing but the training loop: no sample generations (a near-greedy pass over the eval
         # set plus a printed table; 1.12 also skips it without an eval set, and PPOTrainer never
         # evaluates), no checkpoints (default: every 500 updates), no loggers, no progress bar.
+        # All four are no-ops at the bench's 4-12 updates (measured: logging < 0.01 s per update);
+        # set so that a longer run does not start paying for them.
         num_sample_generations=0,
         save_strategy="no",
         report_to="none",
