@@ -224,7 +224,11 @@ def run_trl(python: Path, policy: Path, reward: Path, prompts: list[str], update
 
 
 def world_prompts(n: int) -> list[str]:
-    rows = [json.loads(x) for x in (ROOT / "data/world/ppo_prompts.jsonl").read_text().splitlines()]
+    path = ROOT / "data/world/ppo_prompts.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"bench: {path} is missing: run `make rm` first (it writes the world's data, then "
+                         "base, sft and rm, which model (a) trains from and model (b) borrows the tokenizer of)")
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
     return [r["prompt"] for r in rows[:n]]
 
 
