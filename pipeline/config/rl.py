@@ -66,6 +66,7 @@ class AlgorithmConfig:
     scale_by_std: bool = MISSING  # grpo: divide by the group's std (false: Dr.GRPO)
     group_baseline: bool = MISSING  # reinforce_pp: subtract the group mean first (REINFORCE++-baseline)
     ptx_coef: float = MISSING  # PPO-ptx (InstructGPT eq. 2): weight of the pretraining log-likelihood; 0 = off
+    kl_coef: Optional[float] = MISSING  # this estimator's starting KL coefficient beta; null: ppo.kl.init_coef
 
 
 @dataclass

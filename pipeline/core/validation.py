@@ -39,7 +39,7 @@ RULES: dict[str, Rule] = {
     "lora.r": POSITIVE, "lora.alpha": POSITIVE, "lora.dropout": DROPOUT,
     **{f"ppo.{k}": POSITIVE for k in _PPO_POSITIVE},
     **{f"ppo.{k}": NON_NEGATIVE for k in ("weight_decay", "warmup_steps", "vf_coef", "missing_eos_penalty")},
-    "algorithm.ptx_coef": NON_NEGATIVE,
+    "algorithm.ptx_coef": NON_NEGATIVE, "algorithm.kl_coef": NON_NEGATIVE,
     "ppo.gamma": PROBABILITY, "ppo.lam": PROBABILITY,
     "ppo.kl.init_coef": NON_NEGATIVE, "ppo.kl.target": POSITIVE, "ppo.kl.horizon": POSITIVE,
     "algorithm.samples_per_prompt": POSITIVE,

@@ -74,7 +74,8 @@ class RLTrainer:
         self.reward_fn, self.ptx = reward_fn, ptx
         self.critic = algorithm.advantage == "gae"
         self.stops = torch.tensor(fmt.stop_ids)
-        self.kl_ctl = make_kl_controller(cfg.kl.controller, cfg.kl.init_coef, cfg.kl.target, cfg.kl.horizon)
+        beta = cfg.kl.init_coef if algorithm.kl_coef is None else algorithm.kl_coef  # per estimator: see grpo.yaml
+        self.kl_ctl = make_kl_controller(cfg.kl.controller, beta, cfg.kl.target, cfg.kl.horizon)
         # Prepared by accelerate: under fp16 it owns the loss scaler and skips inf steps. Fused: one
         # kernel over every LoRA tensor instead of ~10 small ops per tensor (~110 tensors on the
         # tiny model: a step 2.5x faster on CPU).

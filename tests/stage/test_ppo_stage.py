@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from pipeline.core.artifacts import find_parent, load_artifact
+from pipeline.core.errors import ConfigError
+from pipeline.core.validation import check_ranges
 from pipeline.generation.decoding import as_conversation, encode_prompts
 from pipeline.models.policies import load_policy
 from pipeline.models.reward import load_reward_model, load_sft_tokenizer, score_conversations
@@ -176,6 +178,15 @@ def test_packing_is_refused_where_only_one_row_keeps_sequences_apart(built):
         assert model._check_shortcuts() == (True, False)
     finally:
         config._attn_implementation = implementation
+
+
+def test_an_estimator_can_start_from_its_own_kl_coefficient(chain):
+    """algorithm.kl_coef sets beta for one estimator (GRPO's z-scored task reward is on another scale
+    than PPO's normalised score); null keeps ppo.kl.init_coef."""
+    assert build(["algorithm=grpo"])[3].kl_ctl.value == pytest.approx(0.2)
+    assert build(["algorithm=grpo", "algorithm.kl_coef=0.6"])[3].kl_ctl.value == pytest.approx(0.6)
+    with pytest.raises(ConfigError, match=r"algorithm.kl_coef=-1.0 must be >= 0"):
+        check_ranges(compose_config("ppo", ["algorithm.kl_coef=-1"]))
 
 
 def test_attention_cost_of_the_test_llama(built):
