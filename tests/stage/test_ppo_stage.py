@@ -483,8 +483,10 @@ def test_folded_adapters_give_the_numbers_of_the_lora_products(chain):
     assert folded.lora_share() > 0.1 and folded.folds and not apart.folds
     a, b = rollout(t_apart), rollout(t_folded)
     torch.testing.assert_close(b.response_ids, a.response_ids)
+    # fp32 rounding of W + s B A against W x + s B (A x): up to 1.1e-5 on these log-probs (sampled tokens
+    # down to ~-10 nats); a wrong fold is off by the adapter's own effect, orders of magnitude more.
     for key in ("ref_logprobs", "values", "rm_scores", "logprobs"):
-        torch.testing.assert_close(getattr(b, key), getattr(a, key), atol=1e-5, rtol=0)
+        torch.testing.assert_close(getattr(b, key), getattr(a, key), atol=3e-5, rtol=0)
     assert (a.ref_logprobs != b.ref_logprobs).any() and (a.logprobs != b.logprobs).any()  # the copies ran
     layers = [m for m in folded.peft.modules() if hasattr(m, "_folded")]
     assert all(set(m._folded) == {"ref", "ref+reward", "policy", "ref+value"} for m in layers)
