@@ -41,7 +41,8 @@ def output_run_dir(cfg: DictConfig) -> str:
 
 
 def user_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Turn expected failures (bad data, missing artifact) into one clear line and exit 2.
+    """Turn expected failures (bad data, missing artifact) into one clear line and exit 2, and end
+    a finished multi-process run's process group.
 
     Hydra prints its own clear message for config errors; everything else is a bug and
     keeps its traceback.
@@ -50,9 +51,20 @@ def user_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig) -> Any:
         try:
-            return fn(cfg)
+            out = fn(cfg)
         except (PipelineError, ArtifactError, FloatingPointError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        close_process_group()
+        return out
 
     return wrapper
+
+
+def close_process_group() -> None:
+    """Destroy the data-parallel process group, if any, once every process is done with it. A
+    process that exits with a live gloo group can abort in the group's destructor (SIGABRT,
+    "terminate called without an active exception"), failing a run whose artifact was written."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

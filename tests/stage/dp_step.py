@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.core.errors import PipelineError  # noqa: E402
+from pipeline.core.runtime import close_process_group  # noqa: E402
 from pipeline.rl import health  # noqa: E402
 from pipeline.rl.rollout import Rollout  # noqa: E402
 from stages.ppo import ptx_batches  # noqa: E402
@@ -55,3 +56,4 @@ except FloatingPointError as e:
 trainer.check_replicas_in_sync()
 if trainer.acc.is_main_process:
     torch.save(model.trainable_state(), out / f"weights-{world}.pt")
+close_process_group()
