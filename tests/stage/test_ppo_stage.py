@@ -184,8 +184,8 @@ def test_an_estimator_can_start_from_its_own_kl_coefficient(chain):
     """algorithm.kl_coef sets beta for one estimator (GRPO's z-scored task reward is on another scale
     than PPO's normalised score); null keeps ppo.kl.init_coef."""
     assert build(["algorithm=reinforce_pp"])[3].kl_ctl.value == pytest.approx(0.2)  # null: ppo.kl.init_coef
-    assert build(["algorithm=grpo"])[3].kl_ctl.value == pytest.approx(0.8)  # conf/algorithm/grpo.yaml
-    assert build(["algorithm=grpo", "algorithm.kl_coef=0.6"])[3].kl_ctl.value == pytest.approx(0.6)
+    assert build(["algorithm=grpo"])[3].kl_ctl.value == pytest.approx(0.6)  # conf/algorithm/grpo.yaml
+    assert build(["algorithm=grpo", "algorithm.kl_coef=0.3"])[3].kl_ctl.value == pytest.approx(0.3)
     assert build(["algorithm=grpo", "algorithm.kl_coef=null"])[3].kl_ctl.value == pytest.approx(0.2)
     with pytest.raises(ConfigError, match=r"algorithm.kl_coef=-1.0 must be >= 0"):
         check_ranges(compose_config("ppo", ["algorithm.kl_coef=-1"]))
@@ -252,9 +252,12 @@ def test_micro_batches_give_the_same_step_as_one_batch(chain):
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "reinforce_pp"])
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "dr_grpo", "grpo kl_in=loss", "reinforce_pp"])
 def test_critic_free_estimators_build_no_value_role(chain, algorithm):
-    overrides = [f"algorithm={algorithm}"] + (["algorithm.samples_per_prompt=2"] if algorithm != "reinforce_pp" else [])
+    """Each critic-free estimator; "grpo kl_in=loss" is the paper's form, the k3 KL as a loss term."""
+    algorithm, *extra = algorithm.split()
+    overrides = [f"algorithm={algorithm}", *(f"algorithm.{o}" for o in extra)] + \
+        (["algorithm.samples_per_prompt=2"] if algorithm != "reinforce_pp" else [])
     _, model, _, trainer = build(overrides)
     assert model.value_head is None and not any(".value." in n for n, _ in model.named_parameters())
     r = rollout(trainer, PROMPTS[:4])
@@ -263,8 +266,9 @@ def test_critic_free_estimators_build_no_value_role(chain, algorithm):
         seq = r.advantages.sum(1) / r.response_mask.sum(1)
         torch.testing.assert_close(seq.view(-1, 2).sum(1), torch.zeros(4), atol=1e-5, rtol=0)
     before = snapshot(model)
-    trainer.train_step(r)
+    stats = trainer.train_step(r)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if ".policy." in n)
+    assert ("kl_loss" in stats) == (extra == ["kl_in=loss"])  # the KL enters the loss only there
 
 
 def test_rl_stage_writes_an_artifact_that_loads_as_the_trained_policy(chain):
