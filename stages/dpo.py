@@ -60,6 +60,10 @@ def check_losses(train: DictConfig) -> None:
         raise ConfigError(f"train.label_smoothing={train.label_smoothing} has no effect with train.loss_type="
                           f"{losses}: use it with one of {list(SMOOTHED_LOSSES)} (e.g. 'train.loss_type=[robust]', "
                           "rDPO for noisy labels), or leave it at 0")
+    if train.use_weighting and "sft" in losses:  # TRL 1.16 weights the expanded SFT loss in place
+        raise ConfigError(f"train.use_weighting=true does not work with 'sft' in train.loss_type={losses}: TRL's "
+                          "DPOTrainer fails on it at the first step. Drop the NLL term ('train.loss_type=[sigmoid]' "
+                          "'train.loss_weights=null') or set train.use_weighting=false")
 
 
 def dpo_rows(fmt: ChatFormat, sources: list[str], cfg: DictConfig, data: Optional[DataReport] = None) -> list[dict]:

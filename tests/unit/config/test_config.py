@@ -87,6 +87,7 @@ def test_schemas_hold_no_defaults():
 @pytest.mark.parametrize("overrides, message", [
     (["train.label_smoothing=0.1"], r"train.label_smoothing=0.1 has no effect with train.loss_type=\['sigmoid', 'sft'\]"),
     (["train.loss_type=[sigmoid,sft]", "train.loss_weights=[1.0]"], "train.loss_weights has 1 entries for 2 losses"),
+    (["train.use_weighting=true"], r"train.use_weighting=true does not work with 'sft' in train.loss_type"),
 ])
 def test_dpo_refuses_loss_settings_trl_would_ignore(overrides, message):
     from pipeline.core.errors import ConfigError
@@ -94,4 +95,6 @@ def test_dpo_refuses_loss_settings_trl_would_ignore(overrides, message):
     with pytest.raises(ConfigError, match=message):
         check_losses(compose_config("dpo", overrides).train)
     check_losses(compose_config("dpo", ["train.loss_type=[robust]", "train.label_smoothing=0.1",
+                                        "train.loss_weights=null"]).train)
+    check_losses(compose_config("dpo", ["train.loss_type=[sigmoid]", "train.use_weighting=true",
                                         "train.loss_weights=null"]).train)
