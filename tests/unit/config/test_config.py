@@ -85,9 +85,10 @@ def test_schemas_hold_no_defaults():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.label_smoothing=0.1"], r"train.label_smoothing=0.1 has no effect with train.loss_type=\['sigmoid', 'sft'\]"),
+    (["train.label_smoothing=0.1"], r"train.label_smoothing=0.1 has no effect with train.loss_type=\['sigmoid'\]"),
     (["train.loss_type=[sigmoid,sft]", "train.loss_weights=[1.0]"], "train.loss_weights has 1 entries for 2 losses"),
-    (["train.use_weighting=true"], r"train.use_weighting=true does not work with 'sft' in train.loss_type"),
+    (["train.loss_type=[sigmoid,sft]", "train.loss_weights=null"],  # use_weighting: true, the default
+     r"train.use_weighting=true does not work with 'sft' in train.loss_type"),
 ])
 def test_dpo_refuses_loss_settings_trl_would_ignore(overrides, message):
     from pipeline.core.errors import ConfigError
@@ -96,5 +97,5 @@ def test_dpo_refuses_loss_settings_trl_would_ignore(overrides, message):
         check_losses(compose_config("dpo", overrides).train)
     check_losses(compose_config("dpo", ["train.loss_type=[robust]", "train.label_smoothing=0.1",
                                         "train.loss_weights=null"]).train)
-    check_losses(compose_config("dpo", ["train.loss_type=[sigmoid]", "train.use_weighting=true",
-                                        "train.loss_weights=null"]).train)
+    check_losses(compose_config("dpo").train)  # the shipped default: WPO
+    check_losses(compose_config("dpo", ["train.loss_type=[sigmoid,sft]", "train.use_weighting=false"]).train)
