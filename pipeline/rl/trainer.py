@@ -8,11 +8,13 @@ Every estimator feeds the same clipped surrogate; only the advantage changes:
 
     gae           PPO: value adapter + head, GAE(gamma, lambda), whitened advantages
     rloo          A_i = R_i - mean of the other k - 1 samples' rewards
-    grpo          A_i = (R_i - mean_g R) / std_g R   (Dr.GRPO: no std, constant normaliser)
+    grpo          A_i = (s_i - mean_g s) / std_g s - beta (KL_i - mean_g KL)
+                  (Dr.GRPO: no std, constant normaliser; estimators.sequence_advantages)
     reinforce_pp  per-token return-to-go, normalised over the batch
 
 The KL to the SFT reference goes into the reward (k1/k3 of the rollout policy, Ziegler et al.)
-or into the loss (k3 of the current policy, with gradient, as in GRPO): ``algorithm.kl_in``.
+or into the loss (k3 of the current policy, with gradient, as in the GRPO paper): ``algorithm.kl_in``.
+Each estimator may start from its own beta (``algorithm.kl_coef``; null: ``ppo.kl.init_coef``).
 
 A minibatch is split into micro-batches (``ppo.micro_batch_size``) whose gradients accumulate,
 so peak memory follows the micro-batch. Data parallel: each process rolls out its own prompts;
