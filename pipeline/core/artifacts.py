@@ -134,7 +134,21 @@ def load_artifact(path: str | Path, stage: str, verify: bool = True) -> Artifact
 
 def verify_checksums(path: Path, manifest: dict[str, Any], make: str) -> None:
     expected = manifest["files"]
-    actual = checksum_tree(path)
+    folder = _identity(path)
+    try:
+        actual = checksum_tree(path)
+    except FileNotFoundError:
+        actual = None  # part of the tree vanished mid-walk: replaced, or being deleted
+    if folder is None or _identity(path) != folder:
+        # A rerun of the stage commits by renaming its new folder over this one (commit()), so
+        # a read that overlaps it mixes two artifacts: neither is corrupt, the read is stale.
+        raise ArtifactError(
+            f"The artifact at {path} changed while it was being read: another run of `{make}` "
+            "replaced or removed it. Read it again once that run has finished."
+        )
+    if actual is None:
+        raise ArtifactError(f"Files of the artifact at {path} vanished while it was being read. "
+                            f"Re-run `{make}` to rebuild it if it stays incomplete.")
     missing = sorted(set(expected) - set(actual))
     changed = sorted(f for f in expected if f in actual and actual[f] != expected[f])
     if missing or changed:
@@ -145,6 +159,15 @@ def verify_checksums(path: Path, manifest: dict[str, Any], make: str) -> None:
         raise ArtifactError(
             f"The artifact at {path} is corrupt ({detail}). Re-run `{make}` to rebuild it."
         )
+
+
+def _identity(path: Path) -> Optional[tuple[int, int]]:
+    """The folder now at ``path`` (device, inode), or None: tells a replaced folder from its name."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def build_manifest(

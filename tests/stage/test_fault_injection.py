@@ -56,6 +56,9 @@ class ArtifactWatch(threading.Thread):
                     # is the artifact's only if the same folder is still there.
                     if self._folder() == folder:
                         self.problems.append(str(e))
+                except Exception as e:  # anything else is a reader's crash: report it, not silence
+                    self.problems.append(f"load_artifact raised {e!r}")
+                    return
             time.sleep(0.01)
 
     def _folder(self):
@@ -108,10 +111,10 @@ def test_sigkill_at_a_random_moment_then_rerun_completes_and_matches(stage, chai
         time.sleep(0.05)
     watch.stop.set()
     watch.join()
+    assert not watch.problems, watch.problems[:2]
     assert watch.seen > loads, "the watcher never loaded the finished artifact: it was not looking"
     assert out.returncode == 0, out.stderr[-3000:]
     assert ("resuming from" in out.stdout + out.stderr) == resumable
-    assert not watch.problems, watch.problems[:2]
     assert not (work / Path(first_checkpoint).parts[0]).exists()  # a finished stage removes its checkpoints
 
     # --- the same run, never interrupted ---

@@ -87,6 +87,42 @@ def test_missing_file_is_caught(tmp_path):
         load_artifact(tmp_path / "base", "base")
 
 
+def test_artifact_replaced_while_being_read_is_an_artifact_error(tmp_path, monkeypatch):
+    """A rerun swaps a new artifact into place (old one renamed aside, then removed) while
+    another process may be verifying the old one: the reader gets the pipeline's error, which
+    says what happened, not a bare FileNotFoundError from the middle of the walk."""
+    import pipeline.core.artifacts as artifacts
+
+    write_artifact(tmp_path, "base", "v1")
+    real = artifacts.sha256_file
+
+    def swap_mid_read(path, *a, **k):
+        digest = real(path, *a, **k)
+        if (tmp_path / "base").exists():
+            os.rename(tmp_path / "base", tmp_path / "base.previous")  # as commit() does
+        return digest
+
+    monkeypatch.setattr(artifacts, "sha256_file", swap_mid_read)
+    with pytest.raises(ArtifactError, match=r"changed while it was being read.*another run"):
+        load_artifact(tmp_path / "base", "base")
+
+
+def test_artifact_removed_mid_walk_is_an_artifact_error(tmp_path, monkeypatch):
+    """The walk itself can meet the vanished folder (scandir of a subfolder that went with the
+    rename): the same error, not a FileNotFoundError (seen in CI from the fault-injection watcher)."""
+    import pipeline.core.artifacts as artifacts
+
+    write_artifact(tmp_path, "base", "v1")
+
+    def walk_into_vanished(root):
+        os.rename(tmp_path / "base", tmp_path / "base.previous")
+        raise FileNotFoundError(2, "No such file or directory", str(root / "sub"))
+
+    monkeypatch.setattr(artifacts, "checksum_tree", walk_into_vanished)
+    with pytest.raises(ArtifactError, match=r"changed while it was being read"):
+        load_artifact(tmp_path / "base", "base")
+
+
 @pytest.mark.parametrize("stage, target", [("base", "make base"), ("sft", "make sft"), ("rm", "make rm")])
 def test_missing_parent_names_the_make_target(tmp_path, stage, target):
     with pytest.raises(ArtifactError, match=f"Run `{target}` first"):
