@@ -27,7 +27,7 @@ from trl import DPOConfig, DPOTrainer
 
 import pipeline.config  # noqa: F401  (registers the schemas)
 from pipeline.core.artifacts import find_parent, staged_artifact
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.core.tracking import start_tracking
 from pipeline.core.validation import check_ranges
@@ -45,6 +45,7 @@ from pipeline.training.hf import (
     train_or_resume,
     trainer_args,
 )
+from pipeline.training.policy_pairs import policy_pairs
 from pipeline.training.resume import MarkComplete, TrainerCheckpoints
 
 SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")  # TRL's losses that read label_smoothing
@@ -66,17 +67,48 @@ def check_losses(train: DictConfig) -> None:
                           "'train.loss_weights=null') or set train.use_weighting=false")
 
 
+PAIR_SOURCES = ("data", "policy")
+
+
+def check_pairs(cfg: DictConfig) -> None:
+    if cfg.pairs.source not in PAIR_SOURCES:
+        raise ConfigError(f"pairs.source={cfg.pairs.source!r} must be one of {list(PAIR_SOURCES)}: data (the "
+                          "preference data, data.prefs.train) or policy (the SFT policy's samples ranked by the RM)")
+
+
 def dpo_rows(fmt: ChatFormat, sources: list[str], cfg: DictConfig, data: Optional[DataReport] = None) -> list[dict]:
     """Preference pairs as conversations for TRL, each first checked and tokenized with the chat
     format (a conversation the template refuses names its file and line); skips go to ``data``."""
-    def check(row: dict) -> dict:
-        return {**row, "_ids": preference_example(fmt, row)}
+    rows = load_validated(sources, cfg.data.hub_split, tokenized(preference_rows, lambda r: with_ids(fmt, r)),
+                          cfg.data.columns, cfg.data.bad_rows, data)
+    return trl_rows(fmt, rows)
 
-    rows = load_validated(sources, cfg.data.hub_split, tokenized(preference_rows, check), cfg.data.columns,
-                          cfg.data.bad_rows, data)
+
+def with_ids(fmt: ChatFormat, row: dict) -> dict:
+    return {**row, "_ids": preference_example(fmt, row)}
+
+
+def trl_rows(fmt: ChatFormat, rows: list[dict]) -> list[dict]:
     fold = fold_system_turn if fmt.fold_system else (lambda m: m)  # TRL renders the template itself
     return [{"prompt": fold(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"],
              "_ids": r["_ids"]} for r in rows]
+
+
+def train_pairs(cfg: DictConfig, sft, fmt: ChatFormat, data: DataReport) -> tuple[list[dict], list, dict]:
+    """The training pairs of ``pairs.source`` (data: data.prefs.train; policy: the SFT policy's
+    samples ranked by the RM, pipeline/training/policy_pairs.py), the extra parents they depend
+    on, and what sampling them gave."""
+    if cfg.pairs.source == "data":
+        return dpo_rows(fmt, cfg.data.prefs.train, cfg, data), [], {}
+    rm = find_parent(cfg.paths.run_dir, "rm", cfg.parents.rm)
+    pairs, stats = policy_pairs(cfg, sft, rm, data)
+    if not pairs:
+        raise PipelineError(f"pairs.source=policy: none of the {stats['pairs/prompts']} prompts gave two usable "
+                            f"samples that the RM ranks apart (samples that stopped: {stats['pairs/eos_rate']:.0%}); "
+                            "raise pairs.samples_per_prompt or pairs.max_new_tokens")
+    print(f"dpo: {len(pairs)} pairs from {stats['pairs/prompts']} prompts x {cfg.pairs.samples_per_prompt} samples "
+          f"of the SFT policy, ranked by the RM (mean margin {stats['pairs/margin_mean']:.2f})")
+    return trl_rows(fmt, [with_ids(fmt, r) for r in pairs]), [rm], stats
 
 
 def as_dataset(rows: list[dict], max_length: int) -> Dataset:
@@ -103,6 +135,7 @@ def dpo_trainer(cfg: DictConfig, sft, fmt: ChatFormat, train_rows: list[dict], e
 def run(cfg: DictConfig) -> dict:
     check_ranges(cfg)
     check_losses(cfg.train)
+    check_pairs(cfg)
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.train.num_threads)
 
@@ -110,13 +143,13 @@ def run(cfg: DictConfig) -> dict:
     sft = find_parent(cfg.paths.run_dir, "sft", cfg.parents.sft)
     fmt = load_sft_tokenizer(sft)
     data = DataReport()  # bad rows skipped (data.bad_rows) and merged turns, by reason
-    train_rows = dpo_rows(fmt, cfg.data.prefs.train, cfg, data)
     eval_rows = dpo_rows(fmt, cfg.data.prefs.eval, cfg, data)
+    train_rows, more_parents, pair_stats = train_pairs(cfg, sft, fmt, data)
     too_long = report_truncation("dpo", [r["_ids"] for r in train_rows], cfg.train.max_length)
 
     # --- model and trainer: base + a trainable SFT adapter copy, the SFT model as reference ---
     work = Path(output_run_dir(cfg)) / ".work" / "dpo"
-    ckpts = TrainerCheckpoints(work, resolved(cfg), "dpo", [sft])
+    ckpts = TrainerCheckpoints(work, resolved(cfg), "dpo", [sft, *more_parents])
     last, run_id = ckpts.start(cfg.resume)
     tracker = start_tracking(cfg, "dpo", run_id)
     trainer = dpo_trainer(cfg, sft, fmt, train_rows, eval_rows, work, "wandb" if tracker.enabled else "none")
@@ -124,7 +157,7 @@ def run(cfg: DictConfig) -> dict:
     final_eval = trainer.evaluate()
     logged = trainer.state.log_history
     metrics = {"train_loss": final_train_loss(logged, run_mean), "train_loss_mean": mean_train_loss(logged, run_mean),
-               "train_pairs_dropped_too_long": too_long,
+               "train_pairs_dropped_too_long": too_long, **pair_stats,
                **{k: v for k, v in final_eval.items() if k.startswith("eval_rewards/") or k == "eval_loss"},
                **data.metrics()}
     print(f"dpo: train loss {metrics['train_loss']:.3f}, held-out preference accuracy "

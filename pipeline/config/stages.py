@@ -148,11 +148,28 @@ class DPOTrainConfig(HFTrainConfig):
 
 
 @dataclass
+class DPOPairsConfig:
+    source: str = MISSING  # data: data.prefs.train; policy: the SFT policy's samples ranked by the RM
+    prompts: Optional[int] = MISSING  # policy: the first n of data.ppo_prompts; null = all
+    samples_per_prompt: int = MISSING  # policy: samples per prompt; the best and the worst make a pair
+    temperature: float = MISSING  # policy: sampling temperature
+    max_new_tokens: int = MISSING  # policy: longest sample
+    batch_size: int = MISSING  # policy: prompts per generate call / pairs per RM forward pass
+
+
+@dataclass
+class DPOParents:
+    sft: Optional[str] = MISSING  # null: the same run's sft artifact
+    rm: Optional[str] = MISSING  # pairs.source=policy: null = the same run's rm artifact
+
+
+@dataclass
 class DPOStageConfig(StageConfig):
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     train: DPOTrainConfig = MISSING
-    parents: RMParents = MISSING
+    pairs: DPOPairsConfig = MISSING
+    parents: DPOParents = MISSING
     resume: bool = MISSING  # rerun of a killed stage continues from its last checkpoint
 
 

@@ -44,6 +44,8 @@ RULES: dict[str, Rule] = {
     "ppo.kl.init_coef": NON_NEGATIVE, "ppo.kl.target": POSITIVE, "ppo.kl.horizon": POSITIVE,
     "algorithm.samples_per_prompt": POSITIVE,
     "reward.min_accuracy": PROBABILITY,
+    **{f"pairs.{k}": POSITIVE for k in ("prompts", "temperature", "max_new_tokens", "batch_size")},
+    "pairs.samples_per_prompt": (lambda v: v >= 2, ">= 2: a pair is the best and the worst of a prompt's samples"),
     **{k: POSITIVE for k in ("log_every", "table_every", "checkpoint_every", "summary_window", "num_threads",
                              "score_batch_size", "batch_size", "max_prompts", "samples.num_prompts",
                              "samples.batch_size", "tokenizer.vocab_size", "tokenizer.min_frequency")},

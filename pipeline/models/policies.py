@@ -49,9 +49,14 @@ def load_policy(stage: str, cfg, merge: bool = True):
             source = str(find_parent(cfg.paths.run_dir, "base").path / "model")
         fmt = load_tokenizer(source, cfg.model)
         return load_causal_lm(source, cfg.model, fmt).eval(), fmt
-    art = find_parent(cfg.paths.run_dir, stage)
+    return load_policy_artifact(find_parent(cfg.paths.run_dir, stage), cfg.model, merge)
+
+
+def load_policy_artifact(art: Artifact, model_cfg, merge: bool = True):
+    """(model, chat format) of a policy artifact (sft, dpo or an RL stage) in eval mode: its
+    adapter on the base it records, merged for plain-model speed unless ``merge`` is off."""
     fmt = load_saved_chat_format(adapter_dir(art))
-    model = load_causal_lm(base_source_for(art), cfg.model, fmt)
+    model = load_causal_lm(base_source_for(art), model_cfg, fmt)
     model = PeftModel.from_pretrained(model, adapter_dir(art))
     if merge:
         model = model.merge_and_unload()
