@@ -1,12 +1,19 @@
 """DPO stage: TRL's DPOTrainer on the tiny chain, the SFT model as its reference."""
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipeline.core.artifacts import find_parent, load_artifact
+from pipeline.core.errors import ArtifactError, ConfigError
+from pipeline.data.layouts import load_validated, prompt_row
+from pipeline.generation.decoding import DecodingConfig
+from pipeline.generation.samples import sample_responses
 from pipeline.models.policies import load_policy
-from pipeline.models.reward import load_sft_tokenizer
+from pipeline.models.reward import load_reward_model, load_sft_tokenizer, score_conversations
+from pipeline.training.policy_pairs import policy_pairs
 from stages import dpo
 from tests.conftest import compose_config
 from tests.stage.conftest import QUIET
@@ -42,3 +49,47 @@ def test_dpo_trains_a_policy_adapter_that_loads_as_a_stage(chain):
     policy, fmt = load_policy("dpo", compose_config("eval", QUIET))
     assert fmt.stop_ids and policy is not None
     assert not (chain / "artifacts/default/.work/dpo").exists()  # a finished stage removes its checkpoints
+
+
+ON_POLICY = ["pairs.source=policy", "pairs.prompts=12", "pairs.samples_per_prompt=3", "pairs.batch_size=16",
+             "pairs.max_new_tokens=64"]  # the tiny chain's SFT rarely stops within 24 tokens
+
+
+def test_on_policy_pairs_are_the_sft_policys_samples_ranked_by_the_rm(chain):
+    cfg = compose_config("dpo", TINY_DPO + ON_POLICY)
+    sft, rm = find_parent(cfg.paths.run_dir, "sft"), find_parent(cfg.paths.run_dir, "rm")
+    pairs, stats = policy_pairs(cfg, sft, rm)
+    assert stats["pairs/prompts"] == 12 and stats["pairs/count"] == len(pairs) > 0
+    # Every side is one of the SFT policy's own samples (same seed, same prompts) ...
+    model, fmt = load_policy("sft", cfg)
+    prompts = [p["messages"] for p in load_validated(list(cfg.data.ppo_prompts), "train", prompt_row, {}, "skip")][:12]
+    dec = DecodingConfig("s", True, 1.0, 0, 1.0, 1, cfg.pairs.max_new_tokens)
+    samples = sample_responses(model, fmt, [p for p in prompts for _ in range(3)], dec, 16, cfg.seed)
+    by_prompt = {str(p): {s.response for s in samples[3 * i:3 * i + 3]} for i, p in enumerate(prompts)}
+    for pair in pairs:
+        assert {pair["chosen"][0]["content"], pair["rejected"][0]["content"]} <= by_prompt[str(pair["prompt"])]
+    # ... and the RM scores the chosen one higher, by the recorded margin.
+    reward, _ = load_reward_model(rm, sft, cfg.model)
+    chosen = score_conversations(reward, fmt, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], 16)
+    rejected = score_conversations(reward, fmt, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs], 16)
+    assert (chosen > rejected).all()
+    assert torch.allclose(chosen - rejected, torch.tensor([p["margin"] for p in pairs]), atol=1e-4)
+
+
+def test_on_policy_dpo_runs_and_records_its_rm(chain):
+    metrics = dpo.run(compose_config("dpo", TINY_DPO + ON_POLICY))
+    assert 0 < metrics["pairs/count"] <= 12 and "eval_rewards/accuracies" in metrics
+    art = load_artifact(chain / "artifacts/default/dpo", "dpo")
+    assert art.manifest["parent"]["stage"] == "sft" and art.metrics == metrics
+
+
+def test_on_policy_dpo_without_an_rm_names_make_rm(chain):
+    shutil.rmtree(chain / "artifacts/default/rm")
+    with pytest.raises(ArtifactError, match="make rm"):
+        dpo.run(compose_config("dpo", TINY_DPO + ON_POLICY))
+    assert not (chain / "artifacts/default/dpo").exists()
+
+
+def test_unknown_pair_source_is_refused_by_name(chain):
+    with pytest.raises(ConfigError, match=r"pairs.source='prefs' must be one of \['data', 'policy'\]"):
+        dpo.run(compose_config("dpo", TINY_DPO + ["pairs.source=prefs"]))
