@@ -5,6 +5,7 @@
     make bench ARGS="ppo --models b"  # our RL stage vs TRL 1.12's PPOTrainer (bench/ppo.py)
     make bench ARGS="grpo --models a" # our GRPO vs TRL 1.16's GRPOTrainer (bench/grpo.py)
     make bench ARGS="gpu --dry-run"   # the GPU bench (bench/gpu.py) end to end at tiny shapes
+    make bench ARGS="alignment --run final --seeds 4"  # a run's alignment figures over 4 sampling seeds
 
 - kv_cache:     sampling with the KV cache vs recomputing the prefix every step.
 - merged_lora:  a forward pass with the LoRA adapter merged into the base vs unmerged.
@@ -13,6 +14,8 @@
 - ppo:          our RL stage against TRL 1.12's PPOTrainer, whole processes side by side.
 - grpo:         our GRPO (algorithm=grpo) against TRL 1.16's GRPOTrainer, the same way
                 (results in bench/results/grpo-2core-cpu.txt).
+- alignment:    the eval stage's sampled figures of a finished run, averaged over sampling seeds
+                (bench/alignment.py), with the world's targets checked.
 - gpu:          the one-shot GPU bench (bench/gpu.py, on a card via bench/gpu_run.sh): peak memory of
                 sft / rm / ppo / grpo beside the memory model, decode ms/step against the bandwidth
                 floor, episodes/s of ppo, grpo and TRL 1.16's GRPOTrainer at the Llama-3-8B and
@@ -135,9 +138,15 @@ def bench_gpu() -> None:
     gpu.main()
 
 
+def bench_alignment() -> None:
+    from bench import alignment
+    alignment.main(sys.argv[2:] if sys.argv[1:2] == ["alignment"] else sys.argv[1:])
+
+
 BENCHES = {"kv_cache": bench_kv_cache, "merged_lora": bench_merged_lora, "shared_base": bench_shared_base,
-           "ppo": bench_ppo, "grpo": bench_grpo, "gpu": bench_gpu}
-DEFAULT = [name for name in BENCHES if name != "gpu"]  # `make bench` with no name: the CPU benches
+           "ppo": bench_ppo, "grpo": bench_grpo, "gpu": bench_gpu, "alignment": bench_alignment}
+# `make bench` with no name: the CPU benches (alignment needs a finished run: it names one)
+DEFAULT = [name for name in BENCHES if name not in ("gpu", "alignment")]
 
 if __name__ == "__main__":
     torch.set_num_threads(2)

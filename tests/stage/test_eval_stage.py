@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.errors import PipelineError
+from bench import alignment as alignment_bench
 from stages import eval as eval_stage
 from stages import pipeline
 from tests.conftest import compose_config
@@ -305,3 +306,14 @@ def test_an_rm_artifact_judges_as_itself_directly_or_exported(chain, tmp_path):
     for source in (rm.path, exported):
         judge = load_judge(str(source), cfg.model)
         assert score_texts(judge, prompts, texts, 2)["x"]["greedy"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_alignment_bench_runs_the_eval_stage_at_each_seed(chain, tmp_path, capsys):
+    alignment_bench.main(["--run", "default", "--seeds", "2", "--out", str(tmp_path / "keep"), "max_prompts=8"])
+    out = capsys.readouterr().out
+    assert "on the eval prompts (8), sampled at T = 1, 2 sampling seeds" in out
+    assert "| base |" in out and "| sft |" in out
+    reports = sorted(p.name for p in (tmp_path / "keep").iterdir())
+    assert reports == ["report-seed0.md", "report-seed1.md"]
+    # the two seeds sampled different answers (else the mean would average nothing)
+    assert (tmp_path / "keep/report-seed0.md").read_text() != (tmp_path / "keep/report-seed1.md").read_text()
