@@ -26,7 +26,7 @@ from peft import PeftModel
 from trl import DPOConfig, DPOTrainer
 
 import pipeline.config  # noqa: F401  (registers the schemas)
-from pipeline.core.artifacts import find_parent, staged_artifact
+from pipeline.core.artifacts import find_parent, require_built_on, staged_artifact
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.core.tracking import start_tracking
@@ -101,6 +101,7 @@ def train_pairs(cfg: DictConfig, sft, fmt: ChatFormat, data: DataReport) -> tupl
     if cfg.pairs.source == "data":
         return dpo_rows(fmt, cfg.data.prefs.train, cfg, data), [], {}
     rm = find_parent(cfg.paths.run_dir, "rm", cfg.parents.rm)
+    require_built_on(rm, sft)  # the RM ranks answers of the SFT model it was trained on
     pairs, stats = policy_pairs(cfg, sft, rm, data)
     if not pairs:
         raise PipelineError(f"pairs.source=policy: none of the {stats['pairs/prompts']} prompts gave two usable "
@@ -164,7 +165,10 @@ def run(cfg: DictConfig) -> dict:
           f"{metrics.get('eval_rewards/accuracies', float('nan')):.3f}")
 
     # --- save: the policy adapter (on the base) + chat format ---
-    with staged_artifact(output_run_dir(cfg), "dpo", resolved(cfg), parent=sft) as art:
+    # On-policy pairs depend on the RM too: it is the recorded parent then (its own parent is this
+    # SFT), so rebuilding the RM makes this artifact stale for eval and `make pipeline`.
+    parent = more_parents[0] if more_parents else sft
+    with staged_artifact(output_run_dir(cfg), "dpo", resolved(cfg), parent=parent) as art:
         trainer.model.save_pretrained(art.dir / "policy", selected_adapters=["default"], save_embedding_layers=False)
         fmt.save(art.dir / "policy")
         art.metrics = metrics

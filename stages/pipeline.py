@@ -46,7 +46,7 @@ from pipeline.core.runtime import resolved, user_errors
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # What each stage records as its parent artifact (what `staged_artifact(parent=...)` gets).
-PARENT = {"base": None, "sft": "base", "rm": "sft", "dpo": "sft", "ppo": "rm"}
+PARENT = {"base": None, "sft": "base", "rm": "sft", "dpo": "sft", "ppo": "rm"}  # dpo: rm with pairs.source=policy
 STAGES = ("base", "sft", "rm", "dpo", "ppo", "eval")
 
 
@@ -169,7 +169,7 @@ def parent_artifact(stage: str, cfg: DictConfig) -> Optional[Artifact]:
     if stage == "eval":
         from stages.eval import eval_parent
         return eval_parent(cfg.paths.run_dir)
-    parent = PARENT[stage]
+    parent = "rm" if stage == "dpo" and cfg.pairs.source == "policy" else PARENT[stage]  # on-policy DPO ranks with the RM
     if parent is None or (parent == "base" and cfg.model.path):  # a hub model has no base artifact
         return None
     # `parents.<stage>` in the config points at another run's artifact; null = this run's.

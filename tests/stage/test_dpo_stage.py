@@ -1,12 +1,13 @@
 """DPO stage: TRL's DPOTrainer on the tiny chain, the SFT model as its reference."""
 
+import json
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.core.artifacts import find_parent, load_artifact
+from pipeline.core.artifacts import find_parent, load_artifact, sha256_file
 from pipeline.core.errors import ArtifactError, ConfigError
 from pipeline.data.layouts import load_validated, prompt_row
 from pipeline.generation.decoding import DecodingConfig
@@ -15,6 +16,7 @@ from pipeline.models.policies import load_policy
 from pipeline.models.reward import load_reward_model, load_sft_tokenizer, score_conversations
 from pipeline.training.policy_pairs import policy_pairs
 from stages import dpo
+from stages import pipeline as pipeline_stage
 from tests.conftest import compose_config
 from tests.stage.conftest import QUIET
 
@@ -80,7 +82,23 @@ def test_on_policy_dpo_runs_and_records_its_rm(chain):
     metrics = dpo.run(compose_config("dpo", TINY_DPO + ON_POLICY))
     assert 0 < metrics["pairs/count"] <= 12 and "eval_rewards/accuracies" in metrics
     art = load_artifact(chain / "artifacts/default/dpo", "dpo")
-    assert art.manifest["parent"]["stage"] == "sft" and art.metrics == metrics
+    # its parent is the RM that ranked its pairs (whose parent is the SFT it starts from)
+    assert art.manifest["parent"]["stage"] == "rm" and art.metrics == metrics
+    policy, fmt = load_policy("dpo", compose_config("eval", QUIET))  # the base is found through the RM
+    assert policy is not None
+
+
+def test_a_rebuilt_rm_makes_on_policy_dpo_stale_for_the_pipeline(chain):
+    dpo.run(compose_config("dpo", TINY_DPO + ON_POLICY))
+    cfg = pipeline_stage.compose_all(["dpo"], TINY_DPO + ON_POLICY)["dpo"]
+    assert pipeline_stage.up_to_date("dpo", cfg)
+    rm_manifest = chain / "artifacts/default/rm/manifest.json"
+    (chain / "artifacts/default/rm/adapter/adapter_model.safetensors").write_bytes(b"rebuilt")
+    rebuilt = json.loads(rm_manifest.read_text())
+    rebuilt["files"]["adapter/adapter_model.safetensors"] = sha256_file(
+        chain / "artifacts/default/rm/adapter/adapter_model.safetensors")
+    rm_manifest.write_text(json.dumps(rebuilt))  # as a fresh `make rm` would leave it: a new checksum
+    assert not pipeline_stage.up_to_date("dpo", cfg)
 
 
 def test_on_policy_dpo_without_an_rm_names_make_rm(chain):
