@@ -67,7 +67,7 @@ def check_losses(train: DictConfig) -> None:
                           "'train.loss_weights=null') or set train.use_weighting=false")
 
 
-PAIR_SOURCES = ("data", "policy")
+PAIR_SOURCES = ("data", "policy", "both")
 
 
 def check_pairs(cfg: DictConfig) -> None:
@@ -96,20 +96,22 @@ def trl_rows(fmt: ChatFormat, rows: list[dict]) -> list[dict]:
 
 def train_pairs(cfg: DictConfig, sft, fmt: ChatFormat, data: DataReport) -> tuple[list[dict], list, dict]:
     """The training pairs of ``pairs.source`` (data: data.prefs.train; policy: the SFT policy's
-    samples ranked by the RM, pipeline/training/policy_pairs.py), the extra parents they depend
-    on, and what sampling them gave."""
+    samples ranked by the RM, pipeline/training/policy_pairs.py; both: the two together), the
+    extra parents they depend on, and what sampling them gave."""
+    offline = dpo_rows(fmt, cfg.data.prefs.train, cfg, data) if cfg.pairs.source in ("data", "both") else []
     if cfg.pairs.source == "data":
-        return dpo_rows(fmt, cfg.data.prefs.train, cfg, data), [], {}
+        return offline, [], {}
     rm = find_parent(cfg.paths.run_dir, "rm", cfg.parents.rm)
     require_built_on(rm, sft)  # the RM ranks answers of the SFT model it was trained on
     pairs, stats = policy_pairs(cfg, sft, rm, data)
     if not pairs:
-        raise PipelineError(f"pairs.source=policy: none of the {stats['pairs/prompts']} prompts gave two usable "
-                            f"samples that the RM ranks apart (samples that stopped: {stats['pairs/eos_rate']:.0%}); "
-                            "raise pairs.samples_per_prompt or pairs.max_new_tokens")
+        raise PipelineError(f"pairs.source={cfg.pairs.source}: none of the {stats['pairs/prompts']} prompts gave two "
+                            f"usable samples that the RM ranks apart (samples that stopped: "
+                            f"{stats['pairs/eos_rate']:.0%}); raise pairs.samples_per_prompt or pairs.max_new_tokens")
     print(f"dpo: {len(pairs)} pairs from {stats['pairs/prompts']} prompts x {cfg.pairs.samples_per_prompt} samples "
-          f"of the SFT policy, ranked by the RM (mean margin {stats['pairs/margin_mean']:.2f})")
-    return trl_rows(fmt, [with_ids(fmt, r) for r in pairs]), [rm], stats
+          f"of the SFT policy, ranked by the RM (mean margin {stats['pairs/margin_mean']:.2f})"
+          + (f", with the data's {len(offline)}" if offline else ""))
+    return offline + trl_rows(fmt, [with_ids(fmt, r) for r in pairs]), [rm], stats
 
 
 def as_dataset(rows: list[dict], max_length: int) -> Dataset:

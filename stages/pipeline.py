@@ -169,7 +169,7 @@ def parent_artifact(stage: str, cfg: DictConfig) -> Optional[Artifact]:
     if stage == "eval":
         from stages.eval import eval_parent
         return eval_parent(cfg.paths.run_dir)
-    parent = "rm" if stage == "dpo" and cfg.pairs.source == "policy" else PARENT[stage]  # on-policy DPO ranks with the RM
+    parent = "rm" if stage == "dpo" and cfg.pairs.source != "data" else PARENT[stage]  # on-policy DPO ranks with the RM
     if parent is None or (parent == "base" and cfg.model.path):  # a hub model has no base artifact
         return None
     # `parents.<stage>` in the config points at another run's artifact; null = this run's.

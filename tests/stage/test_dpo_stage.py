@@ -109,5 +109,5 @@ def test_on_policy_dpo_without_an_rm_names_make_rm(chain):
 
 
 def test_unknown_pair_source_is_refused_by_name(chain):
-    with pytest.raises(ConfigError, match=r"pairs.source='prefs' must be one of \['data', 'policy'\]"):
+    with pytest.raises(ConfigError, match=r"pairs.source='prefs' must be one of \['data', 'policy', 'both'\]"):
         dpo.run(compose_config("dpo", TINY_DPO + ["pairs.source=prefs"]))
