@@ -160,7 +160,7 @@ def run(cfg: DictConfig) -> dict:
     final_eval = trainer.evaluate()
     logged = trainer.state.log_history
     metrics = {"train_loss": final_train_loss(logged, run_mean), "train_loss_mean": mean_train_loss(logged, run_mean),
-               "train_pairs_dropped_too_long": too_long, **pair_stats,
+               "train_pairs": len(train_rows) - too_long, "train_pairs_dropped_too_long": too_long, **pair_stats,
                **{k: v for k, v in final_eval.items() if k.startswith("eval_rewards/") or k == "eval_loss"},
                **data.metrics()}
     print(f"dpo: train loss {metrics['train_loss']:.3f}, held-out preference accuracy "

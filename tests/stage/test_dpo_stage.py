@@ -78,9 +78,14 @@ def test_on_policy_pairs_are_the_sft_policys_samples_ranked_by_the_rm(chain):
     assert torch.allclose(chosen - rejected, torch.tensor([p["margin"] for p in pairs]), atol=1e-4)
 
 
-def test_on_policy_dpo_runs_and_records_its_rm(chain):
-    metrics = dpo.run(compose_config("dpo", TINY_DPO + ON_POLICY))
+@pytest.mark.parametrize("source", ["policy", "both"])
+def test_on_policy_dpo_runs_and_records_its_rm(chain, source):
+    metrics = dpo.run(compose_config("dpo", TINY_DPO + ON_POLICY + [f"pairs.source={source}"]))
     assert 0 < metrics["pairs/count"] <= 12 and "eval_rewards/accuracies" in metrics
+    cfg = compose_config("dpo", TINY_DPO)
+    offline = len(dpo.dpo_rows(load_sft_tokenizer(find_parent(cfg.paths.run_dir, "sft")), cfg.data.prefs.train, cfg))
+    trained = metrics["train_pairs"] + metrics["train_pairs_dropped_too_long"]
+    assert trained == metrics["pairs/count"] + (offline if source == "both" else 0)
     art = load_artifact(chain / "artifacts/default/dpo", "dpo")
     # its parent is the RM that ranked its pairs (whose parent is the SFT it starts from)
     assert art.manifest["parent"]["stage"] == "rm" and art.metrics == metrics
