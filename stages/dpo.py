@@ -1,15 +1,20 @@
-"""Direct preference optimisation (Rafailov et al. 2023): the no-RL baseline, on the same preferences.
+"""Direct preference optimisation (Rafailov et al. 2023): the no-RL baseline.
 
     loss = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
-           + w_sft * mean of -log pi(t) over the batch's chosen tokens t   (RPO, Pang et al. 2024; w_sft 0.5)
+           (+ w_sft * mean NLL of the chosen tokens with loss_type [sigmoid, sft], RPO, Pang et al. 2024;
+           each pair weighted by its probability under the policy with use_weighting, WPO, Zhou et al. 2024)
 
 TRL's DPOTrainer trains a copy of the SFT adapter on the base; the reference is the SFT model
 itself (TRL keeps a frozen copy of the adapter), not the bare base that "adapter disabled" would
-give under LoRA. The data is the RM's: ranked lists are expanded to all their pairs; margins are
-ignored (DPO's loss has no place for them). The artifact is a policy adapter on the base, like
-the RL stages', so `make eval`, `make generate` and `make export` treat `dpo` as one more stage.
+give under LoRA. The pairs (``pairs.source``, the data config's default): ``data``, the RM's
+preference data (ranked lists expanded to all their pairs; margins ignored, DPO's loss has no
+place for them); ``policy``, on-policy DPO, the SFT policy's own samples, best against worst by
+the run's RM (pipeline/training/policy_pairs.py; the RM is then the artifact's parent); ``both``.
+The artifact is a policy adapter on the base, like the RL stages', so `make eval`, `make
+generate` and `make export` treat `dpo` as one more stage.
 
     make dpo
+    make dpo ARGS="pairs.source=data train.max_steps=450"    # offline DPO on the preference data
     make dpo ARGS="train.beta=0.05 train.max_steps=300"
 """
 

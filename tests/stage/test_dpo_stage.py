@@ -22,8 +22,8 @@ from tests.stage.conftest import QUIET
 
 pytestmark = pytest.mark.stage
 
-TINY_DPO = ["train.max_steps=6", "train.per_device_train_batch_size=8", "train.per_device_eval_batch_size=32",
-            "train.eval_steps=0"] + QUIET
+TINY_DPO = ["pairs.source=data", "train.max_steps=6", "train.per_device_train_batch_size=8",
+            "train.per_device_eval_batch_size=32", "train.eval_steps=0"] + QUIET
 
 
 def test_the_reference_is_the_sft_model_so_the_implicit_reward_starts_at_zero(chain, tmp_path):
