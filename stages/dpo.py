@@ -6,15 +6,15 @@
 
 TRL's DPOTrainer trains a copy of the SFT adapter on the base; the reference is the SFT model
 itself (TRL keeps a frozen copy of the adapter), not the bare base that "adapter disabled" would
-give under LoRA. The pairs (``pairs.source``, the data config's default): ``data``, the RM's
-preference data (ranked lists expanded to all their pairs; margins ignored, DPO's loss has no
-place for them); ``policy``, on-policy DPO, the SFT policy's own samples, best against worst by
+give under LoRA. The pairs (``pairs.source``): ``data`` (the default), the RM's preference data
+(ranked lists expanded to all their pairs; margins ignored, DPO's loss has no place for them);
+``policy``, on-policy DPO, the SFT policy's own samples, best against worst by
 the run's RM (pipeline/training/policy_pairs.py; the RM is then the artifact's parent); ``both``.
 The artifact is a policy adapter on the base, like the RL stages', so `make eval`, `make
 generate` and `make export` treat `dpo` as one more stage.
 
     make dpo
-    make dpo ARGS="pairs.source=data train.max_steps=450"    # offline DPO on the preference data
+    make dpo ARGS="pairs.source=policy train.max_steps=45"   # on-policy DPO
     make dpo ARGS="train.beta=0.05 train.max_steps=300"
 """
 

@@ -78,8 +78,6 @@ class DataConfig:
     ppo_prompts: list[str] = MISSING
     eval_prompts: list[str] = MISSING
     val_prompts: list[str] = MISSING  # held out like eval_prompts: `make eval ARGS="prompts=val"`
-    dpo_pairs: str = MISSING  # DPO's pairs.source on this data: policy (the world's, chosen on its val prompts)
-    #                           or data (a public set's own preference pairs)
     hub_split: str = MISSING  # split used when a source is a hub dataset id (or a folder) without `:<split>`
     # The public sets a preset reads (conf/data/: hh_rlhf, ultrafeedback, tldr, alpaca), by name: a hub
     # id, or a local folder laid out like its splits (<folder>/<split>.jsonl). Sources name them as

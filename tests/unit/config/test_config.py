@@ -99,10 +99,3 @@ def test_dpo_refuses_loss_settings_trl_would_ignore(overrides, message):
                                         "train.loss_weights=null"]).train)
     check_losses(compose_config("dpo").train)  # the shipped default: WPO
     check_losses(compose_config("dpo", ["train.loss_type=[sigmoid,sft]", "train.use_weighting=false"]).train)
-
-
-@pytest.mark.parametrize("data, source", [("world", "policy"), ("hh_rlhf", "data"), ("alpaca", "data"),
-                                          ("tldr", "data"), ("ultrafeedback", "data")])
-def test_dpo_pairs_default_to_the_data_configs_choice(data, source):
-    # On-policy pairs were chosen on the world's val prompts; a public set trains on its own pairs.
-    assert compose_config("dpo", [f"data={data}"]).pairs.source == source
