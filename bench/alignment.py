@@ -1,8 +1,8 @@
 """The world's alignment figures with the sampling noise averaged down: `make bench ARGS=alignment`.
 
-One sampled answer per prompt makes a win rate on 500 prompts move by about +-2 points between
-sampling seeds of the very same policies (measured: PPO 64.2-68.2% on the 200 val prompts over
-seeds 0-4). This runs the eval stage (sampled decoding, T = 1) on a finished run at sampling
+One sampled answer per prompt makes a win rate move between sampling seeds of the very same
+policies: by up to 2.9 points on the world's 500 eval prompts (DPO 61.6-64.5% over seeds 0-3) and
+up to 6.7 on its 200 val prompts (PPO 64.2-68.2%, on-policy DPO 59.0-65.7% over seeds 0-4). This runs the eval stage (sampled decoding, T = 1) on a finished run at sampling
 seeds 0..n-1, each a whole `python -m stages.eval ... seed=<s>` process, and prints per stage
 the mean over seeds of the win rate vs SFT, correct, hallucination, unsafe and KL to SFT, the
 range of the win rate, and which of the world's targets the means meet: a win rate of at least
