@@ -78,7 +78,8 @@ PAIR_SOURCES = ("data", "policy", "both")
 def check_pairs(cfg: DictConfig) -> None:
     if cfg.pairs.source not in PAIR_SOURCES:
         raise ConfigError(f"pairs.source={cfg.pairs.source!r} must be one of {list(PAIR_SOURCES)}: data (the "
-                          "preference data, data.prefs.train) or policy (the SFT policy's samples ranked by the RM)")
+                          "preference data, data.prefs.train), policy (the SFT policy's samples ranked by the RM) "
+                          "or both")
 
 
 def dpo_rows(fmt: ChatFormat, sources: list[str], cfg: DictConfig, data: Optional[DataReport] = None) -> list[dict]:
