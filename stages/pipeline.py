@@ -46,7 +46,7 @@ from pipeline.core.runtime import resolved, user_errors
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # What each stage records as its parent artifact (what `staged_artifact(parent=...)` gets).
-PARENT = {"base": None, "sft": "base", "rm": "sft", "dpo": "sft", "ppo": "rm"}  # dpo: rm with pairs.source=policy
+PARENT = {"base": None, "sft": "base", "rm": "sft", "dpo": "sft", "ppo": "rm"}  # dpo: rm with pairs.source=policy|both
 STAGES = ("base", "sft", "rm", "dpo", "ppo", "eval")
 
 

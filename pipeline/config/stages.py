@@ -160,7 +160,7 @@ class DPOPairsConfig:
 @dataclass
 class DPOParents:
     sft: Optional[str] = MISSING  # null: the same run's sft artifact
-    rm: Optional[str] = MISSING  # pairs.source=policy: null = the same run's rm artifact
+    rm: Optional[str] = MISSING  # pairs.source=policy|both: null = the same run's rm artifact
 
 
 @dataclass

@@ -313,6 +313,9 @@ def test_alignment_bench_runs_the_eval_stage_at_each_seed(chain, tmp_path, capsy
     out = capsys.readouterr().out
     assert "on the eval prompts (8), sampled at T = 1, 2 sampling seeds" in out
     assert "| base |" in out and "| sft |" in out
+    # the jobs wrote under the run's sweep/ folder: the run's own eval artifact was not touched
+    assert not (chain / "artifacts/default/eval").exists()
+    assert len(list((chain / "artifacts/default/sweep").glob("*/eval/report.json"))) == 2
     reports = sorted(p.name for p in (tmp_path / "keep").iterdir())
     assert reports == ["report-seed0.md", "report-seed1.md"]
     # the two seeds sampled different answers (else the mean would average nothing)
