@@ -2,7 +2,8 @@
 
 Base, SFT, DPO and the RL stages (where the run has them) answer the same held-out prompts
 under each decoding in ``decodings`` (greedy, and sampling at T = 1). On the embedded world's
-prompts the gold judge labels every answer; on any other prompts the run's reward model is the
+prompts the gold judge labels every answer, and the report says per category how often the run's
+RM orders two stages' answers as the judge does; on any other prompts the run's reward model is the
 judge (mean score, RM win rates). Every answer gets its RM score and length, sampled answers
 their KL to the SFT policy, and each stage its NLL on held-out pretraining text (the alignment
 tax). The report (``report.json``, ``report.md``, ``responses.jsonl`` and PNG plots) lands in
@@ -48,7 +49,7 @@ from pipeline.data.bad_rows import DataReport
 from pipeline.data.layouts import load_validated, prompt_row, text_row
 from pipeline.eval.curve import build_curves, sample_snapshots, stage_scores
 from pipeline.eval.intervals import rate_intervals, win_rate_intervals
-from pipeline.eval.judge import add_judge_scores, check_judge, judge_report, judge_scores
+from pipeline.eval.judge import add_judge_scores, agreement_by_category, check_judge, judge_report, judge_scores
 from pipeline.eval.metrics import category_scores, stage_metrics, win_rates
 from pipeline.eval.plots import plot_category_scores, plot_curves, plot_rl_history, plot_stage_scores, read_history
 from pipeline.eval.report import build_report, flat_metrics, render_markdown, response_records
@@ -329,6 +330,8 @@ def run(cfg: DictConfig) -> dict:
                           rollout_health(cfg, stages), skipped, seconds=round(time.time() - started, 1),
                           intervals=intervals, win_ci=None if scores is None else win_rate_intervals(scores),
                           rm_win_ci=None if rm_scores is None else win_rate_intervals(rm_scores))
+    report["rm_agreement"] = (None if scores is None or rm_scores is None
+                              else agreement_by_category(rm_scores, scores, [t.category for t in tasks]))
     report["split"] = cfg.prompts  # eval: figures to report; val: for choosing settings
     report["judge_model"] = judge_report(cfg.judge, judged, rm_scores, scores)  # None without judge=
     report["curves"] = build_curves(snapshots, all_rm, all_judge, scores, tasks, world)  # {} without snapshots

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from jinja2.exceptions import TemplateError
@@ -81,6 +81,27 @@ def agreements(scorers: dict[str, Optional[Scores]]) -> dict[str, dict[str, dict
                 d: dict(zip(("share", "pairs"), pairwise_agreement({s: sx[s][d] for s in sx},
                                                                    {s: sy[s][d] for s in sx})))
                 for d in decodings}
+    return out
+
+
+def agreement_by_category(a: Scores, b: Scores, categories: Sequence[str]) -> dict[str, dict[str, dict]]:
+    """``{category: {decoding: {"share", "pairs"}}}``: :func:`pairwise_agreement` of two scorers on
+    each category's prompts alone, plus ``"all"`` over every prompt.
+
+    ``a[stage][decoding][i]`` and ``b[...]`` score prompt ``i``, whose category is ``categories[i]``.
+    It shows where a reward model is blind: on the world, the run's RM against the gold judge can
+    order refusals of harmful requests almost always as the judge does and fact answers near chance
+    (50%), and RL cannot improve what its reward does not see. E.g. one decoding, stages x, y,
+    categories [fact, harm], a = {x: [1, 0], y: [0, 1]}, b = {x: [0, 0], y: [1, 2]}: fact disagrees
+    on its one pair (0 of 1), harm agrees (1 of 1), all 1 of 2.
+    """
+    decodings = list(next(iter(a.values())))
+    out = {}
+    for category in [*dict.fromkeys(categories), "all"]:
+        keep = [i for i, c in enumerate(categories) if category in ("all", c)]
+        out[category] = {d: dict(zip(("share", "pairs"), pairwise_agreement(
+            {s: [a[s][d][i] for i in keep] for s in a}, {s: [b[s][d][i] for i in keep] for s in a})))
+            for d in decodings}
     return out
 
 

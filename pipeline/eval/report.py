@@ -116,7 +116,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(_cell(h.get(name), "{:.4g}") for h in report["health"].values())
                          + " |")
         lines.append("")
-    lines += judge_lines(report) + curve_lines(report)
+    lines += rm_agreement_lines(report) + judge_lines(report) + curve_lines(report)
     if report["skipped"]:
         lines += ["Not in this report:", *(f"- {stage}: {why}" for stage, why in report["skipped"].items())]
     return "\n".join(lines).rstrip() + "\n"
@@ -133,8 +133,26 @@ def flat_metrics(report: dict) -> dict[str, float]:
         out.update({f"{key}/{pair}/{d}/{side}": bound for pair, by_dec in (report[key] or {}).items()
                     for d, ci in by_dec.items() if ci for side, bound in zip(("low", "high"), ci)})
     out.update({f"health/{s}/{k}": v for s, h in report["health"].items() for k, v in h.items()})
+    out.update({f"rm_agreement/{c}/{d}": a["share"] for c, by_dec in (report.get("rm_agreement") or {}).items()
+                for d, a in by_dec.items() if a["share"] is not None})
     out.update(judge_and_curve_metrics(report))
     return out
+
+
+def rm_agreement_lines(report: dict) -> list[str]:
+    """``report.md``'s table of the run's RM against the gold judge by category (world prompts only)."""
+    by_category = report.get("rm_agreement")
+    if not by_category:
+        return []
+    decodings = list(by_category["all"])
+    lines = ["## Reward model vs gold judge, by category", "",
+             "Share of response pairs (one prompt, two stages, one decoding) the RM orders as the gold judge does, "
+             "ties in either left out; 50% is chance. RL can only improve what its reward sees.", "",
+             "| category | " + " | ".join(decodings) + " |", "|---|" + "---:|" * len(decodings)]
+    for category, row in by_category.items():
+        lines.append(f"| {category} | " + " | ".join(
+            f"{_cell(row[d]['share'], '{:.1%}')} of {row[d]['pairs']}" for d in decodings) + " |")
+    return lines + [""]
 
 
 # --- the independent judge and the over-optimisation curve (pipeline/eval/judge.py, curve.py) ---------

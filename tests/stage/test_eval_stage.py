@@ -50,6 +50,16 @@ def test_eval_writes_the_report(chain):
     assert "| metric | base | sft |" in (out / "report.md").read_text()
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and set(rows[0]["responses"]["sft"]) == {"greedy", "sample"}
+    # the RM against the gold judge, counted again from the saved responses: base vs sft, per prompt
+    for category in {r["category"] for r in rows} | {"all"}:
+        for dec in ("greedy", "sample"):
+            cells = [(r["responses"]["base"][dec], r["responses"]["sft"][dec]) for r in rows
+                     if category in ("all", r["category"])]
+            pairs = [(x["rm_score"] - y["rm_score"], x["gold_score"] - y["gold_score"]) for x, y in cells]
+            pairs = [(dr > 0) == (dg > 0) for dr, dg in pairs if abs(dr) > 1e-9 and abs(dg) > 1e-9]
+            got = on_disk["rm_agreement"][category][dec]
+            assert got["pairs"] == len(pairs) and got["share"] == (sum(pairs) / len(pairs) if pairs else None)
+    assert "## Reward model vs gold judge, by category" in (out / "report.md").read_text()
     for png in ("categories_greedy.png", "categories_sample.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -66,7 +76,7 @@ def test_eval_on_prompts_outside_the_world_compares_the_stages_with_the_rm(chain
     report = eval_stage.run(compose_config("eval", QUIET + [f"data.eval_prompts=[{prompts}]"]))
     out = chain / "artifacts" / "default" / "eval"
     assert report["judge"] == "rm" and report["num_prompts"] == 4
-    assert report["win_rate"] is None and report["categories"] is None
+    assert report["win_rate"] is None and report["categories"] is None and report["rm_agreement"] is None
     wins = report["rm_win_rate"]["sft_vs_base"]
     assert set(wins) == {"greedy", "sample"} and all(0.0 <= v <= 1.0 for v in wins.values())
     for stage in ("base", "sft"):

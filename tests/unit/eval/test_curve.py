@@ -21,7 +21,8 @@ from pipeline.eval.curve import (
     sqrt_kl,
     stage_scores,
 )
-from pipeline.eval.judge import add_judge_scores, agreements, check_judge, judge_report, pairwise_agreement
+from pipeline.eval.judge import (add_judge_scores, agreement_by_category, agreements, check_judge, judge_report,
+                                 pairwise_agreement)
 from pipeline.eval.report import curve_lines, flat_metrics, judge_lines
 from pipeline.rl.snapshots import Snapshots
 
@@ -119,6 +120,19 @@ def test_agreements_pair_every_two_scorers_present():
     judge = {"sft": {"greedy": [0.0, 2.0]}, "ppo": {"greedy": [1.0, 3.0]}}
     out = agreements({"rm": rm, "judge": judge, "gold": None})
     assert out == {"rm_vs_judge": {"greedy": {"share": 0.5, "pairs": 2}}}
+
+
+def test_agreement_by_category_worked_example():
+    a = {"x": {"sample": [1.0, 0.0, 2.0]}, "y": {"sample": [0.0, 1.0, 1.0]}}
+    b = {"x": {"sample": [0.0, 0.0, 3.0]}, "y": {"sample": [1.0, 2.0, 0.0]}}
+    out = agreement_by_category(a, b, ["fact", "harm", "fact"])
+    # fact: prompt 0 disagrees (a prefers x, b prefers y), prompt 2 agrees (both x); harm: prompt 1 agrees
+    assert out == {"fact": {"sample": {"share": 0.5, "pairs": 2}},
+                   "harm": {"sample": {"share": 1.0, "pairs": 1}},
+                   "all": {"sample": {"share": pytest.approx(2 / 3), "pairs": 3}}}
+    # a category the two scorers never both order has no share
+    tied = agreement_by_category(a, {s: {"sample": [0.0, 0.0, 0.0]} for s in b}, ["fact", "harm", "fact"])
+    assert tied["harm"]["sample"] == {"share": None, "pairs": 0}
 
 
 def test_judge_report_win_rates_against_sft_worked():
