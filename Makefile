@@ -66,7 +66,7 @@ test: $(STAMP) ## Run the test suite (unit, stage and slow tiers; gpu tests skip
 test-unit: $(STAMP) ## Run only the fast unit tests
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
-bench: $(STAMP) ## Benchmarks in bench/ (ARGS=ppo: ours vs TRL 1.12's PPOTrainer; ARGS=grpo: ours vs TRL 1.16's GRPOTrainer; ARGS=gpu: the one-shot GPU bench, ARGS="gpu --dry-run" at tiny shapes; ARGS="alignment --run <r>": a run's eval over sampling seeds)
+bench: $(STAMP) ## Benchmarks in bench/ (ARGS=ppo: ours vs TRL 1.12's PPOTrainer; ARGS=grpo: ours vs TRL 1.16's GRPOTrainer; ARGS=gpu: the one-shot GPU bench, ARGS="gpu --dry-run" at tiny shapes; ARGS="alignment --run <r>": a run's eval over sampling seeds; ARGS="rm_agreement --responses <eval>/responses.jsonl <rm>...": RMs vs the gold judge)
 	$(PY) bench/run.py $(ARGS)
 
 gpu-wheels: ## Download the wheels the GPU machine installs (bench/gpu_wheels.sh -> bench/.gpu-wheels; run there: bench/gpu_run.sh)

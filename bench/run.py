@@ -6,6 +6,7 @@
     make bench ARGS="grpo --models a" # our GRPO vs TRL 1.16's GRPOTrainer (bench/grpo.py)
     make bench ARGS="gpu --dry-run"   # the GPU bench (bench/gpu.py) end to end at tiny shapes
     make bench ARGS="alignment --run final --seeds 4"  # a run's alignment figures over 4 sampling seeds
+    make bench ARGS="rm_agreement --responses artifacts/final/eval/responses.jsonl artifacts/final/rm"
 
 - kv_cache:     sampling with the KV cache vs recomputing the prefix every step.
 - merged_lora:  a forward pass with the LoRA adapter merged into the base vs unmerged.
@@ -16,6 +17,8 @@
                 (results in bench/results/grpo-2core-cpu.txt).
 - alignment:    the eval stage's sampled figures of a finished run, averaged over sampling seeds
                 (bench/alignment.py), with the world's targets checked.
+- rm_agreement: reward models against the gold judge by category, on the answers an eval artifact
+                saved (bench/rm_agreement.py): RM settings compared without an RL run each.
 - gpu:          the one-shot GPU bench (bench/gpu.py, on a card via bench/gpu_run.sh): peak memory of
                 sft / rm / ppo / grpo beside the memory model, decode ms/step against the bandwidth
                 floor, episodes/s of ppo, grpo and TRL 1.16's GRPOTrainer at the Llama-3-8B and
@@ -143,10 +146,16 @@ def bench_alignment() -> None:
     alignment.main(sys.argv[2:] if sys.argv[1:2] == ["alignment"] else sys.argv[1:])
 
 
+def bench_rm_agreement() -> None:
+    from bench import rm_agreement
+    rm_agreement.main(sys.argv[2:] if sys.argv[1:2] == ["rm_agreement"] else sys.argv[1:])
+
+
 BENCHES = {"kv_cache": bench_kv_cache, "merged_lora": bench_merged_lora, "shared_base": bench_shared_base,
-           "ppo": bench_ppo, "grpo": bench_grpo, "gpu": bench_gpu, "alignment": bench_alignment}
-# `make bench` with no name: the CPU benches (alignment needs a finished run: it names one)
-DEFAULT = [name for name in BENCHES if name not in ("gpu", "alignment")]
+           "ppo": bench_ppo, "grpo": bench_grpo, "gpu": bench_gpu, "alignment": bench_alignment,
+           "rm_agreement": bench_rm_agreement}
+# `make bench` with no name: the CPU benches (alignment and rm_agreement need a finished run: they name one)
+DEFAULT = [name for name in BENCHES if name not in ("gpu", "alignment", "rm_agreement")]
 
 if __name__ == "__main__":
     torch.set_num_threads(2)

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.core.errors import PipelineError
 from bench import alignment as alignment_bench
+from bench import rm_agreement as rm_agreement_bench
 from stages import eval as eval_stage
 from stages import pipeline
 from tests.conftest import compose_config
@@ -330,3 +331,27 @@ def test_alignment_bench_runs_the_eval_stage_at_each_seed(chain, tmp_path, capsy
     assert reports == ["report-seed0.md", "report-seed1.md"]
     # the two seeds sampled different answers (else the mean would average nothing)
     assert (tmp_path / "keep/report-seed0.md").read_text() != (tmp_path / "keep/report-seed1.md").read_text()
+
+
+def test_rm_agreement_bench_rescoring_the_runs_rm_gives_the_reports_figures(chain, capsys):
+    """The bench scores saved answers with any RM; with the run's own RM it must reproduce the eval
+    report's rm_agreement exactly (same chat format, same pairs)."""
+    report = eval_stage.run(compose_config("eval", ["max_prompts=16"] + QUIET))
+    responses = chain / "artifacts/default/eval/responses.jsonl"
+    results = rm_agreement_bench.main(["--responses", str(responses), str(chain / "artifacts/default/rm")])
+    got = results[str(chain / "artifacts/default/rm")]
+    assert set(got) == set(report["rm_agreement"])
+    for category, by_dec in report["rm_agreement"].items():
+        for dec, cell in by_dec.items():
+            assert got[category][dec]["pairs"] == cell["pairs"]
+            assert got[category][dec]["share"] == (None if cell["share"] is None else pytest.approx(cell["share"]))
+    assert "| RM | " in capsys.readouterr().out
+
+
+def test_rm_agreement_bench_refuses_answers_without_gold_scores(tmp_path):
+    row = {"prompt": "hi", "category": None, "responses": {"sft": {"sample": {"response": "x", "gold_score": None,
+                                                                               "rm_score": 0.1}}}}
+    path = tmp_path / "responses.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(PipelineError, match=r"responses.jsonl, line 1: no gold score \(sft, sample\).*not the"):
+        rm_agreement_bench.main(["--responses", str(path), "unused/rm"])
