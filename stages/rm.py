@@ -12,7 +12,7 @@ Ranked lists of K responses expand to all K(K-1)/2 pairs, and a prompt's pairs a
 kept together in one batch (``train.group_pairs``; see pipeline/models/reward.py).
 
     make rm
-    make rm ARGS="lora.r=8 train.max_steps=400 train.use_margin=true"
+    make rm ARGS="lora.r=8 train.max_steps=400 train.use_margin=false"
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from pipeline.training.hf import (
     trainer_args,
 )
 from pipeline.training.resume import MarkComplete, TrainerCheckpoints
-from pipeline.training.reward import GroupedRewardTrainer, evaluate_pairs, reward_stats
+from pipeline.training.reward import GroupedRewardTrainer, evaluate_pairs, reward_stats, use_margin
 
 
 def as_dataset(rows: list[dict], use_margin: bool, max_length: int) -> Dataset:
@@ -69,7 +69,8 @@ def run(cfg: DictConfig) -> dict:
     # --- parent and data (ranked lists expanded, tokenized): checked before any model loads ---
     sft = find_parent(cfg.paths.run_dir, "sft", cfg.parents.sft)
     fmt = load_sft_tokenizer(sft)
-    pairs = margin_preference_rows if cfg.train.use_margin else preference_rows
+    use_margin(cfg.train.use_margin, [])  # a wrong value is refused before the data loads
+    pairs = margin_preference_rows if cfg.train.use_margin is True else preference_rows
     encode = tokenized(pairs, lambda row: preference_example(fmt, row))
     data = DataReport()  # bad rows skipped (data.bad_rows) and merged turns, by reason
     train_rows = load_validated(cfg.data.prefs.train, cfg.data.hub_split, encode, cfg.data.columns,
@@ -77,6 +78,10 @@ def run(cfg: DictConfig) -> dict:
     eval_rows = load_validated(cfg.data.prefs.eval, cfg.data.hub_split, encode, cfg.data.columns,
                                cfg.data.bad_rows, data)
     too_long = report_truncation("rm", train_rows, cfg.train.max_length)
+    margin = use_margin(cfg.train.use_margin, train_rows + eval_rows)
+    if cfg.train.use_margin == "auto":
+        print(f"rm: train.use_margin=auto: {'every comparison has' if margin else 'not every comparison has'} "
+              f"a margin, so the loss {'subtracts it' if margin else 'uses none'}")
 
     note = fit_train("rm", cfg, base_source_for(sft))  # refused here, before any weight loads, if over the card
     if note:
@@ -98,8 +103,8 @@ def run(cfg: DictConfig) -> dict:
     trainer_cls = GroupedRewardTrainer if cfg.train.group_pairs else RewardTrainer
     trainer = trainer_cls(
         model=model, args=args, processing_class=fmt.tokenizer,
-        train_dataset=as_dataset(train_rows, cfg.train.use_margin, cfg.train.max_length),
-        eval_dataset=as_dataset(eval_rows, cfg.train.use_margin, cfg.train.max_length),
+        train_dataset=as_dataset(train_rows, margin, cfg.train.max_length),
+        eval_dataset=as_dataset(eval_rows, margin, cfg.train.max_length),
         peft_config=lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]),
         callbacks=[NonFiniteLossGuard(), MarkComplete()],
     )
@@ -110,7 +115,7 @@ def run(cfg: DictConfig) -> dict:
     pair_metrics, r_c, r_r = evaluate_pairs(rm, fmt, eval_rows, cfg.score_batch_size)
     logged = trainer.state.log_history
     metrics = {"train_loss": final_train_loss(logged, run_mean), "train_loss_mean": mean_train_loss(logged, run_mean),
-               "train_pairs_dropped_too_long": too_long,
+               "train_pairs_dropped_too_long": too_long, "train_use_margin": margin,
                **{f"eval_{k}": v for k, v in pair_metrics.items()},
                **reward_stats(torch.cat([r_c, r_r])), **data.metrics()}
     print(f"rm: held-out pairwise accuracy {metrics['eval_accuracy']:.3f} "

@@ -116,7 +116,7 @@ class SFTStageConfig(StageConfig):
 
 @dataclass
 class RMTrainConfig(HFTrainConfig):
-    use_margin: bool = MISSING  # use a row's `margin` in the loss when the data has one
+    use_margin: Any = MISSING  # true | false | auto: subtract each comparison's `margin` in the loss (auto: when all have one)
     center_rewards_coefficient: Optional[float] = MISSING  # Eisenstein et al. 2023; null = off
     group_pairs: bool = MISSING  # keep a prompt's pairs in one batch (InstructGPT)
 

@@ -72,9 +72,14 @@ def test_missing_sft_names_make_sft(world_root, tmp_path):
 def test_use_margin_puts_the_margin_into_the_loss(chain):
     # -log sigmoid(d - m) > -log sigmoid(d) for m > 0; the world's margins are rank gaps >= 1,
     # so at the same seed the margin loss starts far higher (log(1 + e) vs log 2 at d = 0).
-    plain = rm.run(compose_config("rm", TINY_RM + QUIET))
+    plain = rm.run(compose_config("rm", TINY_RM + QUIET + ["train.use_margin=false"]))
     margin = rm.run(compose_config("rm", TINY_RM + QUIET + ["train.use_margin=true"]))
     assert margin["train_loss_mean"] > plain["train_loss_mean"] + 0.2
+    assert plain["train_use_margin"] is False and margin["train_use_margin"] is True
+    # the default, auto: every world comparison has a margin, so it trains as `true` does
+    auto = rm.run(compose_config("rm", TINY_RM + QUIET))
+    assert auto["train_use_margin"] is True
+    assert auto["train_loss_mean"] == pytest.approx(margin["train_loss_mean"], rel=1e-4)
 
 
 def test_conflicting_batch_orders_are_refused(chain):
@@ -93,6 +98,7 @@ def test_public_preference_layouts_train_the_rm(chain, fixture):
                                                               f"data.prefs.eval=[{path}]"]))
     assert metrics["train_loss"] > 0 and metrics["train_pairs_dropped_too_long"] == 0
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert metrics["train_use_margin"] is False  # auto: these pairs carry no margin
 
 
 def test_public_hh_rows_with_defects_are_skipped_and_recorded(chain, capsys):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pipeline.training.reward import PromptGroupSampler, pairwise_metrics, reward_stats
+from pipeline.core.errors import ConfigError
+from pipeline.training.reward import PromptGroupSampler, pairwise_metrics, reward_stats, use_margin
 
 pytestmark = pytest.mark.unit
 
@@ -40,3 +41,13 @@ def test_sampler_keeps_a_prompts_pairs_adjacent_and_shuffles_prompts():
     assert len({tuple(o) for o in orders}) > 1  # prompt order is reshuffled each epoch
     sampler.set_epoch(2)
     assert list(sampler) == orders[2]  # a pure function of the epoch: a resumed run replays it
+
+
+def test_use_margin_auto_needs_a_margin_on_every_comparison():
+    with_margin, without = {"margin": 2.0}, {}
+    assert use_margin("auto", [with_margin, with_margin]) is True
+    assert use_margin("auto", [with_margin, without]) is False  # mixed: none is used
+    assert use_margin("auto", []) is False
+    assert use_margin(True, [without]) is True and use_margin(False, [with_margin]) is False
+    with pytest.raises(ConfigError, match=r"train.use_margin='yes' must be true, false or auto"):
+        use_margin("yes", [with_margin])
