@@ -89,9 +89,9 @@ def agreement_by_category(a: Scores, b: Scores, categories: Sequence[str]) -> di
     each category's prompts alone, plus ``"all"`` over every prompt.
 
     ``a[stage][decoding][i]`` and ``b[...]`` score prompt ``i``, whose category is ``categories[i]``.
-    It shows where a reward model is blind: on the world, the run's RM against the gold judge can
-    order refusals of harmful requests almost always as the judge does and fact answers near chance
-    (50%), and RL cannot improve what its reward does not see. E.g. one decoding, stages x, y,
+    It shows where a reward model is blind: on one seed-0 val eval the run's RM ordered sampled
+    answers to harmful requests as the gold judge does 96% of the time and fact answers 64% (50% is
+    chance), and RL cannot improve what its reward does not see. E.g. one decoding, stages x, y,
     categories [fact, harm], a = {x: [1, 0], y: [0, 1]}, b = {x: [0, 0], y: [1, 2]}: fact disagrees
     on its one pair (0 of 1), harm agrees (1 of 1), all 1 of 2.
     """
