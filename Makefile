@@ -39,7 +39,7 @@ sft: $(DATA) ## Stage 1: supervised fine-tuning with LoRA -> artifacts/<run>/sft
 rm: $(DATA) ## Stage 2: pairwise reward model with LoRA -> artifacts/<run>/rm
 	$(PY) -m stages.rm $(ARGS)
 
-ppo: $(DATA) ## Stage 3: RL against the reward model, KL to SFT (ARGS="algorithm=rloo|grpo|dr_grpo|reinforce_pp")
+ppo: $(DATA) ## Stage 3: RL against the reward model, KL to SFT (ARGS="algorithm=rloo|grpo|dr_grpo|reinforce_pp|online_dpo")
 	$(PY) -m stages.ppo $(ARGS)
 
 dpo: $(DATA) ## Direct preference optimisation of the SFT policy (the no-RL baseline) -> artifacts/<run>/dpo

@@ -58,10 +58,10 @@ class PPOConfig:
 class AlgorithmConfig:
     """The advantage estimator of the RL stage (conf/algorithm/)."""
 
-    name: str = MISSING  # the artifact's folder: ppo | ppo_ptx | rloo | grpo | dr_grpo | reinforce_pp
-    advantage: str = MISSING  # gae | rloo | grpo | reinforce_pp
+    name: str = MISSING  # the artifact's folder: ppo | ppo_ptx | rloo | grpo | dr_grpo | reinforce_pp | online_dpo
+    advantage: str = MISSING  # gae | rloo | grpo | reinforce_pp | dpo
     samples_per_prompt: int = MISSING  # k
-    kl_in: str = MISSING  # reward (Ziegler et al.) | loss (k3 with gradient, as GRPO)
+    kl_in: str = MISSING  # reward (Ziegler et al.) | loss (k3 with gradient, as GRPO) | none
     loss_agg: str = MISSING  # token_mean | seq_mean | constant (Dr.GRPO)
     scale_by_std: bool = MISSING  # grpo: divide by the group's std (false: Dr.GRPO)
     group_baseline: bool = MISSING  # reinforce_pp: subtract the group mean first (REINFORCE++-baseline)

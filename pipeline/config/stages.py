@@ -200,7 +200,7 @@ class GenerateStageConfig(StageConfig):
     """`make generate`: sample one stage's policy on a prompt or a prompt file."""
 
     model: ModelConfig = MISSING
-    stage: str = MISSING  # base | sft | dpo | ppo | rloo | grpo | dr_grpo | reinforce_pp
+    stage: str = MISSING  # base | sft | dpo | ppo | rloo | grpo | dr_grpo | reinforce_pp | online_dpo
     prompt: Optional[str] = MISSING
     prompt_file: Optional[str] = MISSING  # .txt (a prompt per line) or .jsonl ({"prompt": ...})
     decoding: DecodingConfig = MISSING

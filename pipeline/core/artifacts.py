@@ -27,7 +27,7 @@ from pipeline.core.identity import config_hash
 MANIFEST = "manifest.json"
 
 # The RL stage writes its artifact under the name of its algorithm (conf/algorithm/).
-RL_STAGES = ("ppo", "ppo_ptx", "rloo", "grpo", "dr_grpo", "reinforce_pp")
+RL_STAGES = ("ppo", "ppo_ptx", "rloo", "grpo", "dr_grpo", "reinforce_pp", "online_dpo")
 
 # Which command produces each stage's artifact: named in every "missing parent" error.
 PRODUCER = {

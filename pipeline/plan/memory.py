@@ -29,8 +29,8 @@ The stages:
           modules_to_save); each pair is two sequences, so N = 2 x micro x train.max_length (TRL drops
           longer pairs), and the head's output is one fp32 value per token.
     ppo   one frozen base and four adapters: policy and reference (the SFT's rank), reward and value (the
-          RM's), two trained (+ value head); without a critic (rloo, grpo, reinforce_pp) no value adapter
-          and one trained. Training and sampling alternate, so the peak holds the larger of
+          RM's), two trained (+ value head); without a critic (rloo, grpo, reinforce_pp, online_dpo) no
+          value adapter and one trained. Training and sampling alternate, so the peak holds the larger of
             training   activations of micro x (prompt + response) tokens, one role at a time (the policy
                        and value terms are backpropagated separately), and one chunk of at most 32M logits
                        (pipeline.rl.logprobs.head_logprobs: the LM head and the log-prob run over chunks

@@ -11,7 +11,7 @@ from pipeline.core.validation import check_ranges
 from pipeline.rl.kl import KL_ESTIMATORS
 from pipeline.rl.losses import LOSS_AGGREGATIONS
 
-ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
+ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp", "dpo")
 
 
 def check_config(cfg) -> None:
@@ -25,13 +25,13 @@ def check_config(cfg) -> None:
                "ppo.old_logprobs": (ppo.old_logprobs, ("sampler", "recompute")),
                "ppo.fold_adapters": (ppo.fold_adapters, ("auto", "always", "never")),
                "algorithm.advantage": (alg.advantage, ESTIMATORS),
-               "algorithm.kl_in": (alg.kl_in, ("reward", "loss")),
+               "algorithm.kl_in": (alg.kl_in, ("reward", "loss", "none")),
                "algorithm.loss_agg": (alg.loss_agg, LOSS_AGGREGATIONS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
     k = alg.samples_per_prompt
-    if alg.advantage in ("rloo", "grpo") and k < 2:
+    if alg.advantage in ("rloo", "grpo", "dpo") and k < 2:
         raise ConfigError(f"algorithm.samples_per_prompt={k}: {alg.advantage} compares a prompt's samples with "
                           "each other and needs at least 2")
     if alg.advantage == "reinforce_pp" and alg.group_baseline and k < 2:
@@ -39,8 +39,12 @@ def check_config(cfg) -> None:
                           "on itself, to zero, and trains on the KL alone: set algorithm.samples_per_prompt to 2 "
                           "or more (REINFORCE++-baseline), or algorithm.group_baseline=false")
     if alg.advantage == "gae" and alg.kl_in != "reward":
-        raise ConfigError("algorithm.kl_in=loss needs a critic-free estimator: with gae the KL is part of the "
-                          "reward the value model predicts; use algorithm.kl_in=reward")
+        raise ConfigError(f"algorithm.kl_in={alg.kl_in} needs a critic-free estimator: with gae the KL is part of "
+                          "the reward the value model predicts; use algorithm.kl_in=reward")
+    if alg.advantage == "dpo" and alg.kl_in == "reward":
+        raise ConfigError("algorithm.kl_in=reward with algorithm.advantage=dpo: online DPO's pairwise logit already "
+                          "holds the log-ratio to the reference, and a KL penalty in the scores would rank the pairs "
+                          "by it; use algorithm.kl_in=none, or loss to add a k3 term")
     sizes = {"ppo.rollout_batch_size": ppo.rollout_batch_size}
     for key, value in sizes.items():
         if value % k:

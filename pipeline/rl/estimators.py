@@ -186,6 +186,40 @@ def sequence_advantages(estimator: str, scores: torch.Tensor, seq_kl: torch.Tens
     return grpo_advantages(scores, k, scale_by_std) - beta * group_centred(seq_kl, k)
 
 
+def online_dpo_advantages(scores: torch.Tensor, seq_logratio: torch.Tensor, beta: float, k: int,
+                          tol: float = 1e-6) -> torch.Tensor:
+    """Online DPO over every pair of a group's samples, as sequence advantages.
+
+    Each pair ``(i, j)`` of a prompt's k samples with ``s_i > s_j`` adds DPO's loss
+    (Rafailov et al. 2023) ``-log sigmoid(h_ij)``, ``h_ij = beta (rho_i - rho_j)``, where
+    ``rho = sum_t (log pi - log pi_ref)`` is a response's log-ratio to the reference; all pairs
+    together are RankNet's pairwise loss (Burges et al. 2005), and k = 2 is one pair, the online
+    AI feedback form (Guo et al. 2024). The gradient is ``-beta sigmoid(-h_ij) (grad rho_i - grad rho_j)``,
+    so the advantages
+
+        ``A_i = sum_{j: s_j < s_i} beta sigmoid(-h_ij) - sum_{j: s_j > s_i} beta sigmoid(-h_ji)``
+
+    fed to the surrogate with token losses summed per sequence (``loss_agg=constant``) give the
+    summed loss's gradient at the rollout policy. The reference enters through ``h``; no KL goes
+    into the scores.
+
+    Args:
+        scores: ``[B]`` task rewards, groups of k adjacent samples.
+        seq_logratio: ``[B]`` ``rho`` of each response under the rollout policy.
+        beta: DPO's beta.
+        k: samples per prompt, ``>= 2``.
+
+    Returns:
+        ``[B]``; each group sums to 0. Samples with equal scores form no pair.
+    """
+    if k < 2:
+        raise ValueError(f"online DPO needs k >= 2 samples per prompt, got {k}")
+    g, rho = scores.view(-1, k), seq_logratio.view(-1, k)
+    wins = (g[:, :, None] - g[:, None, :]) > tol  # [G, k, k]: sample i scored above sample j
+    w = beta * torch.sigmoid(-beta * (rho[:, :, None] - rho[:, None, :])) * wins
+    return (w.sum(2) - w.sum(1)).reshape(-1)
+
+
 def equal_reward_groups(rewards: torch.Tensor, k: int, tol: float = 1e-6) -> torch.Tensor:
     """Share of groups whose k rewards are all equal (their group advantages carry no signal)."""
     g = rewards.view(-1, k)

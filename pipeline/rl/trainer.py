@@ -11,9 +11,12 @@ Every estimator feeds the same clipped surrogate; only the advantage changes:
     grpo          A_i = (s_i - mean_g s) / std_g s - beta (KL_i - mean_g KL)
                   (Dr.GRPO: no std, constant normaliser; estimators.sequence_advantages)
     reinforce_pp  per-token return-to-go, normalised over the batch
+    dpo           online DPO: A_i = sum of beta sigmoid(-h_ij) over the group's samples j it beat,
+                  minus the same over those that beat it (estimators.online_dpo_advantages)
 
-The KL to the SFT reference goes into the reward (k1/k3 of the rollout policy, Ziegler et al.)
-or into the loss (k3 of the current policy, with gradient, as in the GRPO paper): ``algorithm.kl_in``.
+The KL to the SFT reference goes into the reward (k1/k3 of the rollout policy, Ziegler et al.),
+into the loss (k3 of the current policy, with gradient, as in the GRPO paper), or nowhere (online
+DPO, whose pairwise logit holds the reference): ``algorithm.kl_in``.
 Each estimator may start from its own beta (``algorithm.kl_coef``; null: ``ppo.kl.init_coef``).
 
 A minibatch is split into micro-batches (``ppo.micro_batch_size``) whose gradients accumulate,
@@ -41,6 +44,7 @@ from pipeline.rl.batching import count_optimizer_steps, minibatch_indices
 from pipeline.rl.estimators import (
     equal_reward_groups,
     gae,
+    online_dpo_advantages,
     group_centred,
     returns_to_go,
     sequence_advantages,
@@ -178,6 +182,10 @@ class RLTrainer:
             else:
                 adv = returns_to_go(rewards, mask)
             r.advantages = masked_whiten(adv, mask, all_reduce=self._sum)
+            return
+        if self.alg.advantage == "dpo":
+            rho = ((r.logprobs - r.ref_logprobs) * mask).sum(1)
+            r.advantages = online_dpo_advantages(r.scores, rho, beta, k)[:, None] * mask
             return
         seq_kl = r.kl.sum(1) if in_reward else torch.zeros_like(r.scores)
         adv = sequence_advantages(self.alg.advantage, r.scores, seq_kl, beta, k, self.alg.scale_by_std)

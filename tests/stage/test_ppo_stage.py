@@ -17,6 +17,7 @@ from pipeline.generation.decoding import as_conversation, encode_prompts
 from pipeline.models.policies import load_policy
 from pipeline.models.reward import load_reward_model, load_sft_tokenizer, score_conversations
 from pipeline.rl.batching import count_optimizer_steps
+from pipeline.rl.estimators import online_dpo_advantages
 from pipeline.rl.rewards import build_reward_fn, reward_scale
 from pipeline.rl.rollout import pack, position_ids_from_mask
 from pipeline.rl.shared_model import SharedBaseActorCritic
@@ -252,7 +253,7 @@ def test_micro_batches_give_the_same_step_as_one_batch(chain):
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "dr_grpo", "grpo kl_in=loss", "reinforce_pp"])
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "dr_grpo", "grpo kl_in=loss", "reinforce_pp", "online_dpo"])
 def test_critic_free_estimators_build_no_value_role(chain, algorithm):
     """Each critic-free estimator; "grpo kl_in=loss" is the paper's form, the k3 KL as a loss term."""
     algorithm, *extra = algorithm.split()
@@ -262,9 +263,13 @@ def test_critic_free_estimators_build_no_value_role(chain, algorithm):
     assert model.value_head is None and not any(".value." in n for n, _ in model.named_parameters())
     r = rollout(trainer, PROMPTS[:4])
     assert r.values is None and r.advantages.shape == r.response_mask.shape
-    if algorithm in ("rloo", "grpo"):  # a sequence advantage on every token, groups of 2 summing to 0
+    if algorithm in ("rloo", "grpo", "online_dpo"):  # a sequence advantage on every token, groups of 2 summing to 0
         seq = r.advantages.sum(1) / r.response_mask.sum(1)
         torch.testing.assert_close(seq.view(-1, 2).sum(1), torch.zeros(4), atol=1e-5, rtol=0)
+    if algorithm == "online_dpo":  # the pair's DPO weights, from the rollout's own log-ratios to the reference
+        rho = ((r.logprobs - r.ref_logprobs) * r.response_mask).sum(1)
+        torch.testing.assert_close(seq, online_dpo_advantages(r.scores, rho, trainer.kl_ctl.value, 2))
+        assert seq.abs().sum() > 0
     before = snapshot(model)
     stats = trainer.train_step(r)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if ".policy." in n)

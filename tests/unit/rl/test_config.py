@@ -43,12 +43,15 @@ def test_processes_split_a_global_batch_and_updates_are_pure():
     ("algorithm=grpo ppo.rollout_batch_size=30 ppo.minibatch_size=10 ppo.micro_batch_size=10",
      "must be a multiple of algorithm.samples_per_prompt=4"),
     ("algorithm.kl_in=loss", "algorithm.kl_in=loss needs a critic-free estimator"),
+    ("algorithm.kl_in=none", "algorithm.kl_in=none needs a critic-free estimator"),
+    ("algorithm=online_dpo algorithm.kl_in=reward", "algorithm.kl_in=reward with algorithm.advantage=dpo"),
+    ("algorithm=online_dpo algorithm.samples_per_prompt=1", "dpo compares a prompt's samples"),
     ("+health.thresholds.vibes=1", "unknown metric"),
     ("reward.min_accuracy=1.5", r"reward.min_accuracy=1.5 must be in \[0, 1\]"),
 ])
 def test_unworkable_rl_settings_are_refused_by_name(override, key):
     check_config(compose_config("ppo"))  # the shipped defaults pass
-    for algorithm in ("rloo", "grpo", "dr_grpo", "reinforce_pp"):
+    for algorithm in ("rloo", "grpo", "dr_grpo", "reinforce_pp", "online_dpo"):
         check_config(compose_config("ppo", [f"algorithm={algorithm}"]))
     with pytest.raises(ConfigError, match=key):
         check_config(compose_config("ppo", override.split()))

@@ -13,6 +13,7 @@ from pipeline.rl.estimators import (
     gae,
     group_centred,
     grpo_advantages,
+    online_dpo_advantages,
     returns_to_go,
     rloo_advantages,
     sequence_advantages,
@@ -177,3 +178,47 @@ def test_sequence_advantages_without_std_scaling_equal_centring_the_penalised_re
                                grpo_advantages(scores - 0.1 * kl, 4, scale_by_std=False))
     torch.testing.assert_close(sequence_advantages("rloo", scores, kl, 0.1, 4, scale_by_std=False),
                                rloo_advantages(scores - 0.1 * kl, 4))
+
+
+def test_online_dpo_pairs_every_sample_with_those_it_beat_worked():
+    """Group 1: scores [0.2, 0.9, -0.5, 0.2], log-ratios rho [1.0, 0.4, -0.2, 1.0], beta 0.5.
+    Pairs (winner, loser): (1, 0), (1, 2), (1, 3), (0, 2), (3, 2); samples 0 and 3 tie, no pair.
+    w(i, j) = 0.5 sigmoid(-0.5 (rho_i - rho_j)): w(1, 0) = w(1, 3) = 0.5 sigmoid(0.3) = 0.287221,
+    w(1, 2) = 0.5 sigmoid(-0.3) = 0.212779, w(0, 2) = w(3, 2) = 0.5 sigmoid(-0.6) = 0.177440.
+    A_0 = w(0, 2) - w(1, 0) = -0.109781 = A_3; A_1 = 2 w(1, 0) + w(1, 2) = 0.787221;
+    A_2 = -w(1, 2) - 2 w(0, 2) = -0.567659. Group 2's scores are equal: zeros."""
+    scores = t64(0.2, 0.9, -0.5, 0.2, 1.0, 1.0, 1.0, 1.0)[0]
+    rho = t64(1.0, 0.4, -0.2, 1.0, 0.1, 0.2, 0.3, 0.4)[0]
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    w10, w12, w02 = 0.5 * sig(0.3), 0.5 * sig(-0.3), 0.5 * sig(-0.6)
+    expected = t64(w02 - w10, 2 * w10 + w12, -w12 - 2 * w02, w02 - w10, 0.0, 0.0, 0.0, 0.0)[0]
+    torch.testing.assert_close(online_dpo_advantages(scores, rho, beta=0.5, k=4), expected)
+    # k = 2 is one pair a prompt (Guo et al. 2024): +w for the better sample, -w for the worse
+    w = 0.5 * sig(-0.5 * (0.4 - 1.0))
+    torch.testing.assert_close(online_dpo_advantages(t64(0.2, 0.9)[0], t64(1.0, 0.4)[0], 0.5, 2), t64(-w, w)[0])
+    with pytest.raises(ValueError, match="k >= 2"):
+        online_dpo_advantages(scores, rho, 0.5, 1)
+
+
+def test_online_dpo_advantages_give_the_dpo_gradient_through_the_surrogate():
+    """At the rollout policy (ratio 1) the clipped surrogate with these advantages, token losses
+    summed per sequence, has the gradient of DPO's loss summed over every pair with unequal scores:
+    sum -log sigmoid(beta (rho_i - rho_j)), rho = sum_t (log pi - log ref)."""
+    from pipeline.rl.losses import policy_loss
+    g = torch.Generator().manual_seed(0)
+    k, n, t, beta = 4, 3, 5, 0.7
+    theta = torch.randn(n * k, t, dtype=torch.float64, generator=g, requires_grad=True)
+    logp = torch.nn.functional.logsigmoid(theta)  # [B, T] token log-probs of some policy
+    ref = torch.nn.functional.logsigmoid(torch.randn(n * k, t, dtype=torch.float64, generator=g))
+    mask = (torch.rand(n * k, t, generator=g) > 0.2).double()
+    scores = torch.randn(n * k, dtype=torch.float64, generator=g)
+    scores[1] = scores[0]  # a tie: no pair
+    rho = ((logp - ref) * mask).sum(1)
+    dpo = sum(-torch.nn.functional.logsigmoid(beta * (rho[i] - rho[j]))
+              for q in range(n) for i in range(q * k, q * k + k) for j in range(q * k, q * k + k)
+              if scores[i] > scores[j])
+    want, = torch.autograd.grad(dpo, theta, retain_graph=True)
+    adv = online_dpo_advantages(scores, rho.detach(), beta, k)[:, None] * mask
+    pg, _ = policy_loss(logp, logp.detach(), adv, mask, clip_range=0.2)
+    got, = torch.autograd.grad(pg.sum(), theta)
+    torch.testing.assert_close(got, want)
