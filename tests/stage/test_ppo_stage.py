@@ -305,6 +305,25 @@ def test_rl_stage_writes_an_artifact_that_loads_as_the_trained_policy(chain):
         assert not torch.allclose(got, sft_policy(**kw).logits[:, -4:-1], atol=1e-4)
 
 
+def test_online_dpo_writes_its_own_artifact_that_eval_compares_with_sft(chain):
+    """`make ppo ARGS="algorithm=online_dpo"` then `make eval`, as the README shows: the policy lands
+    under artifacts/<run>/online_dpo, with no KL penalty in its rewards, and eval judges it."""
+    from stages import eval as eval_stage
+    from stages import ppo
+    metrics = ppo.run(compose_config("ppo", TINY_PPO + ["algorithm=online_dpo", "algorithm.samples_per_prompt=2"]))
+    art = load_artifact(chain / "artifacts/default/online_dpo", "online_dpo")
+    assert metrics["updates"] == 2 and art.manifest["config"]["algorithm"]["advantage"] == "dpo"
+    assert art.metrics["objective/non_score_reward"] == 0.0  # the reference is in DPO's logit
+    policy, _ = load_policy("online_dpo", compose_config("ppo", TINY_PPO))
+    sft, fmt = load_policy("sft", compose_config("ppo", TINY_PPO))
+    ids, mask = encode_prompts(fmt, [as_conversation(p) for p in PROMPTS[:2]])
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    with torch.no_grad():
+        assert not torch.allclose(policy(**kw).logits, sft(**kw).logits, atol=1e-4)
+    report = eval_stage.run(compose_config("eval", ["max_prompts=8", "logger=none", "policies=[sft,online_dpo]"]))
+    assert set(report["stages"]) == {"sft", "online_dpo"} and "online_dpo_vs_sft" in report["win_rate"]
+
+
 def test_a_weak_reward_model_is_refused_with_its_accuracy(chain):
     from pipeline.core.errors import PipelineError
     from stages import ppo
