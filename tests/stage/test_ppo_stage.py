@@ -17,7 +17,7 @@ from pipeline.generation.decoding import as_conversation, encode_prompts
 from pipeline.models.policies import load_policy
 from pipeline.models.reward import load_reward_model, load_sft_tokenizer, score_conversations
 from pipeline.rl.batching import count_optimizer_steps
-from pipeline.rl.estimators import online_dpo_advantages
+from pipeline.rl.estimators import online_dpo_advantages, rloo_advantages
 from pipeline.rl.rewards import build_reward_fn, reward_scale
 from pipeline.rl.rollout import pack, position_ids_from_mask
 from pipeline.rl.shared_model import SharedBaseActorCritic
@@ -253,9 +253,11 @@ def test_micro_batches_give_the_same_step_as_one_batch(chain):
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "dr_grpo", "grpo kl_in=loss", "reinforce_pp", "online_dpo"])
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "dr_grpo", "grpo kl_in=loss", "reinforce_pp", "online_dpo",
+                                       "rloo kl_in=none"])
 def test_critic_free_estimators_build_no_value_role(chain, algorithm):
-    """Each critic-free estimator; "grpo kl_in=loss" is the paper's form, the k3 KL as a loss term."""
+    """Each critic-free estimator; "grpo kl_in=loss" is the paper's form, the k3 KL as a loss term, and
+    "rloo kl_in=none" has no KL anywhere."""
     algorithm, *extra = algorithm.split()
     overrides = [f"algorithm={algorithm}", *(f"algorithm.{o}" for o in extra)] + \
         (["algorithm.samples_per_prompt=2"] if algorithm != "reinforce_pp" else [])
@@ -270,6 +272,10 @@ def test_critic_free_estimators_build_no_value_role(chain, algorithm):
         rho = ((r.logprobs - r.ref_logprobs) * r.response_mask).sum(1)
         torch.testing.assert_close(seq, online_dpo_advantages(r.scores, rho, trainer.kl_ctl.value, 2))
         assert seq.abs().sum() > 0
+    if extra == ["kl_in=none"]:  # a policy far from the reference still gets the task scores' advantages alone
+        r.kl = torch.rand(r.kl.shape, generator=torch.Generator().manual_seed(0)) * r.response_mask
+        trainer._advantages(r)
+        torch.testing.assert_close(r.advantages.sum(1) / r.response_mask.sum(1), rloo_advantages(r.scores, 2))
     before = snapshot(model)
     stats = trainer.train_step(r)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if ".policy." in n)
