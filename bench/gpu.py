@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_report import report  # noqa: E402
-from bench.grpo import K, TRL, run_trl_spec  # noqa: E402
+from bench.grpo import K, SCALE_REWARDS, TRL, run_trl_spec  # noqa: E402
 from bench.ppo import merged_for_trl, run_measured  # noqa: E402
 
 LLAMA = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -195,7 +195,8 @@ def trl_step(name: str, shape: dict, scale: str, work: Path, seconds: float) -> 
     out.mkdir(parents=True)
     spec = {"policy_dir": str(policy), "reward_dir": str(reward),
             "prompts": prompts[:RL["rollout"] // K * shape["updates"]],
-            "rollout_batch_size": RL["rollout"], "samples_per_prompt": K, "minibatch_size": RL["minibatch"],
+            "rollout_batch_size": RL["rollout"], "samples_per_prompt": K, "scale_rewards": SCALE_REWARDS,
+            "minibatch_size": RL["minibatch"],
             "micro_batch_size": RL["micro"], "ppo_epochs": RL["epochs"], "max_new_tokens": SCALE[scale]["new_tokens"],
             "lora_r": RL["lora_r"], "lora_alpha": RL["lora_alpha"], "lora_target": "all-linear",
             "kl_coef": RL["kl_coef"], "temperature": 1.0, "total_updates": shape["updates"], "warmup_updates": 1,

@@ -10,7 +10,8 @@ LoRA r 16 / alpha 32 on all linear layers, fixed KL coefficient beta 0.2, T = 1,
 its side is bench/trl_grpo_baseline.py, whose docstring maps the batch shape onto GRPOConfig
 (num_generations 4, per_device_train_batch_size 32, gradient_accumulation_steps 1,
 steps_per_generation 2, num_iterations 2) and states what differs in the objective: ours
-z-scores the task reward and subtracts beta (KL_i - mean_g KL) (KL in the reward, our default
+centres the task reward in the group, divides it by algorithm.scale_by_std's std (the same
+scale_rewards on TRL's side) and subtracts beta (KL_i - mean_g KL) (KL in the reward, our default
 grpo config), TRL adds beta * k3 to the loss; the work per update (sampling, a reference pass, an
 RM pass, 4 training passes) is the same, except that TRL computes the rollout log-probs with one
 more forward pass where ours records them while sampling. So a third side per model is ours with
@@ -56,6 +57,7 @@ from bench.trl_env import ensure_trl_env  # noqa: E402
 TRL = "1.16.0"
 LABEL = f"TRL {TRL.rsplit('.', 1)[0]}"
 K = int(OmegaConf.load(ROOT / "conf/algorithm/grpo.yaml").samples_per_prompt)
+SCALE_REWARDS = str(OmegaConf.load(ROOT / "conf/algorithm/grpo.yaml").scale_by_std)  # TRL's names: group|batch|none
 GRPO = ["algorithm=grpo", f"ppo.max_new_tokens={SHAPE['new_tokens']}"]
 RESULTS = ROOT / "bench" / "results" / "grpo-2core-cpu.txt"
 TARGET_SPEED, TARGET_RSS = 1.5, 1.0  # the issue's: ours >= 1.5x TRL's episodes/s at <= 1.0x its peak RSS
@@ -68,7 +70,8 @@ def run_trl(python: Path, policy: Path, reward: Path, prompts: list[str], update
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     spec = {"policy_dir": str(policy), "reward_dir": str(reward), "prompts": prompts,
-            "rollout_batch_size": SHAPE["rollout"], "samples_per_prompt": K, "minibatch_size": SHAPE["minibatch"],
+            "rollout_batch_size": SHAPE["rollout"], "samples_per_prompt": K, "scale_rewards": SCALE_REWARDS,
+            "minibatch_size": SHAPE["minibatch"],
             "ppo_epochs": SHAPE["epochs"], "max_new_tokens": SHAPE["new_tokens"], "lora_r": SHAPE["lora_r"],
             "lora_alpha": SHAPE["lora_alpha"], "lora_target": "all-linear", "kl_coef": SHAPE["kl_coef"],
             "temperature": SHAPE["temperature"], "total_updates": updates, "warmup_updates": 1, "num_threads": 2,

@@ -9,7 +9,8 @@ spec.json: policy_dir (merged SFT causal LM with tokenizer, chat template, pad !
 (merged reward model, num_labels=1, same tokenizer), prompts (user turns), rollout_batch_size
 (completions per update), samples_per_prompt, minibatch_size, ppo_epochs, max_new_tokens, lora_r,
 lora_alpha, lora_target, kl_coef, temperature, total_updates, warmup_updates, num_threads, seed,
-stop_token_ids, learning_rate, output_dir; optional (bench/gpu.py): dtype (float32 unless given: the
+stop_token_ids, learning_rate, output_dir; optional: scale_rewards (group unless given: TRL's
+names, which our algorithm.scale_by_std shares), and (bench/gpu.py) dtype (float32 unless given: the
 weights' dtype and, for bfloat16, TRL's bf16 autocast), micro_batch_size (completions per forward
 pass, the minibatch unless given: per_device_train_batch_size, with gradient_accumulation_steps =
 minibatch / micro and steps_per_generation = rollout / micro), gradient_checkpointing (false unless
@@ -38,8 +39,9 @@ steps_per_generation * num_iterations (4) optimizer steps of minibatch_size comp
 (Ours reshuffles the minibatches every epoch; TRL shuffles the generation batch once.)
 
 The objective, and what differs from ours (algorithm=grpo, its defaults):
-  - advantages: both z-score the task reward within the group, (r - mean_g) / (std_g + 1e-4),
-    unbiased std (TRL: scale_rewards="group"). Ours then subtracts beta (KL_i - mean_g KL) with
+  - advantages: both centre the task reward within the group and divide by the unbiased std
+    (+ 1e-4) that algorithm.scale_by_std names, the group's or the whole batch's (the spec's
+    scale_rewards, TRL's names: group | batch | none). Ours then subtracts beta (KL_i - mean_g KL) with
     the sequence KL of the rollout (KL as a reward penalty, algorithm.kl_in=reward); TRL puts
     beta * k3(pi || pi_ref) per token in the loss with its gradient (times the importance ratio,
     use_bias_correction_kl). Ours also takes the missing-EOS penalty (ppo.missing_eos_penalty) off
@@ -181,7 +183,7 @@ def main(spec_path: Path, out_path: Path) -> None:
         top_p=1.0,
         beta=spec["kl_coef"],  # fixed; TRL has no adaptive controller
         epsilon=0.2,  # ours: ppo.clip_range
-        scale_rewards="group",
+        scale_rewards=spec.get("scale_rewards", "group"),  # ours: algorithm.scale_by_std, the same names
         loss_type="dapo",  # token mean over the step's completions, as ours (loss_agg=token_mean)
         learning_rate=spec["learning_rate"],
         lr_scheduler_type="constant",

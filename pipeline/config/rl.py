@@ -63,7 +63,7 @@ class AlgorithmConfig:
     samples_per_prompt: int = MISSING  # k
     kl_in: str = MISSING  # reward (Ziegler et al.) | loss (k3 with gradient, as GRPO) | none
     loss_agg: str = MISSING  # token_mean | seq_mean | constant (Dr.GRPO)
-    scale_by_std: bool = MISSING  # grpo: divide by the group's std (false: Dr.GRPO)
+    scale_by_std: str = MISSING  # grpo: group | batch | none (Dr.GRPO); true/false read as group/none
     group_baseline: bool = MISSING  # reinforce_pp: subtract the group mean first (REINFORCE++-baseline)
     ptx_coef: float = MISSING  # PPO-ptx (InstructGPT eq. 2): weight of the pretraining log-likelihood; 0 = off
     kl_coef: Optional[float] = MISSING  # this estimator's starting KL coefficient beta; null: ppo.kl.init_coef

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.validation import check_ranges
+from pipeline.rl.estimators import std_scaling
 from pipeline.rl.kl import KL_ESTIMATORS
 from pipeline.rl.losses import LOSS_AGGREGATIONS
 
@@ -30,6 +31,10 @@ def check_config(cfg) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    try:
+        std_scaling(alg.scale_by_std)
+    except ValueError as e:
+        raise ConfigError(f"{e}: group (GRPO's group std), batch (the update's std) or none (Dr.GRPO)") from None
     k = alg.samples_per_prompt
     if alg.advantage in ("rloo", "grpo", "dpo") and k < 2:
         raise ConfigError(f"algorithm.samples_per_prompt={k}: {alg.advantage} compares a prompt's samples with "

@@ -8,6 +8,8 @@ References:
     - Ziegler et al. 2019 (per-token KL penalty in the reward).
     - Huang et al. 2024, arXiv 2403.17031 (reward placement, whitening).
     - Ahmadian et al. 2024 (RLOO); Shao et al. 2024 (GRPO); Hu 2025 (REINFORCE++).
+    - Liu et al. 2025, arXiv 2503.20783 (Dr.GRPO); Liu et al. 2025, arXiv 2508.08221 (Lite PPO: the
+      group mean with the batch's std).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from pipeline.generation.stops import last_token_index
 from pipeline.rl.kl import kl_per_token
+from pipeline.rl.masked import AllReduce, masked_var
 
 
 @torch.no_grad()
@@ -132,26 +135,52 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (g - baseline).reshape(-1)
 
 
-def grpo_advantages(rewards: torch.Tensor, k: int, scale_by_std: bool, eps: float = 1e-4) -> torch.Tensor:
-    """Group-relative advantages (Shao et al. 2024, DeepSeekMath).
+STD_SCALINGS = ("group", "batch", "none")
 
-    ``A_i = (R_i - mean_g R) / (std_g R + eps)``, the unbiased std of the group; with
-    ``scale_by_std=False`` only the mean is removed (Dr.GRPO, Liu et al. 2025), which removes
-    the bias towards groups whose rewards barely differ.
+
+def std_scaling(value) -> str:
+    """``algorithm.scale_by_std`` as one of :data:`STD_SCALINGS`; the booleans of earlier configs
+    read as ``true`` -> group, ``false`` -> none. ValueError for anything else."""
+    legacy = {"true": "group", "false": "none"}
+    name = str(value).lower()
+    name = legacy.get(name, name)
+    if name not in STD_SCALINGS:
+        raise ValueError(f"algorithm.scale_by_std must be one of {list(STD_SCALINGS)}, got {value!r}")
+    return name
+
+
+def grpo_advantages(rewards: torch.Tensor, k: int, scale_by_std: str, eps: float = 1e-4,
+                    all_reduce: AllReduce = None) -> torch.Tensor:
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath): ``A_i = (R_i - mean_g R) / sigma``.
+
+    ``scale_by_std`` picks ``sigma``:
+
+    - ``group``: ``std_g R + eps``, the unbiased std of the prompt's k rewards (the paper's form).
+      A group whose rewards barely differ gets unit-size advantages all the same: noise in a
+      reward that can hardly tell its answers apart weighs as much as a clear preference.
+    - ``batch``: ``std_B R + eps``, the unbiased std of every reward of the update, over all
+      processes (Liu et al. 2025's Lite PPO; TRL's ``scale_rewards="batch"``). Near-ties keep their
+      small advantages; every group is on one scale.
+    - ``none``: 1, only the group mean removed (Dr.GRPO, Liu et al. 2025).
 
     Args:
         rewards: ``[B]``, groups of k adjacent samples.
         k: samples per prompt, ``>= 2``.
+        all_reduce: sums over processes, for ``batch`` (data parallel); None with one process.
 
     Returns:
         ``[B]``. A group whose k rewards are equal gets all-zero advantages (no signal).
     """
     if k < 2:
         raise ValueError(f"GRPO needs k >= 2 samples per prompt, got {k}")
+    mode = std_scaling(scale_by_std)
     g = rewards.view(-1, k)
     centred = g - g.mean(dim=1, keepdim=True)
-    if scale_by_std:
+    if mode == "group":
         centred = centred / (g.std(dim=1, keepdim=True) + eps)
+    elif mode == "batch":
+        ones = torch.ones_like(rewards)
+        centred = centred / (masked_var(rewards, ones, unbiased=True, all_reduce=all_reduce).sqrt() + eps)
     return centred.reshape(-1)
 
 
@@ -162,13 +191,13 @@ def group_centred(rewards: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def sequence_advantages(estimator: str, scores: torch.Tensor, seq_kl: torch.Tensor, beta: float, k: int,
-                        scale_by_std: bool) -> torch.Tensor:
+                        scale_by_std: str, all_reduce: AllReduce = None) -> torch.Tensor:
     """One advantage per sequence for RLOO or GRPO, with the KL penalty ``beta * KL_i`` in the reward::
 
         RLOO:  A_i = R_i - mean_{j != i} R_j,                 R_i = s_i - beta KL_i
-        GRPO:  A_i = (s_i - mean_g s) / (std_g s + eps) - beta (KL_i - mean_g KL)
+        GRPO:  A_i = (s_i - mean_g s) / sigma - beta (KL_i - mean_g KL)     (sigma: grpo_advantages)
 
-    GRPO z-scores the task scores alone: z-scoring ``s - beta KL`` would turn the KL's noise into
+    GRPO scales the task scores alone: z-scoring ``s - beta KL`` would turn the KL's noise into
     unit-size advantages in a group whose k task rewards are equal (a rule-based or gold reward,
     the missing-EOS penalty), and beta would no longer set the pull's strength. Without std
     scaling (Dr.GRPO) both forms are equal, since the baseline is linear in the reward.
@@ -177,13 +206,14 @@ def sequence_advantages(estimator: str, scores: torch.Tensor, seq_kl: torch.Tens
         estimator: ``rloo`` or ``grpo``.
         scores: ``[B]`` task rewards, groups of k adjacent samples.
         seq_kl: ``[B]`` sequence KL to the reference (zeros when the KL sits in the loss).
+        scale_by_std, all_reduce: GRPO's ``sigma`` (:func:`grpo_advantages`).
 
     Returns:
         ``[B]``.
     """
     if estimator == "rloo":
         return rloo_advantages(scores - beta * seq_kl, k)
-    return grpo_advantages(scores, k, scale_by_std) - beta * group_centred(seq_kl, k)
+    return grpo_advantages(scores, k, scale_by_std, all_reduce=all_reduce) - beta * group_centred(seq_kl, k)
 
 
 def online_dpo_advantages(scores: torch.Tensor, seq_logratio: torch.Tensor, beta: float, k: int,

@@ -8,7 +8,7 @@ Every estimator feeds the same clipped surrogate; only the advantage changes:
 
     gae           PPO: value adapter + head, GAE(gamma, lambda), whitened advantages
     rloo          A_i = R_i - mean of the other k - 1 samples' rewards
-    grpo          A_i = (s_i - mean_g s) / std_g s - beta (KL_i - mean_g KL)
+    grpo          A_i = (s_i - mean_g s) / std - beta (KL_i - mean_g KL), std the batch's or the group's
                   (Dr.GRPO: no std, constant normaliser; estimators.sequence_advantages)
     reinforce_pp  per-token return-to-go, normalised over the batch
     dpo           online DPO: A_i = sum of beta sigmoid(-h_ij) over the group's samples j it beat,
@@ -188,7 +188,8 @@ class RLTrainer:
             r.advantages = online_dpo_advantages(r.scores, rho, beta, k)[:, None] * mask
             return
         seq_kl = r.kl.sum(1) if in_reward else torch.zeros_like(r.scores)
-        adv = sequence_advantages(self.alg.advantage, r.scores, seq_kl, beta, k, self.alg.scale_by_std)
+        adv = sequence_advantages(self.alg.advantage, r.scores, seq_kl, beta, k, self.alg.scale_by_std,
+                                  all_reduce=self._sum)
         r.advantages = adv[:, None] * mask
 
     # --- update -------------------------------------------------------------------------

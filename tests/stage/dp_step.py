@@ -5,7 +5,9 @@ the 1-process run samples the rollout and saves it; the 2-process run loads the 
 so both steps see identical data and advantages. Each saves its trainable weights.
 With a third argument `nan`, process 1's advantages are NaN (its loss alone is non-finite); with
 `health`, rank 0 alone has a KL spike and both ranks run the health check; with
-`ptx`, the step is PPO-ptx's, 4 pretraining windows in all (4 in one process, 2 in each of two).
+`ptx`, the step is PPO-ptx's, 4 pretraining windows in all (4 in one process, 2 in each of two);
+with `grpo`, GRPO's (two groups of 4), each process computing its rows' advantages itself, so the
+batch std must be taken over both processes' rewards.
 """
 
 import sys
@@ -25,8 +27,9 @@ from tests.stage.test_ppo_stage import build, rollout  # noqa: E402
 out = Path(sys.argv[1])
 world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
 rows = 8 // world
-ptx = sys.argv[2:] == ["ptx"]
+ptx, grpo = sys.argv[2:] == ["ptx"], sys.argv[2:] == ["grpo"]
 extra = ["algorithm=ppo_ptx", f"ppo.ptx_batch_size={4 // world}", "ppo.ptx_block_size=32"] if ptx else []
+extra += ["algorithm=grpo", "algorithm.scale_by_std=batch"] if grpo else []
 cfg, model, fmt, trainer = build(["ppo.ppo_epochs=1", f"ppo.rollout_batch_size={rows}", f"ppo.minibatch_size={rows}",
                                   "ppo.micro_batch_size=2", *extra])
 if ptx:
@@ -38,6 +41,8 @@ else:
     r = Rollout(**torch.load(out / "rollout.pt"))
 rank = trainer.acc.process_index
 mine = r.select(torch.arange(rank * rows, (rank + 1) * rows))
+if grpo:  # the advantages of this process's rows, from this process (the rollout's are of all rows)
+    trainer._advantages(mine)
 if sys.argv[2:] == ["nan"] and rank == 1:
     mine.advantages[:] = float("nan")
 if sys.argv[2:] == ["health"]:  # a KL spike on rank 0 alone: both ranks must see it and stop

@@ -395,12 +395,13 @@ def test_resume_hash_leaves_out_logging_and_cadence():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [[], ["ptx"]], ids=["ppo", "ppo_ptx"])
+@pytest.mark.parametrize("mode", [[], ["ptx"], ["grpo"]], ids=["ppo", "ppo_ptx", "grpo_batch_std"])
 def test_two_processes_on_half_the_rows_give_the_update_of_one_process(chain, tmp_path, mode):
     """The same global minibatch, split over 2 gloo processes (B/2 rows each) or in one process
     (B rows): token means, micro-batches and the bucketed gradient sum make one identical step.
     With PPO-ptx, the two processes draw the two halves of the one process's pretraining batch and
-    the ptx term enters once, not once per process."""
+    the ptx term enters once, not once per process. With GRPO's batch std, each process computes
+    its own group's advantages over the std of both processes' rewards."""
     script = os.path.join(os.path.dirname(__file__), "dp_step.py")
     env = {**os.environ, "RLHF_ROOT": str(chain), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",

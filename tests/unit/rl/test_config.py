@@ -46,6 +46,7 @@ def test_processes_split_a_global_batch_and_updates_are_pure():
     ("algorithm.kl_in=none", "algorithm.kl_in=none needs a critic-free estimator"),
     ("algorithm=online_dpo algorithm.kl_in=reward", "algorithm.kl_in=reward with algorithm.advantage=dpo"),
     ("algorithm=online_dpo algorithm.samples_per_prompt=1", "dpo compares a prompt's samples"),
+    ("algorithm=grpo algorithm.scale_by_std=global", "algorithm.scale_by_std must be one of .*batch .the update's std"),
     ("+health.thresholds.vibes=1", "unknown metric"),
     ("reward.min_accuracy=1.5", r"reward.min_accuracy=1.5 must be in \[0, 1\]"),
 ])

@@ -18,6 +18,7 @@ from pipeline.rl.estimators import (
     rloo_advantages,
     sequence_advantages,
     shape_rewards,
+    std_scaling,
 )
 from pipeline.rl.masked import masked_mean, masked_var, masked_whiten
 from tests.unit.worked import EOT, LN2, PAD, STOPS, t64
@@ -134,11 +135,50 @@ def test_grpo_group_z_scores_and_dr_grpo_worked():
     # z = [-2, -1, 0, 3] / (2.1602 + 1e-4); group 2 is constant: all zeros
     std = math.sqrt(14 / 3) + 1e-4
     expected = torch.tensor([-2 / std, -1 / std, 0.0, 3 / std, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-    torch.testing.assert_close(grpo_advantages(r, 4, scale_by_std=True), expected)
+    torch.testing.assert_close(grpo_advantages(r, 4, scale_by_std="group"), expected)
     # Dr.GRPO: the group mean removed, no division
-    torch.testing.assert_close(grpo_advantages(r, 4, scale_by_std=False),
+    torch.testing.assert_close(grpo_advantages(r, 4, scale_by_std="none"),
                                torch.tensor([-2.0, -1.0, 0.0, 3.0, 0, 0, 0, 0], dtype=torch.float64))
     assert equal_reward_groups(r, 4).item() == 0.5  # the second group carries no signal
+
+
+def test_grpo_batch_std_worked():
+    """Lite PPO: the group mean removed, then divided by the std of every reward of the batch.
+    r = [1, 2, 3, 6, 4, 4, 4, 4]: mean 3.5, squared deviations 6.25 + 2.25 + 0.25 + 6.25 + 4 x 0.25
+    = 16, unbiased std sqrt(16 / 7) = 1.5119. Group 1 centred [-2, -1, 0, 3] / 1.5119 (not the
+    group std 2.1602); the equal group stays zero."""
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 4.0, 4.0, 4.0, 4.0], dtype=torch.float64)
+    std = math.sqrt(16 / 7) + 1e-4
+    expected = torch.tensor([-2 / std, -1 / std, 0.0, 3 / std, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(grpo_advantages(r, 4, scale_by_std="batch"), expected)
+    # A near-tie keeps its small size: the group std would make it unit-size.
+    near = torch.tensor([0.0, 0.01, 0.0, 0.01, -2.0, 2.0, -2.0, 2.0], dtype=torch.float64)
+    assert grpo_advantages(near, 4, "batch")[:4].abs().max() < 0.01
+    assert grpo_advantages(near, 4, "group")[:4].abs().min() > 0.8
+
+
+def test_grpo_batch_std_across_processes_equals_the_whole_batch():
+    """Data parallel: each process holds whole groups; the std is over every process's rewards."""
+    import threading
+
+    from tests.unit.rl.test_masked import thread_all_reduce
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 4.0, 4.0, 4.0, 4.0, -1.0, 0.5, 2.0, 0.0], dtype=torch.float64)
+    reduces, out = thread_all_reduce(2), {}
+
+    def shard(rank):  # 2 groups on process 0, 1 on process 1
+        rows = slice(0, 8) if rank == 0 else slice(8, 12)
+        out[rank] = grpo_advantages(r[rows], 4, "batch", all_reduce=reduces[rank])
+    threads = [threading.Thread(target=shard, args=(rank,)) for rank in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    torch.testing.assert_close(torch.cat([out[0], out[1]]), grpo_advantages(r, 4, "batch"))
+
+
+def test_scale_by_std_names_and_the_booleans_of_earlier_configs():
+    assert [std_scaling(v) for v in ("group", "batch", "none", True, False, "True", "false")] == \
+        ["group", "batch", "none", "group", "none", "group", "none"]
+    with pytest.raises(ValueError, match="algorithm.scale_by_std must be one of"):
+        std_scaling("global")
 
 
 def test_reinforce_pp_returns_to_go_and_batch_normalisation():
@@ -161,12 +201,12 @@ def test_equal_task_rewards_give_no_task_driven_grpo_advantage():
     -beta * (KL_i - mean KL), mean 0.315 -> [0.00075, -0.00025, 0.00125, -0.00175]. Z-scoring
     scores - beta * KL instead gives unit-size advantages from the KL's noise."""
     scores, kl = t64(1.0, 1.0, 1.0, 1.0)[0], t64(0.30, 0.32, 0.29, 0.35)[0]
-    adv = sequence_advantages("grpo", scores, kl, beta=0.05, k=4, scale_by_std=True)
+    adv = sequence_advantages("grpo", scores, kl, beta=0.05, k=4, scale_by_std="group")
     torch.testing.assert_close(adv, t64(0.00075, -0.00025, 0.00125, -0.00175)[0])
     # Unequal task rewards: the z-scored task part plus the same KL part.
     scores = t64(0.0, 1.0, 0.0, 1.0)[0]  # mean 0.5, unbiased std 1/sqrt(3)
     z = (scores - 0.5) / (3 ** -0.5 + 1e-4)
-    adv = sequence_advantages("grpo", scores, kl, beta=0.05, k=4, scale_by_std=True)
+    adv = sequence_advantages("grpo", scores, kl, beta=0.05, k=4, scale_by_std="group")
     torch.testing.assert_close(adv, z - 0.05 * (kl - 0.315))
 
 
@@ -174,9 +214,9 @@ def test_sequence_advantages_without_std_scaling_equal_centring_the_penalised_re
     """Dr.GRPO and RLOO are linear in the reward: the KL may enter before or after the baseline."""
     g = torch.Generator().manual_seed(0)
     scores, kl = torch.randn(8, generator=g, dtype=torch.float64), torch.rand(8, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(sequence_advantages("grpo", scores, kl, 0.1, 4, scale_by_std=False),
-                               grpo_advantages(scores - 0.1 * kl, 4, scale_by_std=False))
-    torch.testing.assert_close(sequence_advantages("rloo", scores, kl, 0.1, 4, scale_by_std=False),
+    torch.testing.assert_close(sequence_advantages("grpo", scores, kl, 0.1, 4, scale_by_std="none"),
+                               grpo_advantages(scores - 0.1 * kl, 4, scale_by_std="none"))
+    torch.testing.assert_close(sequence_advantages("rloo", scores, kl, 0.1, 4, scale_by_std="none"),
                                rloo_advantages(scores - 0.1 * kl, 4))
 
 
