@@ -195,13 +195,14 @@ def test_reinforce_pp_returns_to_go_and_batch_normalisation():
                                torch.tensor([-1.0, 1.0, 0.0, 0.0]))
 
 
-def test_equal_task_rewards_give_no_task_driven_grpo_advantage():
-    """GRPO's z-score is over the task rewards alone; the KL penalty stays at beta's scale. Scores
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_equal_task_rewards_give_no_task_driven_grpo_advantage(scale):
+    """GRPO's std scales the task rewards alone; the KL penalty stays at beta's scale. Scores
     [1, 1, 1, 1] with sequence KL 0.30-0.35 and beta 0.05: the task part is 0 and the KL part is
     -beta * (KL_i - mean KL), mean 0.315 -> [0.00075, -0.00025, 0.00125, -0.00175]. Z-scoring
     scores - beta * KL instead gives unit-size advantages from the KL's noise."""
     scores, kl = t64(1.0, 1.0, 1.0, 1.0)[0], t64(0.30, 0.32, 0.29, 0.35)[0]
-    adv = sequence_advantages("grpo", scores, kl, beta=0.05, k=4, scale_by_std="group")
+    adv = sequence_advantages("grpo", scores, kl, beta=0.05, k=4, scale_by_std=scale)
     torch.testing.assert_close(adv, t64(0.00075, -0.00025, 0.00125, -0.00175)[0])
     # Unequal task rewards: the z-scored task part plus the same KL part.
     scores = t64(0.0, 1.0, 0.0, 1.0)[0]  # mean 0.5, unbiased std 1/sqrt(3)
