@@ -1,8 +1,13 @@
-"""Direct preference optimisation (Rafailov et al. 2023): the no-RL baseline.
+"""Direct preference optimisation (Rafailov et al. 2023): the no-RL baseline. With
+``rho = log pi(y|x) - log pi_ref(y|x)`` summed over an answer's tokens, ``train.loss_type`` picks
+TRL's loss; the default, APO-zero (D'Oosterlinck et al. 2024, eq. 7), anchors each answer to the
+reference on its own, where DPO's sigmoid only widens their gap:
 
-    loss = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
-           (+ w_sft * mean NLL of the chosen tokens with loss_type [sigmoid, sft], RPO, Pang et al. 2024;
-           each pair weighted by its probability under the policy with use_weighting, WPO, Zhou et al. 2024)
+    apo_zero: loss = (1 - sigmoid(beta * rho_w)) + sigmoid(beta * rho_l)
+    sigmoid:  loss = -log sigmoid(beta * (rho_w - rho_l))                    (DPO)
+              (+ w_sft * mean NLL of the chosen tokens with loss_type [sigmoid, sft], RPO, Pang et al. 2024)
+
+each pair weighted by its probability under the policy with use_weighting (WPO, Zhou et al. 2024).
 
 TRL's DPOTrainer trains a copy of the SFT adapter on the base; the reference is the SFT model
 itself (TRL keeps a frozen copy of the adapter), not the bare base that "adapter disabled" would

@@ -141,7 +141,7 @@ class RMStageConfig(StageConfig):
 @dataclass
 class DPOTrainConfig(HFTrainConfig):
     beta: float = MISSING  # the implicit KL coefficient
-    loss_type: list[str] = MISSING  # TRL's DPO losses, summed: sigmoid (DPO), ipo, hinge, sft (NLL on chosen), ...
+    loss_type: list[str] = MISSING  # TRL's DPO losses, summed: apo_zero, sigmoid (DPO), ipo, sft (NLL on chosen), ...
     loss_weights: Optional[list[float]] = MISSING  # one per loss_type; null = all 1
     label_smoothing: float = MISSING  # share of labels assumed flipped (TRL's robust, exo_pair, aot losses)
     use_weighting: bool = MISSING  # WPO (Zhou et al. 2024): weight pairs by their probability under the policy

@@ -85,7 +85,7 @@ def test_schemas_hold_no_defaults():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.label_smoothing=0.1"], r"train.label_smoothing=0.1 has no effect with train.loss_type=\['sigmoid'\]"),
+    (["train.label_smoothing=0.1"], r"train.label_smoothing=0.1 has no effect with train.loss_type=\['apo_zero'\]"),
     (["train.loss_type=[sigmoid,sft]", "train.loss_weights=[1.0]"], "train.loss_weights has 1 entries for 2 losses"),
     (["train.loss_type=[sigmoid,sft]", "train.loss_weights=null"],  # use_weighting: true, the default
      r"train.use_weighting=true does not work with 'sft' in train.loss_type"),
