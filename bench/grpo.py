@@ -53,11 +53,12 @@ sys.path.insert(0, str(ROOT))
 from bench.ppo import (  # noqa: E402
     SHAPE, UPDATES, WORK, chain_a, chain_b, merged_for_trl, run_measured, run_ours, world_prompts)
 from bench.trl_env import ensure_trl_env  # noqa: E402
+from pipeline.rl.estimators import std_scaling  # noqa: E402
 
 TRL = "1.16.0"
 LABEL = f"TRL {TRL.rsplit('.', 1)[0]}"
 K = int(OmegaConf.load(ROOT / "conf/algorithm/grpo.yaml").samples_per_prompt)
-SCALE_REWARDS = str(OmegaConf.load(ROOT / "conf/algorithm/grpo.yaml").scale_by_std)  # TRL's names: group|batch|none
+SCALE_REWARDS = std_scaling(OmegaConf.load(ROOT / "conf/algorithm/grpo.yaml").scale_by_std)  # TRL's names too
 GRPO = ["algorithm=grpo", f"ppo.max_new_tokens={SHAPE['new_tokens']}"]
 RESULTS = ROOT / "bench" / "results" / "grpo-2core-cpu.txt"
 TARGET_SPEED, TARGET_RSS = 1.5, 1.0  # the issue's: ours >= 1.5x TRL's episodes/s at <= 1.0x its peak RSS
