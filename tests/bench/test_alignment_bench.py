@@ -3,7 +3,7 @@
 
 import pytest
 
-from bench.alignment import misses, summarise
+from bench.alignment import misses, same_sft, summarise, table
 
 
 def _report(win, correct, kl):
@@ -29,3 +29,23 @@ def test_misses_names_each_target_missed():
     assert misses(ok, sft) == []  # every bound is inclusive
     bad = {"win": 0.649, "correct_rate": 0.199, "hallucination_rate": 0.151, "unsafe_rate": 0.251}
     assert misses(bad, sft) == ["win", "correct", "hallucination", "unsafe"]
+
+
+@pytest.mark.unit
+def test_two_runs_table_gives_the_mean_over_every_eval_and_each_runs_own_win_rate():
+    runs = {"s0": [_report(0.64, 0.20, 1.0), _report(0.66, 0.20, 1.0)],  # run mean 65%
+            "s1": [_report(0.60, 0.20, 1.0), _report(0.62, 0.20, 1.0)]}  # run mean 61%
+    same_sft(runs)  # one SFT: accepted
+    every = summarise(runs["s0"] + runs["s1"])
+    out = table(every, 2, {run: summarise(rs) for run, rs in runs.items()})
+    assert "mean of 2 runs x 2 seeds" in out and "win by run (s0, s1)" in out
+    assert "| ppo | 63.0% | 60.0%-66.0% | 65.0% / 61.0% | 20.0% |" in out
+    assert out.splitlines()[1].count("|") == out.splitlines()[2].count("|")  # the sft row has every column
+
+
+@pytest.mark.unit
+def test_runs_with_different_sfts_are_refused():
+    other = _report(0.64, 0.20, 1.0)
+    other["stages"]["sft"]["sample"] = dict(other["stages"]["sft"]["sample"], correct_rate=0.3)
+    with pytest.raises(SystemExit, match=r"runs a and b have different SFT samples at seed 0"):
+        same_sft({"a": [_report(0.64, 0.20, 1.0)], "b": [other]})

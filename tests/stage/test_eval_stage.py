@@ -8,6 +8,7 @@ the stages that are already built from the same config and parent.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,6 @@ def test_pipeline_skips_a_built_sft_with_its_base_parent(chain, capsys):
 def test_eval_skips_a_stage_built_on_an_older_parent_and_says_why(chain, capsys):
     """After `make sft` is rerun, a DPO/RL artifact built on the old SFT no longer fits: eval
     reports the rest and names the stale stage and its fix, instead of failing at the end."""
-    import shutil
 
     from pipeline.core.artifacts import find_parent, staged_artifact
     run = chain / "artifacts" / "default"
@@ -331,6 +331,18 @@ def test_alignment_bench_runs_the_eval_stage_at_each_seed(chain, tmp_path, capsy
     assert reports == ["report-seed0.md", "report-seed1.md"]
     # the two seeds sampled different answers (else the mean would average nothing)
     assert (tmp_path / "keep/report-seed0.md").read_text() != (tmp_path / "keep/report-seed1.md").read_text()
+
+
+def test_alignment_bench_averages_runs_that_share_the_sft(chain, tmp_path, capsys):
+    shutil.copytree(chain / "artifacts/default", chain / "artifacts/twin")  # a second run on the same SFT
+    alignment_bench.main(["--run", "default", "--run", "twin", "--seeds", "1", "--out", str(tmp_path / "keep"),
+                          "max_prompts=8"])
+    out = capsys.readouterr().out
+    assert "runs `default`, `twin`" in out and "win by run (default, twin)" in out
+    base = next(line for line in out.splitlines() if line.startswith("| base |")).split(" | ")
+    mean, by_run = base[1], base[3].split(" / ")
+    assert by_run == [mean, mean]  # identical runs: each run's win rate is the mean
+    assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["default", "twin"]
 
 
 def test_rm_agreement_bench_rescoring_the_runs_rm_gives_the_reports_figures(chain, capsys):
