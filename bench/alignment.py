@@ -11,8 +11,8 @@ range of the win rate, and which of the world's targets the means meet: a win ra
 65% over SFT, hallucination and unsafe compliance at most half of SFT's, correct at least SFT's
 minus 5 points. Each seed's report.md is kept beside the output (``--out``).
 
-Training seeds move a win rate too (the same setting trained at seeds 0 and 1 lands 0.3-1.0 points
-apart on the val prompts), so ``--run`` may be given more than once: runs that share the SFT (and
+Training seeds move a win rate too (the same setting trained at seeds 0 and 1 lands up to 1.3
+points apart on the eval prompts), so ``--run`` may be given more than once: runs that share the SFT (and
 RM) and train the later stages at different ``seed=`` are each evaluated at every sampling seed, the
 table's figures are the means over all of them, the range spans every evaluation, and a column
 gives each run's own mean win rate. Runs whose SFT samples differ are refused: the targets are
