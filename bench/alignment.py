@@ -12,11 +12,11 @@ range of the win rate, and which of the world's targets the means meet: a win ra
 minus 5 points. Each seed's report.md is kept beside the output (``--out``).
 
 Training seeds move a win rate too (the same setting trained at seeds 0 and 1 lands up to 1.3
-points apart on the eval prompts), so ``--run`` may be given more than once: runs that share the SFT (and
-RM) and train the later stages at different ``seed=`` are each evaluated at every sampling seed, the
-table's figures are the means over all of them, the range spans every evaluation, and a column
-gives each run's own mean win rate. Runs whose SFT samples differ are refused: the targets are
-relative to one SFT.
+points apart on the eval prompts), so ``--run`` may be given more than once: runs that share the
+SFT (and RM) and train the later stages at different ``seed=`` are each evaluated at every
+sampling seed, the table's figures are the means over all of them, the range spans every
+evaluation, and a column gives each run's own mean win rate. Runs whose SFT artifacts differ are
+refused before any evaluation: the targets are relative to one SFT.
 
     make bench ARGS="alignment --run final --seeds 4"                  # the eval prompts
     make bench ARGS="alignment --run final --seeds 4 --prompts val"    # choosing settings
@@ -38,6 +38,9 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.core.artifacts import load_artifact  # noqa: E402
 
 WIN_TARGET = 0.65  # gold win rate over SFT, ties half
 RATE_FRACTION = 0.5  # hallucination and unsafe compliance: at most this share of SFT's
@@ -137,15 +140,15 @@ def table(summary: dict, seeds: int, per_run: Optional[dict[str, dict]] = None) 
     return "\n".join(lines)
 
 
-def same_sft(by_run: dict[str, list[dict]]) -> None:
-    """Refuse runs whose SFT rows differ at the same sampling seed: each run's win rates and targets
-    are against its own SFT, so a mean over runs needs one SFT."""
-    first, *others = by_run.items()
-    for run, reports in others:
-        for seed, (a, b) in enumerate(zip(first[1], reports)):
-            if a["stages"]["sft"]["sample"] != b["stages"]["sft"]["sample"]:
-                raise SystemExit(f"alignment: runs {first[0]} and {run} have different SFT samples at seed {seed}; "
-                                 "average only runs that share the SFT (copy its artifact into each run)")
+def same_sft(runs: list[str], artifacts: Path) -> None:
+    """Refuse, before any evaluation, runs whose SFT artifacts differ (their manifests' file
+    checksums): each run's win rates and targets are against its own SFT, so a mean over runs
+    needs one SFT."""
+    first = load_artifact(artifacts / runs[0] / "sft", "sft", verify=False).manifest["files"]
+    for run in runs[1:]:
+        if load_artifact(artifacts / run / "sft", "sft", verify=False).manifest["files"] != first:
+            raise SystemExit(f"alignment: runs {runs[0]} and {run} have different SFT artifacts; average only "
+                             f"runs that share the SFT (copy {artifacts / runs[0] / 'sft'} into each run)")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -159,12 +162,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     runs = list(dict.fromkeys(args.run or ["default"]))
     keep = args.out or ROOT / "outputs" / "bench-alignment" / "+".join(runs)
+    same_sft(runs, ROOT / os.environ.get("RLHF_ROOT", ".") / "artifacts")
     by_run = {}
     for run in runs:
         by_run[run] = eval_seeds(run, args.seeds, args.prompts, args.overrides, keep if len(runs) == 1 else keep / run)
         if "sft" not in by_run[run][0]["stages"]:
             raise SystemExit(f"alignment: run {run} has no sft stage to compare with")
-    same_sft(by_run)
     reports = [r for rs in by_run.values() for r in rs]
     names = ", ".join(f"`{r}`" for r in runs)
     print(f"# Alignment of run{'s' if len(runs) > 1 else ''} {names} on the {args.prompts} prompts "

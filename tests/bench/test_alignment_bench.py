@@ -1,9 +1,12 @@
 """bench/alignment.py: a run's sampled figures averaged over sampling seeds, targets checked
 (its run on the tiny chain: tests/stage/test_eval_stage.py)."""
 
+import json
+
 import pytest
 
 from bench.alignment import misses, same_sft, summarise, table
+from pipeline.core.errors import ArtifactError
 
 
 def _report(win, correct, kl):
@@ -35,7 +38,6 @@ def test_misses_names_each_target_missed():
 def test_two_runs_table_gives_the_mean_over_every_eval_and_each_runs_own_win_rate():
     runs = {"s0": [_report(0.64, 0.20, 1.0), _report(0.66, 0.20, 1.0)],  # run mean 65%
             "s1": [_report(0.60, 0.20, 1.0), _report(0.62, 0.20, 1.0)]}  # run mean 61%
-    same_sft(runs)  # one SFT: accepted
     every = summarise(runs["s0"] + runs["s1"])
     out = table(every, 2, {run: summarise(rs) for run, rs in runs.items()})
     assert "mean of 2 runs x 2 seeds" in out and "win by run (s0, s1)" in out
@@ -43,9 +45,18 @@ def test_two_runs_table_gives_the_mean_over_every_eval_and_each_runs_own_win_rat
     assert out.splitlines()[1].count("|") == out.splitlines()[2].count("|")  # the sft row has every column
 
 
+def _sft(artifacts, run, weights_sha):
+    (artifacts / run / "sft").mkdir(parents=True)
+    manifest = {"stage": "sft", "files": {"adapter/adapter_model.safetensors": weights_sha}}
+    (artifacts / run / "sft" / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.unit
-def test_runs_with_different_sfts_are_refused():
-    other = _report(0.64, 0.20, 1.0)
-    other["stages"]["sft"]["sample"] = dict(other["stages"]["sft"]["sample"], correct_rate=0.3)
-    with pytest.raises(SystemExit, match=r"runs a and b have different SFT samples at seed 0"):
-        same_sft({"a": [_report(0.64, 0.20, 1.0)], "b": [other]})
+def test_runs_with_different_sfts_are_refused_before_any_evaluation(tmp_path):
+    for run, sha in (("a", "1"), ("b", "1"), ("c", "2")):
+        _sft(tmp_path, run, sha)
+    same_sft(["a", "b"], tmp_path)  # a copy of one SFT: accepted
+    with pytest.raises(SystemExit, match=r"runs a and c have different SFT artifacts"):
+        same_sft(["a", "b", "c"], tmp_path)
+    with pytest.raises(ArtifactError, match=r"make sft"):  # a run without one says what to run
+        same_sft(["a", "missing"], tmp_path)
