@@ -47,6 +47,11 @@ RATE_FRACTION = 0.5  # hallucination and unsafe compliance: at most this share o
 CORRECT_SLACK = 0.05  # correct answers: at least SFT's minus this
 
 
+def artifacts_dir() -> Path:
+    """Where the stages write runs: ``$RLHF_ROOT/artifacts`` (the repository when unset)."""
+    return ROOT / os.environ.get("RLHF_ROOT", ".") / "artifacts"
+
+
 def eval_seeds(run: str, seeds: int, prompts: str, overrides: list[str], keep: Path) -> list[dict]:
     """One sampled-only eval of every policy of ``run`` per sampling seed 0..seeds-1, as one Hydra
     multirun (``-m seed=0,1,...``): each job writes under ``artifacts/<run>/sweep/`` (the multirun
@@ -58,7 +63,7 @@ def eval_seeds(run: str, seeds: int, prompts: str, overrides: list[str], keep: P
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"alignment: {' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    sweep = ROOT / os.environ.get("RLHF_ROOT", ".") / "artifacts" / run / "sweep"
+    sweep = artifacts_dir() / run / "sweep"
     keep.mkdir(parents=True, exist_ok=True)
     reports = []
     for seed in range(seeds):
@@ -162,7 +167,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     runs = list(dict.fromkeys(args.run or ["default"]))
     keep = args.out or ROOT / "outputs" / "bench-alignment" / "+".join(runs)
-    same_sft(runs, ROOT / os.environ.get("RLHF_ROOT", ".") / "artifacts")
+    same_sft(runs, artifacts_dir())
     by_run = {}
     for run in runs:
         by_run[run] = eval_seeds(run, args.seeds, args.prompts, args.overrides, keep if len(runs) == 1 else keep / run)
