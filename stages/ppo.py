@@ -134,7 +134,7 @@ def run(cfg: DictConfig) -> dict:
     value_init = cfg.ppo.value_init if cfg.algorithm.advantage == "gae" else None
     model = SharedBaseActorCritic.from_artifacts(sft, rm, cfg.model, fmt, value_init,
                                                  reward_scale(cfg.reward, rm.metrics)).to(acc.device)
-    trainer = RLTrainer(model, fmt, ppo, cfg.algorithm, acc, reward_fn, ptx)
+    trainer = RLTrainer(model, fmt, ppo, cfg.algorithm, acc, reward_fn, ptx, cfg.reward.sharpen)
     seed_everything(cfg.seed + acc.process_index)  # each process samples its own responses
 
     # --- resume from the last checkpoint of an interrupted run ---

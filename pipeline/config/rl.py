@@ -76,9 +76,16 @@ class HealthConfig:
 
 
 @dataclass
+class SharpenConfig:
+    coef: float = MISSING  # alpha: alpha * log pi_ref(y|x) is added to every score; 0 = off
+    per_token: bool = MISSING  # the mean over the response's tokens instead of the sum
+
+
+@dataclass
 class RewardConfig:
     normalize: bool = MISSING  # standardise RM scores with the RM artifact's mean / std
     min_accuracy: float = MISSING  # refuse an RM whose held-out pairwise accuracy is lower
+    sharpen: SharpenConfig = MISSING  # maximum-likelihood sharpening (pipeline/rl/rewards.py sharpening)
     sources: dict[str, Any] = MISSING
 
 

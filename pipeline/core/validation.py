@@ -43,7 +43,7 @@ RULES: dict[str, Rule] = {
     "ppo.gamma": PROBABILITY, "ppo.lam": PROBABILITY,
     "ppo.kl.init_coef": NON_NEGATIVE, "ppo.kl.target": POSITIVE, "ppo.kl.horizon": POSITIVE,
     "algorithm.samples_per_prompt": POSITIVE,
-    "reward.min_accuracy": PROBABILITY,
+    "reward.min_accuracy": PROBABILITY, "reward.sharpen.coef": NON_NEGATIVE,
     **{f"pairs.{k}": POSITIVE for k in ("prompts", "temperature", "max_new_tokens", "batch_size")},
     "pairs.samples_per_prompt": (lambda v: v >= 2, ">= 2: a pair is the best and the worst of a prompt's samples"),
     **{k: POSITIVE for k in ("log_every", "table_every", "checkpoint_every", "summary_window", "num_threads",

@@ -38,6 +38,26 @@ def reward_scale(reward_cfg, rm_metrics: dict) -> tuple[float, float]:
     return 0.0, 1.0
 
 
+def sharpening(ref_logprobs: torch.Tensor, mask: torch.Tensor, coef: float, per_token: bool) -> torch.Tensor:
+    """alpha * log pi_ref(y|x), the term ``reward.sharpen`` adds to every score. Shape (B,).
+
+    ``ref_logprobs`` (B, T): the reference's log-probability of each response token, ``mask`` (B, T)
+    its response tokens. Maximum-likelihood sharpening (Huang et al. 2024, "Self-Improvement in
+    Language Models: The Sharpening Mechanism"): the reference is its own verifier. With the KL
+    penalty beta * KL(pi || pi_ref), the optimum of E[r + alpha log pi_ref(y|x)] - beta KL is
+    pi*(y|x) ~ pi_ref(y|x)^(1 + alpha/beta) exp(r/beta): the reference raised to a power, the
+    sequence-level form of sampling it colder, tilted by the reward as before. It moves mass to the
+    answers the reference already rates most likely, which a reward model may not tell apart (a
+    known fact against a wrong one). The sum over tokens favours short answers as likelihood does
+    (a 200-token answer at 1.5 nats a token costs 300 * alpha); ``per_token`` takes the mean over
+    the response's tokens instead, which does not, and no longer has the closed form above.
+    """
+    seq = (ref_logprobs * mask).sum(1)
+    if per_token:
+        seq = seq / mask.sum(1).clamp(min=1)
+    return coef * seq
+
+
 def _callable_source(spec: dict) -> Callable[[list[str], list[str]], list[float]]:
     target = hydra.utils.get_object(spec.pop("_target_"))
     if inspect.isclass(target):

@@ -54,6 +54,7 @@ from pipeline.rl.health import pearson
 from pipeline.rl.kl import kl_per_token, make_kl_controller
 from pipeline.rl.losses import loss_weights, policy_loss, value_loss
 from pipeline.rl.masked import masked_mean, masked_whiten
+from pipeline.rl.rewards import sharpening
 from pipeline.rl.rollout import Rollout, by_length, concat, pack, sample
 from pipeline.rl.shared_model import SharedBaseActorCritic
 
@@ -75,9 +76,10 @@ class RLTrainer:
     the optimizer, scheduler, KL controller, counters and the minibatch shuffle."""
 
     def __init__(self, model: SharedBaseActorCritic, fmt: ChatFormat, cfg, algorithm, accelerator,
-                 reward_fn: RewardFn, ptx: Optional["PtxBatches"] = None):
+                 reward_fn: RewardFn, ptx: Optional["PtxBatches"] = None, sharpen=None):
         self.model, self.fmt, self.cfg, self.alg, self.acc = model, fmt, cfg, algorithm, accelerator
         self.reward_fn, self.ptx = reward_fn, ptx
+        self.sharpen = sharpen if sharpen is not None and sharpen.coef else None  # reward.sharpen; None: off
         self.critic = algorithm.advantage == "gae"
         self.stops = torch.tensor(fmt.stop_ids)
         beta = cfg.kl.init_coef if algorithm.kl_coef is None else algorithm.kl_coef  # per estimator: see grpo.yaml
@@ -163,6 +165,8 @@ class RLTrainer:
                 rm_scores[idx] = self.model.response_scores(p).float()
         texts = decode(self.fmt, resp, mask)
         scores = self.reward_fn(prompts, texts, rm_scores)
+        if self.sharpen:
+            scores = scores + sharpening(ref, mask, self.sharpen.coef, self.sharpen.per_token)
         if self.cfg.missing_eos_penalty is not None:
             ended = ends_with_stop(resp, mask, self.stops.to(resp.device))
             scores = torch.where(ended, scores, scores - self.cfg.missing_eos_penalty)
@@ -370,6 +374,7 @@ class RLTrainer:
             "objective/rlhf_reward": self._mean(r.scores + non_score).item(),
             "objective/scores": self._mean(r.scores).item(),
             "objective/rm_scores": self._mean(r.rm_scores).item(),
+            "objective/ref_logprob": self._mean((r.ref_logprobs * r.response_mask).sum(1)).item(),
             "rollout/response_length": self._mean(lengths).item(),
             "rollout/prompt_length": self._mean(r.query_mask.sum(1).float()).item(),
             "rollout/eos_rate": self._mean(ended).item(),

@@ -42,7 +42,7 @@ def build(overrides=()):
     model = SharedBaseActorCritic.from_artifacts(sft, rm, cfg.model, fmt, cfg.ppo.value_init if critic else None,
                                                  reward_scale(cfg.reward, rm.metrics))
     trainer = RLTrainer(model, fmt, cfg.ppo, cfg.algorithm, accelerator_for("fp32"),
-                        build_reward_fn(cfg.reward, rm.metrics))
+                        build_reward_fn(cfg.reward, rm.metrics), sharpen=cfg.reward.sharpen)
     return cfg, model, fmt, trainer
 
 
@@ -390,7 +390,8 @@ def test_resume_hash_leaves_out_logging_and_cadence():
     for override in ("log_every=7", "table_every=3", "checkpoint_every=1", "summary_window=2", "logger=none",
                      "health.thresholds.logprob_gap=1.0", "ppo.snapshot_every=5"):
         assert config_hash(resolved(compose_config("ppo", [override]))) == base, override
-    for override in ("ppo.learning_rate=1e-3", "seed=3", "algorithm=rloo", "ppo.micro_batch_size=8"):
+    for override in ("ppo.learning_rate=1e-3", "seed=3", "algorithm=rloo", "ppo.micro_batch_size=8",
+                     "reward.sharpen.coef=0.3"):
         assert config_hash(resolved(compose_config("ppo", [override]))) != base, override
 
 
@@ -492,6 +493,28 @@ def test_ppo_ptx_adds_the_pretraining_likelihood(chain):
     # stamps): at least the rollout and the update it contains.
     for h in history(chain):
         assert h["time/loop"] >= h["time/rollout"] + h["time/update"]
+
+
+def test_sharpening_adds_alpha_times_the_reference_log_likelihood_to_each_score(chain):
+    """reward.sharpen: the same responses (same seed, same policy) score alpha * sum_t log pi_ref
+    higher, or alpha times the per-token mean; and the stage passes the setting to its trainer."""
+    a = rollout(build(["reward.sharpen.coef=0"])[3])
+    b = rollout(build(["reward.sharpen.coef=0.5", "reward.sharpen.per_token=false"])[3])
+    c = rollout(build(["reward.sharpen.coef=0.5", "reward.sharpen.per_token=true"])[3])
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_ids, c.response_ids)
+    seq = (a.ref_logprobs * a.response_mask).sum(1)
+    assert (seq < 0).all()
+    torch.testing.assert_close(b.scores - a.scores, 0.5 * seq)
+    torch.testing.assert_close(c.scores - a.scores, 0.5 * seq / a.response_mask.sum(1))
+    from stages import ppo
+    ppo.run(compose_config("ppo", TINY_PPO + ["reward.sharpen.coef=0", "ppo.total_updates=1"]))
+    off = history(chain)[0]
+    ppo.run(compose_config("ppo", TINY_PPO + ["reward.sharpen.coef=0.5", "reward.sharpen.per_token=false",
+                                              "ppo.total_updates=1", "resume=false"]))
+    on = history(chain)[0]
+    assert on["objective/ref_logprob"] == pytest.approx(off["objective/ref_logprob"])  # the same first rollout
+    assert on["objective/ref_logprob"] < 0
+    assert on["objective/scores"] - off["objective/scores"] == pytest.approx(0.5 * on["objective/ref_logprob"])
 
 
 def test_ptx_batches_are_a_pure_function_of_update_and_step():

@@ -49,6 +49,7 @@ def test_processes_split_a_global_batch_and_updates_are_pure():
     ("algorithm=grpo algorithm.scale_by_std=global", "algorithm.scale_by_std must be one of .*batch .the update's std"),
     ("+health.thresholds.vibes=1", "unknown metric"),
     ("reward.min_accuracy=1.5", r"reward.min_accuracy=1.5 must be in \[0, 1\]"),
+    ("reward.sharpen.coef=-0.1", r"reward.sharpen.coef=-0.1 must be >= 0"),
 ])
 def test_unworkable_rl_settings_are_refused_by_name(override, key):
     check_config(compose_config("ppo"))  # the shipped defaults pass
