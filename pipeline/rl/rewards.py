@@ -51,6 +51,8 @@ def sharpening(ref_logprobs: torch.Tensor, mask: torch.Tensor, coef: float, per_
     known fact against a wrong one). The sum over tokens favours short answers as likelihood does
     (a 200-token answer at 1.5 nats a token costs 300 * alpha); ``per_token`` takes the mean over
     the response's tokens instead, which does not, and no longer has the closed form above.
+    The trainer passes the log-probs it computes for the KL, at the sampling temperature, so the
+    reference is scored as it would sample (at the default T = 1, its plain log-probabilities).
     """
     seq = (ref_logprobs * mask).sum(1)
     if per_token:
