@@ -33,7 +33,7 @@ import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 from peft import PeftModel
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 
 import pipeline.config  # noqa: F401  (registers the schemas)
 from pipeline.core.artifacts import find_parent, require_built_on, staged_artifact
@@ -41,7 +41,7 @@ from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.runtime import output_run_dir, resolved, seed_everything, user_errors
 from pipeline.core.tracking import start_tracking
 from pipeline.core.validation import check_ranges
-from pipeline.data.chat import ChatFormat, fold_system_turn
+from pipeline.data.chat import ChatFormat
 from pipeline.data.bad_rows import DataReport
 from pipeline.data.layouts import load_validated, preference_example, preference_rows, tokenized
 from pipeline.models.loading import load_causal_lm
@@ -55,6 +55,7 @@ from pipeline.training.hf import (
     train_or_resume,
     trainer_args,
 )
+from pipeline.training.dpo import TokenizedDPOTrainer, completion_columns
 from pipeline.training.policy_pairs import policy_pairs
 from pipeline.training.resume import MarkComplete, TrainerCheckpoints
 
@@ -90,19 +91,12 @@ def check_pairs(cfg: DictConfig) -> None:
 def dpo_rows(fmt: ChatFormat, sources: list[str], cfg: DictConfig, data: Optional[DataReport] = None) -> list[dict]:
     """Preference pairs as conversations for TRL, each first checked and tokenized with the chat
     format (a conversation the template refuses names its file and line); skips go to ``data``."""
-    rows = load_validated(sources, cfg.data.hub_split, tokenized(preference_rows, lambda r: with_ids(fmt, r)),
+    return load_validated(sources, cfg.data.hub_split, tokenized(preference_rows, lambda r: with_ids(fmt, r)),
                           cfg.data.columns, cfg.data.bad_rows, data)
-    return trl_rows(fmt, rows)
 
 
 def with_ids(fmt: ChatFormat, row: dict) -> dict:
     return {**row, "_ids": preference_example(fmt, row)}
-
-
-def trl_rows(fmt: ChatFormat, rows: list[dict]) -> list[dict]:
-    fold = fold_system_turn if fmt.fold_system else (lambda m: m)  # TRL renders the template itself
-    return [{"prompt": fold(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"],
-             "_ids": r["_ids"]} for r in rows]
 
 
 def train_pairs(cfg: DictConfig, sft, fmt: ChatFormat, data: DataReport) -> tuple[list[dict], list, dict]:
@@ -122,17 +116,18 @@ def train_pairs(cfg: DictConfig, sft, fmt: ChatFormat, data: DataReport) -> tupl
     print(f"dpo: {len(pairs)} pairs from {stats['pairs/prompts']} prompts x {cfg.pairs.samples_per_prompt} samples "
           f"of the SFT policy, ranked by the RM (mean margin {stats['pairs/margin_mean']:.2f})"
           + (f", with the data's {len(offline)}" if offline else ""))
-    return offline + trl_rows(fmt, [with_ids(fmt, r) for r in pairs]), [rm], stats
+    return offline + [with_ids(fmt, r) for r in pairs], [rm], stats
 
 
 def as_dataset(rows: list[dict], max_length: int) -> Dataset:
-    """Pairs that fit ``max_length`` (the rest were reported by :func:`report_truncation`)."""
+    """Pairs that fit ``max_length`` (the rest were reported by :func:`report_truncation`), as the
+    ChatFormat's ids: DPO trains on the sequences every other stage sees (pipeline/training/dpo.py)."""
     fits = [r for r in rows if max(len(r["_ids"]["chosen_ids"]), len(r["_ids"]["rejected_ids"])) <= max_length]
-    return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in fits])
+    return Dataset.from_list([completion_columns(r["_ids"]) for r in fits])
 
 
 def dpo_trainer(cfg: DictConfig, sft, fmt: ChatFormat, train_rows: list[dict], eval_rows: list[dict], work: Path,
-                report_to: str) -> DPOTrainer:
+                report_to: str) -> TokenizedDPOTrainer:
     """Base + a trainable copy of the SFT adapter; TRL adds a frozen copy as the reference."""
     base = load_causal_lm(base_source_for(sft), cfg.model, fmt)
     model = PeftModel.from_pretrained(base, sft.path / "adapter", is_trainable=True)
@@ -140,7 +135,7 @@ def dpo_trainer(cfg: DictConfig, sft, fmt: ChatFormat, train_rows: list[dict], e
                      beta=cfg.train.beta, loss_type=list(cfg.train.loss_type),
                      loss_weights=None if cfg.train.loss_weights is None else list(cfg.train.loss_weights),
                      label_smoothing=cfg.train.label_smoothing, use_weighting=cfg.train.use_weighting)
-    return DPOTrainer(model=model, args=args, processing_class=fmt.tokenizer,
+    return TokenizedDPOTrainer(model=model, args=args, processing_class=fmt.tokenizer,
                       train_dataset=as_dataset(train_rows, cfg.train.max_length),
                       eval_dataset=as_dataset(eval_rows, cfg.train.max_length),
                       callbacks=[NonFiniteLossGuard(), MarkComplete()])

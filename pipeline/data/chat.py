@@ -1,7 +1,8 @@
 """Conversations to token ids with a tokenizer's own chat template, and the tokens that end a turn.
 
 Every stage formats through :class:`ChatFormat`, so SFT labels, RM and DPO pairs, PPO rollouts
-and evaluation all see one conversation as the same ids.
+and evaluation all see one conversation as the same ids (TRL's DPOTrainer is handed these ids
+rather than tokenizing itself: pipeline/training/dpo.py).
 
 **Masks without generation markers.** Real templates (ChatML, Llama 3, Mistral, Gemma) carry no
 ``{% generation %}`` markers, so the assistant tokens are found by rendering the conversation
@@ -16,7 +17,7 @@ be prefix-consistent (``A_i`` a prefix of ``B_i``, ``B_i`` a prefix of the whole
 a conversation that is not is refused.
 
 **One encoding of the whole text.** The rendered conversation is tokenized once, as the
-tokenizer itself (and so any server, and TRL's DPO) encodes it, and the answer spans are mapped
+tokenizer itself (and so any server) encodes it, and the answer spans are mapped
 to tokens through character offsets. Encoding the pieces one by one would not do: a
 dummy-prefix normalizer (Mistral, Llama 2, SentencePiece in general) gives every piece its own
 leading ``▁``, so ``[/INST]2 plus`` would train ``▁2`` where the tokenizer writes ``2``. A token

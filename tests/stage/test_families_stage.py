@@ -188,3 +188,42 @@ def test_a_rollout_stops_at_the_familys_end_of_turn_token(family, family_models)
     assert mask.sum(1).tolist() == [3.0, 3.0]
     assert (resp[:, 2] == eot).all() and (resp[:, 3:] == fmt.pad_id).all()
     assert (logprobs[:, 2] > -1e-3).all()  # the recorded log-prob is of the boosted distribution
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dpo_trains_each_family_on_the_sequences_the_other_stages_see(family, family_models, empty_run, tmp_path):
+    """`make dpo` per family: each answer DPO trains on is the tokenizer's own encoding of the rendered
+    pair, cut at the answer's end-of-turn token, as a rollout ends and as SFT and the RM read it. TRL
+    left to tokenize by itself keeps the template's text after that token (ChatML's and Gemma's
+    newline). The trained adapter is then one more stage for eval."""
+    from pipeline.core.artifacts import find_parent
+    from pipeline.models.reward import load_sft_tokenizer
+    from stages import dpo
+    from tests.stage.test_dpo_stage import TINY_DPO
+    model = [f"model.path={family_models[family]}", f"model.name=tiny-{family}"]
+    sft.run(compose_config("sft", TINY_SFT + QUIET + model))
+    cfg = compose_config("dpo", TINY_DPO + model)
+    parent = find_parent(cfg.paths.run_dir, "sft")
+    fmt = load_sft_tokenizer(parent)
+    rows = [r for r in dpo.dpo_rows(fmt, cfg.data.prefs.eval, cfg)  # those that fit, as make dpo keeps
+            if max(len(r["_ids"]["chosen_ids"]), len(r["_ids"]["rejected_ids"])) <= cfg.train.max_length][:24]
+    seen = dpo.dpo_trainer(cfg, parent, fmt, rows, rows, tmp_path, "none").train_dataset
+    assert len(seen) == len(rows) == 24
+    tok, eot = fmt.tokenizer, fmt.end_of_turn_id
+    for row, ex in zip(rows, seen):
+        for side in ("chosen", "rejected"):
+            text = tok.apply_chat_template(dpo_messages(fmt, row, side), tokenize=False)
+            whole = list(fmt.bos_ids) + tok(text, add_special_tokens=False)["input_ids"]
+            answer = ex[f"{side}_ids"]
+            assert answer[-1] == eot and eot not in answer[:-1], (family, side, tok.decode(answer))
+            assert ex["prompt_ids"] + answer == whole[: len(ex["prompt_ids"]) + len(answer)], (family, side)
+    metrics = dpo.run(cfg)
+    assert metrics["train_loss"] > 0
+    report = eval_stage.run(compose_config("eval", QUIET + model + ["max_prompts=8", "policies=[sft,dpo]"]))
+    assert set(report["stages"]) == {"sft", "dpo"}
+
+
+def dpo_messages(fmt, row: dict, side: str) -> list[dict]:
+    from pipeline.data.chat import fold_system_turn
+    messages = row["prompt"] + row[side]
+    return fold_system_turn(messages) if fmt.fold_system else messages
