@@ -89,8 +89,8 @@ def check_pairs(cfg: DictConfig) -> None:
 
 
 def dpo_rows(fmt: ChatFormat, sources: list[str], cfg: DictConfig, data: Optional[DataReport] = None) -> list[dict]:
-    """Preference pairs as conversations for TRL, each first checked and tokenized with the chat
-    format (a conversation the template refuses names its file and line); skips go to ``data``."""
+    """Preference pairs, each checked and tokenized with the chat format (``_ids``: what TRL trains
+    on; a conversation the template refuses names its file and line); skips go to ``data``."""
     return load_validated(sources, cfg.data.hub_split, tokenized(preference_rows, lambda r: with_ids(fmt, r)),
                           cfg.data.columns, cfg.data.bad_rows, data)
 
