@@ -4,7 +4,9 @@ Run by test_two_processes_on_half_the_rows_give_the_update_of_one_process under 
 the 1-process run samples the rollout and saves it; the 2-process run loads the same rollout,
 so both steps see identical data and advantages. Each saves its trainable weights.
 With a third argument `nan`, process 1's advantages are NaN (its loss alone is non-finite); with
-`health`, rank 0 alone has a KL spike and both ranks run the health check; with
+`health`, rank 0 alone has a KL spike and both ranks run the health check; with `corr`, scores
+equal lengths over both ranks' rows while rank 1's own lengths are all equal (its own correlation
+is 0), and both ranks run the health check; with
 `ptx`, the step is PPO-ptx's, 4 pretraining windows in all (4 in one process, 2 in each of two);
 with `grpo`, GRPO's (two groups of 4), each process computing its rows' advantages itself, so the
 batch std must be taken over both processes' rewards.
@@ -45,11 +47,17 @@ if grpo:  # the advantages of this process's rows, from this process (the rollou
     trainer._advantages(mine)
 if sys.argv[2:] == ["nan"] and rank == 1:
     mine.advantages[:] = float("nan")
-if sys.argv[2:] == ["health"]:  # a KL spike on rank 0 alone: both ranks must see it and stop
-    if rank == 0:
+HEALTH = {"health": ("kl_token_max", 10.0), "corr": ("length_reward_corr", 0.9)}
+if sys.argv[2:3] and sys.argv[2] in HEALTH:  # each rank must judge the pooled rollout and both stop
+    if sys.argv[2] == "health" and rank == 0:  # a KL spike on rank 0 alone
         mine.kl[0, 0] = 50.0
+    if sys.argv[2] == "corr":  # score = length in the pooled rollout; rank 1's own lengths are all 2
+        n = torch.tensor([2, 3, 4, 5]) if rank == 0 else torch.full((rows,), 2)
+        mine.response_mask = (torch.arange(mine.response_mask.shape[1])[None] < n[:, None]).to(mine.response_mask)
+        mine.scores = n.to(mine.scores)
+    name, limit = HEALTH[sys.argv[2]]
     try:
-        health.check(trainer._rollout_metrics(mine), {"kl_token_max": 10.0}, ["kl_token_max"], 1, print)
+        health.check(trainer._rollout_metrics(mine), {name: limit}, [name], 1, print)
     except PipelineError as e:
         print(f"rank {rank} stopped: {e}", flush=True)
         raise SystemExit(3)

@@ -443,14 +443,16 @@ def test_a_non_finite_loss_on_one_process_stops_every_process_with_one_message(c
 
 
 @pytest.mark.slow
-def test_a_health_abort_seen_on_one_process_stops_every_process(chain, tmp_path):
+@pytest.mark.parametrize("mode, metric", [("health", "kl_token_max"), ("corr", "length_reward_corr")])
+def test_a_health_abort_seen_on_one_process_stops_every_process(chain, tmp_path, mode, metric):
     """kl_token_max and length_reward_corr are taken over every process's rollout: a KL spike on
-    rank 0 alone crosses health.abort_on's threshold on both ranks, which stop with one message
-    (a rank that raised alone would leave the other in the next collective)."""
-    out = two_processes_after_one(chain, tmp_path, "health")
+    rank 0 alone, or a length-score correlation that only the pooled rows show (rank 1's own
+    lengths are all equal), crosses health.abort_on's threshold on both ranks, which stop with one
+    message (a rank that raised alone would leave the other in the next collective)."""
+    out = two_processes_after_one(chain, tmp_path, mode)
     assert out.returncode != 0
     for rank in (0, 1):
-        assert f"rank {rank} stopped: stopped at update 1: health/kl_token_max crossed its threshold" in out.stdout
+        assert f"rank {rank} stopped: stopped at update 1: health/{metric} crossed its threshold" in out.stdout
 
 
 @pytest.mark.slow
