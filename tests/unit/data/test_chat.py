@@ -4,6 +4,7 @@ the supervised tokens, the stop set, pad handling, system turns, and refusals.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -12,6 +13,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.chat import ChatTemplateError, ConversationError, chat_format, load_chat_format
 from pipeline.data.layouts import load_validated, preference_example, preference_rows, sft_example, sft_row, tokenized
 from tests.families import FAMILIES, build_family
+
+DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parents[3] / "pipeline" / "data" / "templates" / "chat.jinja"
 
 pytestmark = pytest.mark.unit
 
@@ -115,6 +118,28 @@ def test_conversation_ids_are_the_tokenizers_own_encoding_of_the_rendered_text(f
     covered = {c for (s, e), bit in zip(offsets, mask) if bit for c in range(s, e)}
     assert covered == {c for a, b in answers for c in range(a, b)}
     assert [full[a:b] for a, b in answers] == [A1["content"] + eot, A2["content"] + eot]
+
+
+BOS_ON_ENCODE = ("llama3", "mistral", "gemma")  # their tokenizer.json's post-processor adds BOS
+
+
+@pytest.mark.parametrize("family", BOS_ON_ENCODE)
+def test_a_template_that_writes_no_bos_keeps_the_one_the_tokenizer_adds(families, family):
+    """A base model that ships no chat template (Llama 2, Mistral v0.1) is formatted with the
+    project's default template, which writes no BOS, while its tokenizer adds one on encode. Every
+    sequence then starts with exactly that one BOS, unsupervised, as ``tokenizer(text)`` gives it;
+    the prompt a rollout starts from too."""
+    fmt = load_chat_format(str(families[family]), str(DEFAULT_TEMPLATE_PATH), False)
+    tok = fmt.tokenizer
+    full = fmt.render([Q1, A1], add_generation_prompt=False)
+    assert tok.bos_token not in full and fmt.bos_ids == (tok.bos_token_id,)
+    ids, mask = fmt.conversation([Q1, A1])
+    assert ids == tok(full)["input_ids"] and ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    assert mask[0] == 0 and len(mask) == len(ids)
+    (start, end), = spans(mask)
+    assert tok.decode(ids[start:end]) == A1["content"] + tok.convert_ids_to_tokens(fmt.end_of_turn_id)
+    prompt = fmt.prompt_ids([Q1])
+    assert prompt == tok(fmt.render([Q1], add_generation_prompt=True))["input_ids"] and ids[:len(prompt)] == prompt
 
 
 # A template whose prompt ends mid-word, so one token spans the end of the prompt and the start

@@ -133,3 +133,13 @@ def test_draw_reaches_the_tail_of_a_152k_vocabulary():
     torch.manual_seed(0)
     tail = sum(int((draw(logits, temperature=1.0)[0] >= 2064).sum()) for _ in range(40))
     assert 2 <= tail <= 25, tail
+
+
+def test_draw_never_picks_a_token_of_probability_zero_at_the_interval_edges(monkeypatch):
+    # The uniform can be exactly 0, and u * total can land exactly on a running sum: a -inf logit is
+    # an empty interval [cdf[i-1], cdf[i]) there, which searchsorted(right=True) never returns.
+    logits = torch.tensor([[-math.inf, 0.0, -math.inf, 0.0, -math.inf]])
+    for u in (0.0, 0.5):  # at 0: token 0's empty interval; at 0.5: exactly the end of token 1's
+        monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kw: torch.full(shape, u, dtype=kw.get("dtype")))
+        token, logp, _ = draw(logits, temperature=1.0)
+        assert token.item() == (1 if u == 0.0 else 3) and logp.item() == pytest.approx(math.log(0.5))
