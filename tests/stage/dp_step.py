@@ -8,8 +8,8 @@ With a third argument `nan`, process 1's advantages are NaN (its loss alone is n
 equal lengths over both ranks' rows while rank 1's own lengths are all equal (its own correlation
 is 0), and both ranks run the health check; with
 `ptx`, the step is PPO-ptx's, 4 pretraining windows in all (4 in one process, 2 in each of two);
-with `grpo`, GRPO's (two groups of 4), each process computing its rows' advantages itself, so the
-batch std must be taken over both processes' rewards.
+with `grpo`, GRPO's (two groups of 4). Each process computes its rows' advantages itself, so PPO's
+whitening and GRPO's batch std must be taken over both processes' rows.
 """
 
 import sys
@@ -43,8 +43,9 @@ else:
     r = Rollout(**torch.load(out / "rollout.pt"))
 rank = trainer.acc.process_index
 mine = r.select(torch.arange(rank * rows, (rank + 1) * rows))
-if grpo:  # the advantages of this process's rows, from this process (the rollout's are of all rows)
-    trainer._advantages(mine)
+# The advantages of this process's rows, from this process (the saved rollout's are of all rows): GAE's
+# whitening and GRPO's batch std must be taken over both processes' rows.
+trainer._advantages(mine)
 if sys.argv[2:] == ["nan"] and rank == 1:
     mine.advantages[:] = float("nan")
 HEALTH = {"health": ("kl_token_max", 10.0), "corr": ("length_reward_corr", 0.9)}

@@ -401,8 +401,8 @@ def test_two_processes_on_half_the_rows_give_the_update_of_one_process(chain, tm
     """The same global minibatch, split over 2 gloo processes (B/2 rows each) or in one process
     (B rows): token means, micro-batches and the bucketed gradient sum make one identical step.
     With PPO-ptx, the two processes draw the two halves of the one process's pretraining batch and
-    the ptx term enters once, not once per process. With GRPO's batch std, each process computes
-    its own group's advantages over the std of both processes' rewards."""
+    the ptx term enters once, not once per process. Each process computes its own rows' advantages:
+    PPO's whitening and GRPO's batch std are over both processes' rows."""
     script = os.path.join(os.path.dirname(__file__), "dp_step.py")
     env = {**os.environ, "RLHF_ROOT": str(chain), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
@@ -517,6 +517,42 @@ def test_sharpening_adds_alpha_times_the_reference_log_likelihood_to_each_score(
     assert on["objective/ref_logprob"] == pytest.approx(off["objective/ref_logprob"])  # the same first rollout
     assert on["objective/ref_logprob"] < 0
     assert on["objective/scores"] - off["objective/scores"] == pytest.approx(0.5 * on["objective/ref_logprob"])
+
+
+def test_the_missing_eos_penalty_falls_on_the_responses_that_did_not_stop(chain):
+    """ppo.missing_eos_penalty: the same responses (same seed, same policy) score exactly the penalty
+    lower where they ran out of tokens without a stop token, and the same where they stopped."""
+    from pipeline.generation.stops import ends_with_stop
+    _, _, fmt, off = build(["ppo.missing_eos_penalty=null", "ppo.max_new_tokens=12"])
+    _, _, _, on = build(["ppo.missing_eos_penalty=1.5", "ppo.max_new_tokens=12"])
+    a, b = rollout(off), rollout(on)
+    assert torch.equal(a.response_ids, b.response_ids)
+    ended = ends_with_stop(a.response_ids, a.response_mask, torch.tensor(fmt.stop_ids))
+    assert (~ended).any()  # the tiny chain's SFT rarely stops within 12 tokens
+    torch.testing.assert_close(a.scores - b.scores, torch.where(ended, 0.0, 1.5))
+
+
+def test_target_kl_stops_the_epochs_once_the_policy_moved_past_it(chain):
+    """ppo.target_kl: after an epoch whose mean approx KL to the rollout policy exceeds it, no
+    further epoch runs (3 epochs x 2 minibatches = 6 steps without it; one epoch, 2 steps, at 0)."""
+    counts = {}
+    for target in ("null", "0.0"):
+        _, _, _, trainer = build([f"ppo.target_kl={target}", "ppo.ppo_epochs=3"])
+        counts[target] = trainer.train_step(rollout(trainer))["optimizer_steps"]
+    assert counts == {"null": 6, "0.0": 2}
+
+
+def test_the_adaptive_kl_coefficient_follows_the_kl_each_update_observed(chain):
+    """Ziegler et al.'s controller is updated once an update, with that update's sequence KL and
+    episode count: beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon)."""
+    _, _, _, trainer = build(["ppo.kl.controller=adaptive", "ppo.kl.init_coef=0.2", "ppo.kl.target=0.001",
+                              "ppo.kl.horizon=64"])
+    prompts = PROMPTS
+    metrics, _, _ = trainer.step(prompts, [as_conversation(p) for p in prompts])
+    kl = metrics["objective/kl"]
+    error = max(-0.2, min(0.2, kl / 0.001 - 1))
+    assert trainer.kl_ctl.value == pytest.approx(0.2 * (1 + error * 8 / 64))
+    assert trainer.kl_ctl.value != 0.2
 
 
 def test_ptx_batches_are_a_pure_function_of_update_and_step():

@@ -36,6 +36,13 @@ def test_pad_never_ends_a_response():
     assert ends_with_stop(ids, torch.tensor([[1, 1, 1, 0, 0]]), STOPS).tolist() == [False]
 
 
+def test_a_response_with_no_tokens_has_not_stopped():
+    # An empty row's "last token" index falls back to 0; a stop id there must not count.
+    ids = torch.tensor([[EOS, PAD, PAD], [5, EOS, PAD]])
+    mask = torch.tensor([[0, 0, 0], [1, 1, 0]])
+    assert ends_with_stop(ids, mask, STOPS).tolist() == [False, True]
+
+
 def test_last_token_index():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
     idx = last_token_index(mask)
