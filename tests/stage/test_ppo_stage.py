@@ -555,6 +555,26 @@ def test_the_adaptive_kl_coefficient_follows_the_kl_each_update_observed(chain):
     assert trainer.kl_ctl.value != 0.2
 
 
+def test_the_kl_in_the_loss_adds_beta_times_k3_of_the_current_policy(chain):
+    """algorithm.kl_in=loss (the GRPO paper's form): once the policy has moved off the reference,
+    a micro-batch's loss is the surrogate plus beta times the k3 term, and only that."""
+    from pipeline.rl.losses import loss_weights
+    _, _, _, trainer = build(["algorithm=grpo", "algorithm.kl_in=loss", "ppo.kl.controller=fixed",
+                              "algorithm.kl_coef=0.5", "ppo.learning_rate=1e-2"])
+    trainer.train_step(rollout(trainer))  # the policy moves off the reference
+    r = rollout(trainer, seed=1)
+    w, units = loss_weights(r.response_mask, trainer.alg.loss_agg, trainer.cfg.max_new_tokens)
+    tokens = r.response_mask.sum()
+    losses = {}
+    for beta in (0.5, 0.0):
+        trainer.kl_ctl.value = beta
+        (loss, parts), = list(trainer._micro_losses(r.trimmed(), w, units, tokens))
+        losses[beta] = (loss.item(), parts["pg_loss"].item(), parts["kl_loss"].item())
+    (with_kl, pg, kl), (without, pg0, _) = losses[0.5], losses[0.0]
+    assert kl > 0 and pg == pytest.approx(pg0)
+    assert without == pytest.approx(pg, abs=1e-7) and with_kl == pytest.approx(pg + 0.5 * kl, abs=1e-7)
+
+
 def test_ptx_batches_are_a_pure_function_of_update_and_step():
     from pipeline.rl.trainer import PtxBatches
     stream = torch.arange(1000)
