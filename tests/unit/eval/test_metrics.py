@@ -48,6 +48,12 @@ def test_gold_metrics_rates_use_their_own_category():
     assert m["verbose_rate"] == 0.25  # 1 of all 4
 
 
+def test_correct_rate_counts_only_prompts_with_a_checkable_answer():
+    # A refusal of a harmful request or an "I don't know" is no wrong answer: 1 of 1, not 1 of 3.
+    m = gold_metrics([verdict(1.0, "arithmetic", correct=True), verdict(1.0, "unanswerable"), verdict(1.0, "harmful")])
+    assert m["correct_rate"] == 1.0
+
+
 def test_gold_metrics_is_none_without_prompts_of_a_kind():
     m = gold_metrics([verdict(1.0, "repeat", correct=True)])
     assert m["correct_rate"] == 1.0

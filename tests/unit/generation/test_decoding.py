@@ -294,6 +294,15 @@ def test_decode_stops_at_first_eos(tokenizer, fmt):
     assert texts == ["the cat", "sea runs sea sea"]  # special tokens skipped
 
 
+def test_decode_drops_a_stop_token_that_is_not_a_special_token(tokenizer):
+    # A stop id from a generation_config may be an ordinary token, which skip_special_tokens keeps.
+    from types import SimpleNamespace
+    t = tokenizer.convert_tokens_to_ids
+    fmt = SimpleNamespace(stop_ids=(t("dog"),), tokenizer=tokenizer)
+    ids = torch.tensor([[t("the"), t("cat"), t("dog"), t("sea")]])
+    assert decode_responses(fmt, ids, torch.tensor([[1, 1, 1, 0]])) == ["the cat"]
+
+
 def test_generate_returns_one_clean_string_per_prompt(model, fmt):
     texts = generate(model, fmt, CONVS, SAMPLE, batch_size=2, seed=3)
     assert len(texts) == len(PROMPTS) and all(isinstance(s, str) for s in texts)
