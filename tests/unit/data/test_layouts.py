@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.core.errors import PipelineError
 from pipeline.data.layouts import (
+    RowError,
     expand_ranking,
     load_validated,
     margin_preference_rows,
@@ -187,6 +188,9 @@ def test_ultrafeedback_binarized_keeps_the_prompt_once():
     bad = {**row, "chosen": [{"role": "user", "content": "another question"}, ANSWER]}
     with pytest.raises(Exception, match="does not begin with `prompt`"):
         preference_rows(bad)
+    no_answer = {**row, "chosen": [USER]}  # the conversation stops at the prompt
+    with pytest.raises(RowError, match="holds the prompt but no response after it"):
+        preference_rows(no_answer)
 
 
 def test_columns_map_other_field_names(tmp_path):
