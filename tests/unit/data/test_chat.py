@@ -165,6 +165,17 @@ def test_a_token_straddling_the_start_of_an_answer_is_supervised(families, tmp_p
     assert tok.convert_ids_to_tokens(ids[end - 1]) == "</s>"
 
 
+def test_a_pair_whose_answer_fuses_with_the_prompt_is_refused_by_name(families, tmp_path):
+    # The RM and DPO read each answer after the prompt's own ids; where a token straddles the
+    # prompt's end there is no such split, and the row must say so rather than train on a shifted one.
+    (tmp_path / "glued.jinja").write_text(GLUED)
+    fmt = load_chat_format(str(families["mistral"]), str(tmp_path / "glued.jinja"), False)
+    row = {"prompt": [{"role": "user", "content": "Wh"}], "chosen": [{"role": "assistant", "content": "at is 2."}],
+           "rejected": [{"role": "assistant", "content": "No."}]}
+    with pytest.raises(ValueError, match="chosen.*does not tokenize with the prompt's ids as its start"):
+        preference_example(fmt, row)
+
+
 def test_a_tokenizer_without_character_offsets_is_refused_naming_the_fix(families):
     tok = AutoTokenizer.from_pretrained(families["gemma"])  # has a pad token that is no stop token
     tok.__class__ = type("SlowStandIn", (type(tok),), {"is_fast": False})

@@ -51,3 +51,28 @@ def test_use_margin_auto_needs_a_margin_on_every_comparison():
     assert use_margin(True, [without]) is True and use_margin(False, [with_margin]) is False
     with pytest.raises(ConfigError, match=r"train.use_margin='yes' must be true, false or auto"):
         use_margin("yes", [with_margin])
+
+
+def test_the_reward_trainer_batches_with_the_prompt_group_sampler(tmp_path):
+    """GroupedRewardTrainer hands its loader the prompt-grouped order: a prompt's pairs back to back
+    (TRL's own sampler would shuffle them apart)."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from trl import RewardConfig
+
+    from pipeline.training.reward import GroupedRewardTrainer
+    from tests.unit.generation.test_decoding import build_tokenizer
+    tok = build_tokenizer()
+    groups = ["a", "a", "a", "b", "c", "c", "a", "b"]
+    rows = [{"chosen_ids": [3, 4 + i], "rejected_ids": [3, 5 + i], "group": g} for i, g in enumerate(groups)]
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id))
+    args = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none", use_cpu=True,
+                        bf16=False, seed=0)
+    trainer = GroupedRewardTrainer(model=model, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows))
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(len(groups)))
+    labels = [groups[i] for i in order]
+    runs = [g for i, g in enumerate(labels) if i == 0 or labels[i - 1] != g]
+    assert sorted(runs) == ["a", "b", "c"]  # each prompt's pairs form one run
