@@ -136,9 +136,9 @@ def dpo_trainer(cfg: DictConfig, sft, fmt: ChatFormat, train_rows: list[dict], e
                      loss_weights=None if cfg.train.loss_weights is None else list(cfg.train.loss_weights),
                      label_smoothing=cfg.train.label_smoothing, use_weighting=cfg.train.use_weighting)
     return TokenizedDPOTrainer(model=model, args=args, processing_class=fmt.tokenizer,
-                      train_dataset=as_dataset(train_rows, cfg.train.max_length),
-                      eval_dataset=as_dataset(eval_rows, cfg.train.max_length),
-                      callbacks=[NonFiniteLossGuard(), MarkComplete()])
+                               train_dataset=as_dataset(train_rows, cfg.train.max_length),
+                               eval_dataset=as_dataset(eval_rows, cfg.train.max_length),
+                               callbacks=[NonFiniteLossGuard(), MarkComplete()])
 
 
 def run(cfg: DictConfig) -> dict:

@@ -14,12 +14,10 @@ from trl import DPOTrainer
 
 
 def completion_columns(ids: dict) -> dict:
-    """TRL's pre-tokenized columns from a pair's ChatFormat ids (``preference_example``): the
-    prompt's ids, then each answer's ids after the prompt, through its end-of-turn token."""
+    """TRL's pre-tokenized columns from a pair's ChatFormat ids (``preference_example``, which has
+    checked that each answer's ids start with the prompt's): the prompt's ids, then each answer's
+    ids after the prompt, through its end-of-turn token."""
     n = len(ids["prompt_ids"])
-    for side in ("chosen_ids", "rejected_ids"):
-        if ids[side][:n] != ids["prompt_ids"]:  # preference_example refuses such rows first
-            raise ValueError(f"the {side.split('_')[0]} answer's ids do not start with the prompt's ids")
     return {"prompt_ids": ids["prompt_ids"], "chosen_ids": ids["chosen_ids"][n:],
             "rejected_ids": ids["rejected_ids"][n:]}
 
