@@ -133,7 +133,8 @@ def overrides(name: str, shape: dict, scale: str) -> dict[str, list[str]]:
     train = [f"train.max_steps={sc['train_steps']}", "train.per_device_train_batch_size=4",
              "train.gradient_accumulation_steps=4", "train.gradient_checkpointing=true", "train.eval_steps=0",
              "train.logging_steps=1", f"lora.r={RL['lora_r']}", f"lora.alpha={RL['lora_alpha']}", "train.num_threads=2"]
-    rl = ["reward.min_accuracy=0", "reward.sharpen.coef=0",  # TRL's objective: no sharpening term
+    rl = ["reward.min_accuracy=0", "reward.sharpen.coef=0",  # TRL's objective: no sharpening term,
+          "algorithm.entropy_coef=0",  # nor an entropy term
           "checkpoint_every=100000", "num_threads=2", "ppo.kl.controller=fixed",
           "algorithm.kl_coef=null",  # TRL's beta for every estimator (grpo's own default is another)
           f"ppo.kl.init_coef={RL['kl_coef']}", f"ppo.rollout_batch_size={RL['rollout']}",

@@ -138,7 +138,8 @@ def dpo_trainer(cfg: DictConfig, sft, fmt: ChatFormat, train_rows: list[dict], e
     return TokenizedDPOTrainer(model=model, args=args, processing_class=fmt.tokenizer,
                                train_dataset=as_dataset(train_rows, cfg.train.max_length),
                                eval_dataset=as_dataset(eval_rows, cfg.train.max_length),
-                               callbacks=[NonFiniteLossGuard(), MarkComplete()])
+                               callbacks=[NonFiniteLossGuard(), MarkComplete()],
+                               entropy_coef=cfg.train.entropy_coef)
 
 
 def run(cfg: DictConfig) -> dict:

@@ -67,6 +67,7 @@ class AlgorithmConfig:
     group_baseline: bool = MISSING  # reinforce_pp: subtract the group mean first (REINFORCE++-baseline)
     ptx_coef: float = MISSING  # PPO-ptx (InstructGPT eq. 2): weight of the pretraining log-likelihood; 0 = off
     kl_coef: Optional[float] = MISSING  # this estimator's starting KL coefficient beta; null: ppo.kl.init_coef
+    entropy_coef: float = MISSING  # loss - coef * the policy's mean token entropy: > 0 explores, < 0 sharpens; 0 = off
 
 
 @dataclass

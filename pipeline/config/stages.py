@@ -145,6 +145,7 @@ class DPOTrainConfig(HFTrainConfig):
     loss_weights: Optional[list[float]] = MISSING  # one per loss_type; null = all 1
     label_smoothing: float = MISSING  # share of labels assumed flipped (TRL's robust, exo_pair, aot losses)
     use_weighting: bool = MISSING  # WPO (Zhou et al. 2024): weight pairs by their probability under the policy
+    entropy_coef: float = MISSING  # loss - coef * the policy's mean entropy on the chosen answers; < 0 sharpens
 
 
 @dataclass

@@ -7,6 +7,7 @@ a negative learning rate, a zero batch size, a probability outside [0, 1]. Every
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +20,7 @@ POSITIVE: Rule = (lambda v: v > 0, "> 0")
 NON_NEGATIVE: Rule = (lambda v: v >= 0, ">= 0")
 PROBABILITY: Rule = (lambda v: 0 <= v <= 1, "in [0, 1]")
 DROPOUT: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
+FINITE: Rule = (math.isfinite, "a finite number")
 STEPS: Rule = (lambda v: v > 0 or v == -1, "> 0 (or -1: train for num_train_epochs)")
 
 _PPO_POSITIVE = ("total_updates", "rollout_batch_size", "generation_batch_size", "minibatch_size",
@@ -39,7 +41,7 @@ RULES: dict[str, Rule] = {
     "lora.r": POSITIVE, "lora.alpha": POSITIVE, "lora.dropout": DROPOUT,
     **{f"ppo.{k}": POSITIVE for k in _PPO_POSITIVE},
     **{f"ppo.{k}": NON_NEGATIVE for k in ("weight_decay", "warmup_steps", "vf_coef", "missing_eos_penalty")},
-    "algorithm.ptx_coef": NON_NEGATIVE, "algorithm.kl_coef": NON_NEGATIVE,
+    "algorithm.entropy_coef": FINITE, "train.entropy_coef": FINITE, "algorithm.ptx_coef": NON_NEGATIVE, "algorithm.kl_coef": NON_NEGATIVE,
     "ppo.gamma": PROBABILITY, "ppo.lam": PROBABILITY,
     "ppo.kl.init_coef": NON_NEGATIVE, "ppo.kl.target": POSITIVE, "ppo.kl.horizon": POSITIVE,
     "algorithm.samples_per_prompt": POSITIVE,

@@ -87,7 +87,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
 
 
 def head_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
-                  vocab: int, temperature: float = 1.0) -> torch.Tensor:
+                  vocab: int, temperature: float = 1.0, with_entropy: bool = False):
     """``logprobs_from_logits(head(hidden), labels, temperature)`` without ever holding the whole
     ``[B, T, V]`` logits, nor their gradient: the LM ``head`` runs over chunks of rows, and with
     autograd on each chunk is recomputed in the backward pass (activation checkpointing of the
@@ -97,15 +97,20 @@ def head_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Te
     Args:
         head: final hidden states ``[N, H]`` -> logits ``[N, V]`` (output scalings included).
         hidden: ``[B, T, H]``; labels: ``[B, T]`` token ids; vocab: ``V``, to size the chunks.
+        with_entropy: also return each position's entropy ``entropy_from_logits(head(hidden))``,
+            from the same chunks and with its gradient (``ppo.entropy_coef``).
 
     Returns:
-        ``[B, T]`` float32 log-probs, equal to the unchunked computation within float rounding.
+        ``[B, T]`` float32 log-probs, equal to the unchunked computation within float rounding;
+        with ``with_entropy``, ``(log-probs, entropies)``, both ``[B, T]``.
     """
     B, T, H = hidden.shape
     flat, y = hidden.reshape(B * T, H), labels.reshape(B * T).long()
 
     def chunk_logprobs(h: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
-        return logprobs_from_logits(head(h)[None], lab[None], temperature)[0]
+        logits = head(h)[None]
+        logp = logprobs_from_logits(logits, lab[None], temperature)[0]
+        return torch.stack([logp, entropy_from_logits(logits, temperature)[0]], -1) if with_entropy else logp
 
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     step, out = _rows_per_chunk(vocab, hidden.device), []
@@ -113,6 +118,9 @@ def head_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Te
         h, lab = flat[s:s + step], y[s:s + step]
         out.append(checkpoint(chunk_logprobs, h, lab, use_reentrant=False, preserve_rng_state=False)
                    if recompute else chunk_logprobs(h, lab))
+    if with_entropy:
+        both = torch.cat(out).view(B, T, 2) if out else flat.new_zeros(B, T, 2, dtype=torch.float32)
+        return both[..., 0], both[..., 1]
     return torch.cat(out).view(B, T) if out else flat.new_zeros(B, T, dtype=torch.float32)
 
 

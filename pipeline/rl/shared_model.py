@@ -39,7 +39,7 @@ from pipeline.core.artifacts import Artifact
 from pipeline.data.chat import ChatFormat
 from pipeline.models.loading import load_causal_lm
 from pipeline.models.policies import base_source_for
-from pipeline.rl.logprobs import head_logprobs, logprobs_from_logits
+from pipeline.rl.logprobs import entropy_from_logits, head_logprobs, logprobs_from_logits
 from pipeline.rl.lora import fused_lora_forward, load_adapter_state, plain_lora, rm_adapter
 from pipeline.rl.rollout import Packed, position_ids_from_mask
 
@@ -216,17 +216,20 @@ class SharedBaseActorCritic(nn.Module):
                         use_cache=False, logits_to_keep=response_len + 1)
         return out.logits[:, :-1]  # position P - 1 + t predicts response token t
 
-    def logprobs(self, p: Packed, response_ids, temperature: float, adapter: str = "policy") -> torch.Tensor:
+    def logprobs(self, p: Packed, response_ids, temperature: float, adapter: str = "policy",
+                 with_entropy: bool = False):
         """(B, T) log-probs of ``response_ids`` under softmax(logits / T) of the policy (or
         ``adapter="ref"``), from a packed batch: the LM head runs only at the positions that
-        predict a response token, and no ``[B, T, V]`` fp32 copy is made."""
+        predict a response token, and no ``[B, T, V]`` fp32 copy is made. ``with_entropy``:
+        ``(log-probs, entropies)``, the entropy of softmax(logits / T) at each position, (B, T)."""
         if self.lm_head_by_hand:
             h = p.gather(self._packed_hidden([adapter], p), p.prefix)  # (B, T, H)
-            return head_logprobs(self._lm_logits, h, response_ids, self._vocab, temperature)
+            return head_logprobs(self._lm_logits, h, response_ids, self._vocab, temperature, with_entropy)
         # a family whose output scaling the hand-applied head does not reproduce: every position
         self._activate([adapter])
         logits = p.gather(self.peft(input_ids=p.ids, position_ids=p.positions, use_cache=False).logits, p.prefix)
-        return logprobs_from_logits(logits, response_ids, temperature)
+        logp = logprobs_from_logits(logits, response_ids, temperature)
+        return (logp, entropy_from_logits(logits, temperature)) if with_entropy else logp
 
     def _packed_hidden(self, names: list[str], p: Packed) -> torch.Tensor:
         """(R, W, H) final hidden states of packed rows (no attention mask: transformers builds the

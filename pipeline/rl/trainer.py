@@ -265,11 +265,17 @@ class RLTrainer:
                  self.model.packs_rows, self.model.attention_cost)
         w, share = w[:, : m.response_ids.shape[1]], m.response_mask.sum() / tokens
         with self.acc.autocast():
-            logp = self.model.logprobs(p, m.response_ids, self.cfg.temperature)
+            coef = self.alg.entropy_coef
+            logp, entropy = self.model.logprobs(p, m.response_ids, self.cfg.temperature, with_entropy=True) \
+                if coef else (self.model.logprobs(p, m.response_ids, self.cfg.temperature), None)
             pg, stats = policy_loss(logp, m.logprobs, m.advantages, m.response_mask, self.cfg.clip_range)
             loss = (w * pg).sum() / units
             parts = {key: v * share for key, v in stats.items()}  # masked means -> shares of the mean
             parts["pg_loss"] = loss.detach()
+            if coef:  # PPO's entropy term, aggregated as the policy loss: - coef * H(pi(. | s_t))
+                entropy_loss = (w * entropy).sum() / units
+                loss = loss - coef * entropy_loss
+                parts["entropy_loss"] = entropy_loss.detach()
             if self.alg.kl_in == "loss":  # GRPO: k3(pi || pi_ref) with gradient, per token
                 kl = kl_per_token(logp, m.ref_logprobs, "k3") * m.response_mask
                 kl_loss = (w * kl).sum() / units
@@ -354,6 +360,8 @@ class RLTrainer:
             metrics["loss/kl_avg"] = train["kl_loss"]
         if "ptx_loss" in train:
             metrics["loss/ptx_avg"] = train["ptx_loss"]
+        if "entropy_loss" in train:
+            metrics["loss/entropy_avg"] = train["entropy_loss"]
         # Ziegler et al.: adapt the KL coefficient to the sequence-level KL just observed.
         self.kl_ctl.update(metrics["objective/kl"], self.cfg.rollout_batch_size * self.acc.num_processes)
         self.update += 1

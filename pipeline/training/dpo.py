@@ -10,6 +10,7 @@ stage sees (tests/stage/test_families_stage.py checks this per family).
 
 from __future__ import annotations
 
+import torch
 from trl import DPOTrainer
 
 
@@ -27,5 +28,48 @@ class TokenizedDPOTrainer(DPOTrainer):
     (:func:`completion_columns`): TRL's own rendering and tokenization step is skipped; its
     collator, loss, reference and training loop are unchanged."""
 
+    def __init__(self, *args, entropy_coef: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.entropy_coef = entropy_coef
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        """TRL's loss, minus ``entropy_coef`` times the policy's mean entropy on the chosen answers
+        (``train.entropy_coef``; < 0 sharpens). The entropy is the one TRL's fused LM head already
+        computes for its metrics, taken with its gradient from the policy's forward pass (the one
+        run with gradients; the reference's runs without)."""
+        if not self.entropy_coef or not torch.is_grad_enabled():
+            return super()._compute_loss(model, inputs, return_outputs)
+        seen = []
+
+        def keep(module, args, kwargs, output):
+            if kwargs.get("fused_lm_head") and torch.is_grad_enabled():
+                seen.append(output)
+
+        handle = model.register_forward_hook(keep, with_kwargs=True)
+        try:
+            out = super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise RuntimeError(f"train.entropy_coef: expected one policy forward pass with TRL's fused LM head, "
+                               f"saw {len(seen)}; this TRL version computes its loss differently, set "
+                               "train.entropy_coef=0")
+        entropy = chosen_entropy(seen[0].entropy, seen[0].label_mask)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["entropy_chosen"].append(self.accelerator.gather_for_metrics(entropy.detach()).mean().item())
+        if return_outputs:
+            loss, outputs = out
+            return loss - self.entropy_coef * entropy, outputs
+        return out - self.entropy_coef * entropy
+
+
+def chosen_entropy(entropy: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """Mean policy entropy over the chosen answers' tokens: the first half of TRL's
+    ``[chosen; rejected]`` batch. ``entropy``, ``label_mask``: (2B, L), as TRL's fused LM head
+    returns them (``entropy`` 0 where the mask is). A scalar, with the entropy's gradient."""
+    half = entropy.shape[0] // 2
+    mask = label_mask[:half].to(entropy.dtype)
+    return (entropy[:half] * mask).sum() / mask.sum().clamp(min=1)

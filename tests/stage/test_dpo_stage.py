@@ -53,6 +53,32 @@ def test_dpo_trains_a_policy_adapter_that_loads_as_a_stage(chain):
     assert not (chain / "artifacts/default/.work/dpo").exists()  # a finished stage removes its checkpoints
 
 
+def test_the_entropy_term_adds_minus_coef_times_the_chosen_answers_entropy_and_sharpens(chain, tmp_path):
+    """train.entropy_coef: the training loss is TRL's loss minus coef times the policy's mean
+    entropy on the chosen answers, taken from TRL's own forward pass (its gradient lowers the
+    entropy when coef < 0); coef 0 leaves TRL's loss as it is."""
+    cfg = compose_config("dpo", TINY_DPO + ["train.learning_rate=1e-2"])
+    sft = find_parent(cfg.paths.run_dir, "sft")
+    fmt = load_sft_tokenizer(sft)
+    rows = dpo.dpo_rows(fmt, cfg.data.prefs.eval, cfg)[:16]
+    entropy, losses = {}, {}
+    for coef in (0.0, -5.0):
+        cfg.train.entropy_coef = coef
+        trainer = dpo.dpo_trainer(cfg, sft, fmt, rows, rows, tmp_path / str(coef), "none")
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        trainer.model.train()
+        losses[coef] = trainer.compute_loss(trainer.model, batch)
+        if coef:
+            measured = trainer._metrics["train"]["entropy_chosen"][-1]
+            assert measured > 0
+            assert losses[coef].item() == pytest.approx(losses[0.0].item() + 5.0 * measured, rel=1e-4)
+        trainer.train()
+        trainer._metrics["train"].clear()
+        trainer.compute_loss(trainer.model, batch)  # the trained policy's entropy on the same answers
+        entropy[coef] = trainer._metrics["train"]["entropy"][-1]  # TRL's: chosen and rejected tokens
+    assert entropy[-5.0] < entropy[0.0] - 0.05
+
+
 ON_POLICY = ["pairs.source=policy", "pairs.prompts=12", "pairs.samples_per_prompt=3", "pairs.batch_size=16",
              "pairs.max_new_tokens=64"]  # the tiny chain's SFT rarely stops within 24 tokens
 

@@ -560,7 +560,7 @@ def test_the_kl_in_the_loss_adds_beta_times_k3_of_the_current_policy(chain):
     a micro-batch's loss is the surrogate plus beta times the k3 term, and only that."""
     from pipeline.rl.losses import loss_weights
     _, _, _, trainer = build(["algorithm=grpo", "algorithm.kl_in=loss", "ppo.kl.controller=fixed",
-                              "algorithm.kl_coef=0.5", "ppo.learning_rate=1e-2"])
+                              "algorithm.kl_coef=0.5", "ppo.learning_rate=1e-2", "algorithm.entropy_coef=0"])
     trainer.train_step(rollout(trainer))  # the policy moves off the reference
     r = rollout(trainer, seed=1)
     w, units = loss_weights(r.response_mask, trainer.alg.loss_agg, trainer.cfg.max_new_tokens)
@@ -573,6 +573,32 @@ def test_the_kl_in_the_loss_adds_beta_times_k3_of_the_current_policy(chain):
     (with_kl, pg, kl), (without, pg0, _) = losses[0.5], losses[0.0]
     assert kl > 0 and pg == pytest.approx(pg0)
     assert without == pytest.approx(pg, abs=1e-7) and with_kl == pytest.approx(pg + 0.5 * kl, abs=1e-7)
+
+
+def test_the_entropy_term_adds_minus_coef_times_the_policy_entropy_and_sharpens(chain):
+    """algorithm.entropy_coef: a micro-batch's loss is the surrogate minus coef times the policy's mean
+    token entropy (aggregated as the surrogate), and only that; a negative coef lowers the entropy
+    the trained policy samples with, against the same update without the term."""
+    from pipeline.rl.losses import loss_weights
+    _, _, _, trainer = build(["algorithm.entropy_coef=-0.5"])
+    r = rollout(trainer)
+    w, units = loss_weights(r.response_mask, trainer.alg.loss_agg, trainer.cfg.max_new_tokens)
+    loss, parts = next(trainer._micro_losses(r.trimmed(), w, units, r.response_mask.sum()))  # the policy term
+    sampled = (r.entropy * r.response_mask).sum() / r.response_mask.sum()  # the sampler's own entropies
+    assert parts["entropy_loss"].item() == pytest.approx(sampled.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(parts["pg_loss"].item() + 0.5 * parts["entropy_loss"].item(), abs=1e-6)
+    from pipeline.rl.rollout import pack
+    m, entropy = r.trimmed(), {}
+    for coef in ("0.0", "-2.0"):
+        _, model, fmt, trainer = build([f"algorithm.entropy_coef={coef}", "ppo.learning_rate=1e-2", "ppo.ppo_epochs=4"])
+        stats = trainer.train_step(r)
+        assert ("entropy_loss" in stats) == (coef != "0.0")
+        with torch.no_grad():  # the trained policy's entropy at the rollout's own states
+            p = pack(m.query_ids, m.query_mask, m.response_ids, m.response_mask, fmt.pad_id, model.packs_rows,
+                     model.attention_cost)
+            _, h = model.logprobs(p, m.response_ids, 1.0, with_entropy=True)
+        entropy[coef] = ((h * m.response_mask).sum() / m.response_mask.sum()).item()
+    assert entropy["-2.0"] < entropy["0.0"] - 0.1
 
 
 def test_ptx_batches_are_a_pure_function_of_update_and_step():

@@ -69,6 +69,8 @@ def test_unworkable_rl_settings_are_refused_by_name(override, key):
     ("base", "train.batch_size=0", "train.batch_size=0 must be > 0"),
     ("datagen", "world.label_noise=2", r"world.label_noise=2.0 must be in \[0, 1\]"),
     ("eval", "max_prompts=0", "max_prompts=0 must be > 0"),
+    ("ppo", "algorithm.entropy_coef=nan", "algorithm.entropy_coef=nan must be a finite number"),
+    ("dpo", "train.entropy_coef=inf", "train.entropy_coef=inf must be a finite number"),
 ])
 def test_out_of_range_settings_are_refused_in_every_stage(stage, override, key):
     check_ranges(compose_config(stage))

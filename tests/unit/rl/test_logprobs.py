@@ -97,6 +97,32 @@ def test_head_logprobs_in_chunks_give_the_full_logits_numbers_and_gradients(monk
         torch.testing.assert_close(head_logprobs(head, hidden, labels, 40, 0.7), expected)
 
 
+def test_head_logprobs_with_entropy_gives_the_full_logits_entropy_and_its_gradient(monkeypatch):
+    """``with_entropy`` (ppo.entropy_coef): the same chunks also give each position's entropy of
+    softmax(logits / T) and its gradient, as the whole [B, T, V] logits would; the log-probs stay."""
+    monkeypatch.setattr(logprobs_module, "_rows_per_chunk", lambda vocab, device: 2)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 30, (2, 3), generator=g)
+    w = torch.randn(2, 3, generator=g, dtype=torch.float64)
+
+    def head(h):
+        return h @ weight.T
+
+    logp_full = torch.log_softmax(head(hidden) / 0.7, -1)
+    expected = -(logp_full.exp() * logp_full).sum(-1)
+    (want,) = torch.autograd.grad((expected * w).sum(), hidden)
+    logp, ent = head_logprobs(head, hidden, labels, vocab=30, temperature=0.7, with_entropy=True)
+    (grad,) = torch.autograd.grad((ent * w).sum(), hidden)
+    torch.testing.assert_close(ent.double(), expected, atol=1e-5, rtol=0)  # entropies in fp32
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logp.double(), logp_full.gather(-1, labels[..., None]).squeeze(-1))
+    # a cold distribution has less entropy than the same logits at T = 1: the temperature is applied
+    _, ent_t1 = head_logprobs(head, hidden, labels, vocab=30, with_entropy=True)
+    assert (ent < ent_t1).all()
+
+
 def test_lm_head_chunks_are_compute_bound_on_a_gpu_and_small_on_a_cpu():
     # A chunk of n rows does 2n FLOPs per 2-byte bf16 weight of the LM head read: n FLOPs per byte,
     # which must pass an H200's 989 TFLOP/s over 4.8 TB/s (~206) at Llama 3's and Qwen's vocabularies.
