@@ -98,7 +98,7 @@ def head_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Te
         head: final hidden states ``[N, H]`` -> logits ``[N, V]`` (output scalings included).
         hidden: ``[B, T, H]``; labels: ``[B, T]`` token ids; vocab: ``V``, to size the chunks.
         with_entropy: also return each position's entropy ``entropy_from_logits(head(hidden))``,
-            from the same chunks and with its gradient (``ppo.entropy_coef``).
+            from the same chunks and with its gradient (``algorithm.entropy_coef``).
 
     Returns:
         ``[B, T]`` float32 log-probs, equal to the unchunked computation within float rounding;

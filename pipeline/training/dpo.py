@@ -69,7 +69,7 @@ class TokenizedDPOTrainer(DPOTrainer):
 def chosen_entropy(entropy: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
     """Mean policy entropy over the chosen answers' tokens: the first half of TRL's
     ``[chosen; rejected]`` batch. ``entropy``, ``label_mask``: (2B, L), as TRL's fused LM head
-    returns them (``entropy`` 0 where the mask is). A scalar, with the entropy's gradient."""
+    returns them (``entropy`` 0 where the mask is 0). A scalar, with the entropy's gradient."""
     half = entropy.shape[0] // 2
     mask = label_mask[:half].to(entropy.dtype)
     return (entropy[:half] * mask).sum() / mask.sum().clamp(min=1)
