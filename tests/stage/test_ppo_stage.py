@@ -597,6 +597,10 @@ def test_the_entropy_term_adds_minus_coef_times_the_policy_entropy_and_sharpens(
             p = pack(m.query_ids, m.query_mask, m.response_ids, m.response_mask, fmt.pad_id, model.packs_rows,
                      model.attention_cost)
             _, h = model.logprobs(p, m.response_ids, 1.0, with_entropy=True)
+            by_hand, model.lm_head_by_hand = model.lm_head_by_hand, False  # the fallback: the model's own head
+            _, h_full = model.logprobs(p, m.response_ids, 1.0, with_entropy=True)
+            model.lm_head_by_hand = by_hand
+        torch.testing.assert_close(h_full * m.response_mask, h * m.response_mask, atol=1e-4, rtol=0)
         entropy[coef] = ((h * m.response_mask).sum() / m.response_mask.sum()).item()
     assert entropy["-2.0"] < entropy["0.0"] - 0.1
 
