@@ -135,10 +135,19 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     """
     B, T, V = logits.shape
     flat, chunk, out = logits.reshape(B * T, V), _rows_per_chunk(V, logits.device), []
-    for s in range(0, B * T, chunk):
-        logp = F.log_softmax(flat[s:s + chunk].float() / temperature, dim=-1)
+
+    def chunk_entropy(x: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(x.float() / temperature, dim=-1)
         # A -inf logit (masked vocabulary) has p = 0 and must contribute 0, not 0 * -inf = nan,
         # in the forward and in the backward pass.
         logp_finite = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
-        out.append(-(logp.exp() * logp_finite).sum(dim=-1))
+        return -(logp.exp() * logp_finite).sum(dim=-1)
+
+    # With a gradient, autograd would keep each chunk's fp32 [rows, V] softmax until the backward
+    # pass, a full [B, T, V] fp32 copy in all; recomputing it per chunk keeps only the logits.
+    recompute = torch.is_grad_enabled() and logits.requires_grad
+    for s in range(0, B * T, chunk):
+        x = flat[s:s + chunk]
+        out.append(checkpoint(chunk_entropy, x, use_reentrant=False, preserve_rng_state=False)
+                   if recompute else chunk_entropy(x))
     return torch.cat(out).view(B, T) if out else flat.new_zeros(B, T, dtype=torch.float32)

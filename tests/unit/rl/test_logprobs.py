@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pipeline.rl.logprobs as logprobs_module
-from pipeline.rl.logprobs import entropy_from_logits, head_logprobs, logprobs_from_logits
+from pipeline.rl.logprobs import LOGPROB_CHUNK, entropy_from_logits, head_logprobs, logprobs_from_logits
 from tests.unit.worked import LN2
 
 pytestmark = pytest.mark.unit
@@ -51,6 +51,31 @@ def test_entropy_with_minus_inf_logit_is_finite_with_finite_grad():
     torch.testing.assert_close(ent, torch.tensor([[LN2]]))
     ent.sum().backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_entropy_gradient_keeps_no_softmax_copy(monkeypatch):
+    """With a gradient, each chunk's softmax is recomputed in the backward pass instead of being
+    kept (the fallback LM-head path holds [B, T, V] logits; a kept fp32 softmax would double that),
+    and the gradient equals the unchunked closed form dH/dz = -p (log p + H) / T."""
+    monkeypatch.setitem(LOGPROB_CHUNK, "cpu", 4 * 40)  # 4 rows a chunk: 4 chunks of 15 rows
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 40, generator=g, requires_grad=True)  # fp32: what the function computes in
+    new = []
+
+    def pack(t):  # tensors autograd keeps that are not views of the logits
+        if t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+            new.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ent = entropy_from_logits(logits, temperature=0.7)
+    assert sum(new) == 0
+    w = torch.randn(3, 5, generator=g)
+    (w * ent).sum().backward()
+    logp = torch.log_softmax(logits.detach() / 0.7, -1)
+    H = -(logp.exp() * logp).sum(-1, keepdim=True)
+    torch.testing.assert_close(ent, H[..., 0])
+    torch.testing.assert_close(logits.grad, w[..., None] * -logp.exp() * (logp + H) / 0.7)
 
 
 def test_custom_logprob_backward_matches_autograd_and_temperature():
