@@ -7,6 +7,7 @@
     make bench ARGS="gpu --dry-run"   # the GPU bench (bench/gpu.py) end to end at tiny shapes
     make bench ARGS="alignment --run final --seeds 4"  # a run's alignment figures over 4 sampling seeds
     make bench ARGS="rm_agreement --responses artifacts/final/eval/responses.jsonl artifacts/final/rm"
+    make bench ARGS="rm_probe --responses artifacts/final/eval/responses.jsonl artifacts/final/rm"
 
 - kv_cache:     sampling with the KV cache vs recomputing the prefix every step.
 - merged_lora:  a forward pass with the LoRA adapter merged into the base vs unmerged.
@@ -19,6 +20,8 @@
                 (bench/alignment.py), with the world's targets checked.
 - rm_agreement: reward models against the gold judge by category, on the answers an eval artifact
                 saved (bench/rm_agreement.py): RM settings compared without an RL run each.
+- rm_probe:     how far an RM marks down a refusal that names a city of the world instead of the
+                unknown country asked about (bench/rm_probe.py), the hallucination RL policies learn.
 - gpu:          the one-shot GPU bench (bench/gpu.py, on a card via bench/gpu_run.sh): peak memory of
                 sft / rm / ppo / grpo beside the memory model, decode ms/step against the bandwidth
                 floor, episodes/s of ppo, grpo and TRL 1.16's GRPOTrainer at the Llama-3-8B and
@@ -151,11 +154,16 @@ def bench_rm_agreement() -> None:
     rm_agreement.main(sys.argv[2:] if sys.argv[1:2] == ["rm_agreement"] else sys.argv[1:])
 
 
+def bench_rm_probe() -> None:
+    from bench import rm_probe
+    rm_probe.main(sys.argv[2:] if sys.argv[1:2] == ["rm_probe"] else sys.argv[1:])
+
+
 BENCHES = {"kv_cache": bench_kv_cache, "merged_lora": bench_merged_lora, "shared_base": bench_shared_base,
            "ppo": bench_ppo, "grpo": bench_grpo, "gpu": bench_gpu, "alignment": bench_alignment,
-           "rm_agreement": bench_rm_agreement}
-# `make bench` with no name: the CPU benches (alignment and rm_agreement need a finished run: they name one)
-DEFAULT = [name for name in BENCHES if name not in ("gpu", "alignment", "rm_agreement")]
+           "rm_agreement": bench_rm_agreement, "rm_probe": bench_rm_probe}
+# `make bench` with no name: the CPU benches (alignment, rm_agreement and rm_probe need a finished run: they name one)
+DEFAULT = [name for name in BENCHES if name not in ("gpu", "alignment", "rm_agreement", "rm_probe")]
 
 if __name__ == "__main__":
     torch.set_num_threads(2)

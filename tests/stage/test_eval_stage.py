@@ -16,6 +16,7 @@ import pytest
 from pipeline.core.errors import PipelineError
 from bench import alignment as alignment_bench
 from bench import rm_agreement as rm_agreement_bench
+from bench import rm_probe as rm_probe_bench
 from stages import eval as eval_stage
 from stages import pipeline
 from tests.conftest import compose_config
@@ -358,6 +359,20 @@ def test_rm_agreement_bench_rescoring_the_runs_rm_gives_the_reports_figures(chai
             assert got[category][dec]["pairs"] == cell["pairs"]
             assert got[category][dec]["share"] == (None if cell["share"] is None else pytest.approx(cell["share"]))
     assert "| RM | " in capsys.readouterr().out
+
+
+def test_rm_probe_bench_scores_the_three_answers_with_the_runs_rm(chain, capsys):
+    """The probe scores the right refusal, one naming a city and an invented answer with the RM, on the
+    unanswerable prompts a real eval saved; prompts from another world are refused by name."""
+    eval_stage.run(compose_config("eval", ["max_prompts=40"] + QUIET))
+    responses = str(chain / "artifacts/default/eval/responses.jsonl")
+    got = rm_probe_bench.main(["--responses", responses, str(chain / "artifacts/default/rm")])
+    assert set(got) == {"mean_right", "mean_wrong_name", "mean_invented", "right_over_wrong_name",
+                        "gap_right_minus_wrong_name"}
+    assert got["gap_right_minus_wrong_name"] == pytest.approx(got["mean_right"] - got["mean_wrong_name"])
+    assert "| right refusal |" in capsys.readouterr().out
+    with pytest.raises(PipelineError, match=r"does not ask about an unknown country of world seed 1; pass the --world-seed"):
+        rm_probe_bench.main(["--responses", responses, "--world-seed", "1", str(chain / "artifacts/default/rm")])
 
 
 def test_rm_agreement_bench_refuses_answers_without_gold_scores(tmp_path):
