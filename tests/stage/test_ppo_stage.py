@@ -184,8 +184,7 @@ def test_packing_is_refused_where_only_one_row_keeps_sequences_apart(built):
 def test_an_estimator_can_start_from_its_own_kl_coefficient(chain):
     """algorithm.kl_coef sets beta for one estimator (GRPO's z-scored task reward is on another scale
     than PPO's normalised score); null keeps ppo.kl.init_coef."""
-    assert build(["algorithm=ppo"])[3].kl_ctl.value == pytest.approx(0.2)  # null: ppo.kl.init_coef
-    assert build(["algorithm=reinforce_pp"])[3].kl_ctl.value == pytest.approx(0.1)  # conf/algorithm/reinforce_pp.yaml
+    assert build(["algorithm=reinforce_pp"])[3].kl_ctl.value == pytest.approx(0.2)  # null: ppo.kl.init_coef
     assert build(["algorithm=grpo"])[3].kl_ctl.value == pytest.approx(0.6)  # conf/algorithm/grpo.yaml
     assert build(["algorithm=grpo", "algorithm.kl_coef=0.3"])[3].kl_ctl.value == pytest.approx(0.3)
     assert build(["algorithm=grpo", "algorithm.kl_coef=null"])[3].kl_ctl.value == pytest.approx(0.2)
