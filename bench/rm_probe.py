@@ -90,7 +90,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if (parse_prompt(prompt, world).subject not in world.unknown
                 or got != {"right": 1.0, "wrong_name": -1.0, "invented": -1.0}):
             raise PipelineError(f"{args.responses}: {prompt!r} does not ask about an unknown country of world "
-                                f"seed {args.world_seed}; pass the --world-seed its eval ran with")
+                                f"seed {args.world_seed}; pass the --world-seed its eval ran with (the probe builds "
+                                "conf/world/default.yaml's world at that seed)")
     rm = load_artifact(args.rm, "rm")
     model, fmt = standalone_reward_model(rm, OmegaConf.create(rm.manifest["config"]["model"]))
     flat = score_conversations(model, fmt, [[{"role": "user", "content": p}] for p in prompts for _ in KINDS],
