@@ -57,7 +57,7 @@ def test_entropy_gradient_keeps_no_softmax_copy(monkeypatch):
     """With a gradient, each chunk's softmax is recomputed in the backward pass instead of being
     kept (the fallback LM-head path holds [B, T, V] logits; a kept fp32 softmax would double that),
     and the gradient equals the unchunked closed form dH/dz = -p (log p + H) / T."""
-    monkeypatch.setitem(LOGPROB_CHUNK, "cpu", 4 * 40)  # 4 rows a chunk: 4 chunks of 15 rows
+    monkeypatch.setitem(LOGPROB_CHUNK, "cpu", 4 * 40)  # 4 rows a chunk: the 15 rows in 4 chunks
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 5, 40, generator=g, requires_grad=True)  # fp32: what the function computes in
     new = []
