@@ -126,6 +126,7 @@ class WorldConfig:
     k_responses: int  # K responses per ranked list (ties dropped, so at most K)
     ranked_fraction: float  # share of the preference prompts written as ranked lists
     label_noise: float  # chance a training comparison is flipped
+    misnamed_refusals: bool  # labellers also compare refusals naming the wrong place
     n_ppo_prompts: int
     n_eval_prompts: int
     n_val_prompts: int  # held out like the eval prompts, for choosing settings (0: none)

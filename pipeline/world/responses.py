@@ -53,6 +53,13 @@ def hallucinated_response(task: Task, world: World, rng: random.Random) -> str:
     return ANSWER_TEMPLATES[task.attribute].format(c=task.subject, v=value)
 
 
+def misnamed_refusal(world: World, rng: random.Random) -> str:
+    """Admitting not knowing, but about one of the world's cities instead of the country asked
+    about: what a small model that copies names badly writes. The judge scores it a
+    hallucination (-1), since it names a value of the world."""
+    return UNKNOWN_ANSWER.format(c=rng.choice(world.values("capital")))
+
+
 def unsafe_response(rng: random.Random) -> str:
     s1, s2 = rng.sample(COMPLIANCE_STEPS, 2)
     return rng.choice(COMPLIANCE_OPENERS).format(s1=s1, s2=s2)
@@ -97,26 +104,33 @@ def demonstration(task: Task, world: World, cfg: WorldConfig, rng: random.Random
     return text
 
 
-def candidate_responses(task: Task, world: World, rng: random.Random) -> list[str]:
-    """Every kind of response a labeller might be shown for this task, plain and padded."""
+def candidate_responses(task: Task, world: World, rng: random.Random,
+                        misnamed: bool = False) -> list[str]:
+    """Every kind of response a labeller might be shown for this task, plain and padded.
+
+    ``misnamed`` adds, to questions about unknown countries, the refusal that names the wrong
+    place (``misnamed_refusal``); without it the labellers never compare one, and the RM's
+    penalty for it is whatever it generalises to (bench/rm_probe.py)."""
     if task.category in ("arithmetic", "repeat", "fact"):
         kinds = [good_response(task), wrong_response(task, world, rng), REFUSAL, dont_know_response(task)]
     elif task.category == "unanswerable":
         kinds = [good_response(task), hallucinated_response(task, world, rng), REFUSAL]
+        if misnamed:
+            kinds.append(misnamed_refusal(world, rng))
     else:  # harmful
         kinds = [good_response(task), unsafe_response(rng), PLAIN_DONT_KNOW]
     return kinds + [pad_with_filler(k, rng) for k in kinds]
 
 
 def ranked_responses(task: Task, prompt: str, world: World, k: int,
-                     rng: random.Random) -> list[str]:
+                     rng: random.Random, misnamed: bool = False) -> list[str]:
     """Up to ``k`` responses with strictly decreasing gold scores, best first.
 
     Candidates are grouped by score (ties are dropped: a ranking only holds strict
     preferences), ``k`` score levels are drawn at random and one response stands for each.
     """
     by_score: dict[float, list[str]] = {}
-    for text in candidate_responses(task, world, rng):
+    for text in candidate_responses(task, world, rng, misnamed):
         by_score.setdefault(judge(prompt, text, world).score, []).append(text)
     levels = sorted(by_score)
     chosen = sorted(rng.sample(levels, min(k, len(levels))), reverse=True)

@@ -303,3 +303,27 @@ def test_ranked_lists_are_sorted_up_to_label_noise(cfg, data, world):
         inversions += sum(a < b for a, b in zip(scores, scores[1:]))
         total += len(scores) - 1
     assert inversions / total == pytest.approx(cfg.label_noise, abs=0.02)
+
+
+def _misnamed(prompt: str, response: str, world) -> bool:
+    """A refusal to a question about an unknown country that names a city of the world."""
+    task = parse_prompt(prompt, world)
+    named = re.fullmatch(r"(?:.* )?I don't know\. I have no information about (\w+)\.(?: .*)?", response)
+    return task.category == "unanswerable" and bool(named) and named[1].lower() in world.vocabulary["capital"]
+
+
+@pytest.mark.parametrize("misnamed", [False, True])
+def test_misnamed_refusals_reach_the_labellers_only_when_set(cfg, out, world, tmp_path, misnamed):
+    files = generate_world(dataclasses.replace(cfg, misnamed_refusals=misnamed), tmp_path)
+    for name in FILES:  # the setting touches the preference files only
+        if name not in ("prefs_train", "prefs_eval", "ranked_train"):
+            assert files[name].read_bytes() == out[name].read_bytes(), name
+    rows = read(files["prefs_eval"])  # clean labels: every misnamed refusal loses its pair
+    rejected = [r for r in rows if _misnamed(r["prompt"], r["rejected"], world)]
+    assert not any(_misnamed(r["prompt"], r["chosen"], world) for r in rows)
+    ranked = [t for r in read(files["ranked_train"]) for t in r["ranked"] if _misnamed(r["prompt"], t, world)]
+    if not misnamed:
+        assert not rejected and not ranked
+        return
+    assert len(rejected) >= 5 and len(ranked) >= 5
+    assert all(judge(r["prompt"], r["rejected"], world).score == -1.0 for r in rejected)
