@@ -6,9 +6,10 @@ badly and writes one of the world's cities instead, which the gold judge scores 
 (-1, like an invented answer). With `world.misnamed_refusals=false` (the default before d2f611d)
 the labellers' comparisons never hold such a refusal (they compare the right refusal, an invented
 answer and a generic one: pipeline/world/responses.py), so how far the RM marks it down is whatever
-it generalised to, and RL only learns to copy the name as far as the RM pays for it. For each unanswerable prompt an eval artifact saved, this scores three answers
-with an RM artifact: the right refusal, the refusal naming a random city of the world, and an
-invented answer. Diagnosis, not a choice: it reads only the saved prompts.
+it generalised to, and RL only learns to copy the name as far as the RM pays for it. For each
+unanswerable prompt an eval artifact saved, this scores three answers with an RM artifact: the
+right refusal, the refusal naming a random city of the world, and an invented answer. Diagnosis,
+not a choice: it reads only the saved prompts.
 
     make bench ARGS="rm_probe --responses artifacts/final/eval/responses.jsonl artifacts/final/rm"
     make bench ARGS="rm_probe --responses ... --world-seed 4 artifacts/final/rm"   # another world's RM
