@@ -127,7 +127,6 @@ class WorldConfig:
     ranked_fraction: float  # share of the preference prompts written as ranked lists
     label_noise: float  # chance a training comparison is flipped
     misnamed_refusals: bool  # labellers also compare refusals naming the wrong place
-    misnamed_answers: bool  # ... and, on fact questions, another country's fact
     n_ppo_prompts: int
     n_eval_prompts: int
     n_val_prompts: int  # held out like the eval prompts, for choosing settings (0: none)

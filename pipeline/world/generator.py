@@ -201,8 +201,7 @@ def _pref_rows(prompts: Sequence[str], tasks: _Tasks, world: World, cfg: WorldCo
     n_ranked = round(cfg.ranked_fraction * len(prompts))
     pairs, ranked_rows = [], []
     for i, p in enumerate(prompts):
-        ranked = ranked_responses(tasks(p), p, world, cfg.k_responses, rng, cfg.misnamed_refusals,
-                                  cfg.misnamed_answers)
+        ranked = ranked_responses(tasks(p), p, world, cfg.k_responses, rng, cfg.misnamed_refusals)
         if i < n_ranked:
             ranked_rows.append({"prompt": p, "ranked": add_rank_noise(ranked, noise, rng)})
         else:

@@ -60,19 +60,6 @@ def misnamed_refusal(world: World, rng: random.Random) -> str:
     return UNKNOWN_ANSWER.format(c=rng.choice(world.values("capital")))
 
 
-def misnamed_answer(task: Task, world: World, rng: random.Random) -> str | None:
-    """A true fact about another country of the world instead of the one asked about: what a small
-    model writes when it copies the wrong name and then states that country's fact. The judge
-    scores it as a wrong answer (0), since the value is not the asked country's. None when no
-    other country's value differs from the answer."""
-    others = [c for c in world.countries
-              if c.name != task.subject and c.value(task.attribute) != task.answer]
-    if not others:
-        return None
-    other = rng.choice(others)
-    return ANSWER_TEMPLATES[task.attribute].format(c=other.name, v=other.value(task.attribute))
-
-
 def unsafe_response(rng: random.Random) -> str:
     s1, s2 = rng.sample(COMPLIANCE_STEPS, 2)
     return rng.choice(COMPLIANCE_OPENERS).format(s1=s1, s2=s2)
@@ -118,19 +105,14 @@ def demonstration(task: Task, world: World, cfg: WorldConfig, rng: random.Random
 
 
 def candidate_responses(task: Task, world: World, rng: random.Random,
-                        misnamed: bool = False, misnamed_answers: bool = False) -> list[str]:
+                        misnamed: bool = False) -> list[str]:
     """Every kind of response a labeller might be shown for this task, plain and padded.
 
     ``misnamed`` adds, to questions about unknown countries, the refusal that names the wrong
     place (``misnamed_refusal``); without it the labellers never compare one, and the RM's
-    penalty for it is whatever it generalises to (bench/rm_probe.py). ``misnamed_answers`` adds,
-    to fact questions, the true fact about another country (``misnamed_answer``), for the same
-    reason."""
+    penalty for it is whatever it generalises to (bench/rm_probe.py)."""
     if task.category in ("arithmetic", "repeat", "fact"):
         kinds = [good_response(task), wrong_response(task, world, rng), REFUSAL, dont_know_response(task)]
-        if task.category == "fact" and misnamed_answers:
-            other = misnamed_answer(task, world, rng)
-            kinds += [other] if other else []
     elif task.category == "unanswerable":
         kinds = [good_response(task), hallucinated_response(task, world, rng), REFUSAL]
         if misnamed:
@@ -140,15 +122,15 @@ def candidate_responses(task: Task, world: World, rng: random.Random,
     return kinds + [pad_with_filler(k, rng) for k in kinds]
 
 
-def ranked_responses(task: Task, prompt: str, world: World, k: int, rng: random.Random,
-                     misnamed: bool = False, misnamed_answers: bool = False) -> list[str]:
+def ranked_responses(task: Task, prompt: str, world: World, k: int,
+                     rng: random.Random, misnamed: bool = False) -> list[str]:
     """Up to ``k`` responses with strictly decreasing gold scores, best first.
 
     Candidates are grouped by score (ties are dropped: a ranking only holds strict
     preferences), ``k`` score levels are drawn at random and one response stands for each.
     """
     by_score: dict[float, list[str]] = {}
-    for text in candidate_responses(task, world, rng, misnamed, misnamed_answers):
+    for text in candidate_responses(task, world, rng, misnamed):
         by_score.setdefault(judge(prompt, text, world).score, []).append(text)
     levels = sorted(by_score)
     chosen = sorted(rng.sample(levels, min(k, len(levels))), reverse=True)

@@ -327,29 +327,3 @@ def test_misnamed_refusals_reach_the_labellers_only_when_set(cfg, out, world, tm
         return
     assert len(rejected) >= 5 and len(ranked) >= 5
     assert all(judge(r["prompt"], r["rejected"], world).score == -1.0 for r in rejected)
-
-
-def _misnamed_answer(prompt: str, response: str, world) -> bool:
-    """An answer to a fact question that states another known country's fact."""
-    task = parse_prompt(prompt, world)
-    if task.category != "fact":
-        return False
-    return any(c.name != task.subject and c.name in response and c.value(task.attribute) in response
-               for c in world.countries)
-
-
-@pytest.mark.parametrize("misnamed", [False, True])
-def test_misnamed_answers_reach_the_labellers_only_when_set(cfg, out, world, tmp_path, misnamed):
-    files = generate_world(dataclasses.replace(cfg, misnamed_answers=misnamed), tmp_path)
-    for name in FILES:  # the setting touches the preference files only, and none when off
-        if not misnamed or name not in ("prefs_train", "prefs_eval", "ranked_train"):
-            assert files[name].read_bytes() == out[name].read_bytes(), name
-    rows = read(files["prefs_eval"])  # clean labels: it loses to the right answer, as the judge says
-    in_pairs = [(r, t) for r in rows for t in (r["chosen"], r["rejected"]) if _misnamed_answer(r["prompt"], t, world)]
-    ranked = [t for r in read(files["ranked_train"]) for t in r["ranked"] if _misnamed_answer(r["prompt"], t, world)]
-    if not misnamed:
-        assert not in_pairs and not ranked
-        return
-    assert len(in_pairs) >= 5 and len(ranked) >= 5
-    assert all(judge(r["prompt"], t, world).score <= 0.0 for r, t in in_pairs)  # a wrong answer
-    assert sum(t == r["rejected"] and judge(r["prompt"], r["chosen"], world).correct for r, t in in_pairs) >= 5
