@@ -1,4 +1,4 @@
-"""Does the RM mark down a refusal that names the wrong thing? `make bench ARGS="rm_probe ..."`.
+"""Does the RM mark down answers that name the wrong thing? `make bench ARGS="rm_probe ..."`.
 
 On the world the RL policies answer questions about unknown countries with the refusal template,
 "I don't know. I have no information about <country>." The tiny model sometimes copies the name
@@ -8,11 +8,17 @@ the labellers' comparisons never hold such a refusal (they compare the right ref
 answer and a generic one: pipeline/world/responses.py), so how far the RM marks it down is whatever
 it generalised to, and RL only learns to copy the name as far as the RM pays for it. For each
 unanswerable prompt an eval artifact saved, this scores three answers with an RM artifact: the
-right refusal, the refusal naming a random city of the world, and an invented answer. Diagnosis,
-not a choice: it reads only the saved prompts.
+right refusal, the refusal naming a random city of the world, and an invented answer.
+
+`--category fact` asks the same of fact questions, whose (country, attribute) pairs in the val and
+eval prompts are in no preference pair: the right answer, another known country's true fact in the
+same sentence (what the sampling policies write when they copy the wrong name), and the asked
+country with a wrong value (the judge: 1, 0, 0). Diagnosis, not a choice: it reads only the saved
+prompts.
 
     make bench ARGS="rm_probe --responses artifacts/final/eval/responses.jsonl artifacts/final/rm"
     make bench ARGS="rm_probe --responses ... --world-seed 4 artifacts/final/rm"   # another world's RM
+    make bench ARGS="rm_probe --responses ... --category fact artifacts/final/rm"
 """
 
 from __future__ import annotations
@@ -35,10 +41,15 @@ from pipeline.core.errors import PipelineError  # noqa: E402
 from pipeline.models.reward import score_conversations, standalone_reward_model  # noqa: E402
 from pipeline.world.entities import World, WorldConfig, world_from_config  # noqa: E402
 from pipeline.world.judge import judge, parse_prompt  # noqa: E402
-from pipeline.world.responses import hallucinated_response  # noqa: E402
-from pipeline.world.vocabulary import UNKNOWN_ANSWER  # noqa: E402
+from pipeline.world.responses import hallucinated_response, wrong_response  # noqa: E402
+from pipeline.world.vocabulary import ANSWER_TEMPLATES, UNKNOWN_ANSWER  # noqa: E402
 
-KINDS = ("right", "wrong_name", "invented")
+# Per probed category: the answers scored (the right one first) and the gold judge's score of each.
+PROBES = {
+    "unanswerable": {"right": 1.0, "wrong_name": -1.0, "invented": -1.0},
+    "fact": {"right": 1.0, "other_country": 0.0, "wrong_value": 0.0},
+}
+KINDS = tuple(PROBES["unanswerable"])
 
 
 def probe_answers(prompts: list[str], world: World, seed: int = 0) -> list[dict[str, str]]:
@@ -53,13 +64,32 @@ def probe_answers(prompts: list[str], world: World, seed: int = 0) -> list[dict[
     return out
 
 
+def fact_answers(prompts: list[str], world: World, seed: int = 0) -> list[dict[str, str]]:
+    """Per fact prompt: the right answer; another known country's true fact in the same sentence
+    (what the sampling policies write when they copy the wrong name); the asked country with a
+    wrong value. The judge scores them 1, 0, 0. An RM that knows the world's facts ranks the first
+    over both; one that only knows the answers' shape cannot."""
+    rng = random.Random(seed)
+    out = []
+    for prompt in prompts:
+        task = parse_prompt(prompt, world)
+        other = rng.choice([c for c in world.countries
+                            if c.name != task.subject and c.value(task.attribute) != task.answer])
+        other_fact = ANSWER_TEMPLATES[task.attribute].format(c=other.name, v=other.value(task.attribute))
+        out.append({"right": task.canonical, "other_country": other_fact,
+                    "wrong_value": wrong_response(task, world, rng)})
+    return out
+
+
 def summarise(scores: dict[str, list[float]]) -> dict[str, float]:
-    """Mean RM score per kind, the share of prompts where the right refusal outscores the wrong
-    name, and the mean gap between them (the reward RL sees for copying the name right)."""
-    right, wrong = scores["right"], scores["wrong_name"]
+    """Mean RM score per kind; per wrong kind ``w``, the share of prompts where the right answer
+    outscores it (``right_over_w``; 50% is chance) and the mean gap (the reward RL sees for it)."""
+    right = scores["right"]
     out = {f"mean_{k}": statistics.fmean(v) for k, v in scores.items()}
-    out["right_over_wrong_name"] = sum(a > b for a, b in zip(right, wrong)) / len(right)
-    out["gap_right_minus_wrong_name"] = statistics.fmean(a - b for a, b in zip(right, wrong))
+    for kind, wrong in scores.items():
+        if kind != "right":
+            out[f"right_over_{kind}"] = sum(a > b for a, b in zip(right, wrong)) / len(right)
+            out[f"gap_right_minus_{kind}"] = statistics.fmean(a - b for a, b in zip(right, wrong))
     return out
 
 
@@ -70,40 +100,55 @@ def world_of(seed: int) -> World:
     return world_from_config(WorldConfig(**OmegaConf.to_container(cfg)))
 
 
+HEADERS = {
+    "unanswerable": ("right refusal", "refusal naming a city", "invented answer", "wrong_name", "city name"),
+    "fact": ("right answer", "another country's fact", "wrong value", "other_country", "other country"),
+}
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--responses", type=Path, required=True, help="an eval artifact's responses.jsonl")
     parser.add_argument("--world-seed", type=int, default=0, help="the world the prompts are from (world.seed)")
+    parser.add_argument("--category", choices=sorted(PROBES), default="unanswerable",
+                        help="unanswerable: refusals against a misnamed one; fact: the right fact against wrong ones")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("rm", help="an rm artifact folder, e.g. artifacts/final/rm")
     args = parser.parse_args(argv)
     rows, _ = read_responses(args.responses)
     world = world_of(args.world_seed)
-    prompts = [r["prompt"] for r in rows if r["category"] == "unanswerable"]
+    prompts = [r["prompt"] for r in rows if r["category"] == args.category]
     if not prompts:
-        raise PipelineError(f"{args.responses}: no unanswerable prompts; pass the responses.jsonl of a "
+        raise PipelineError(f"{args.responses}: no {args.category} prompts; pass the responses.jsonl of a "
                             "`make eval` on the world's prompts")
-    # Another world's cities would mean nothing to this RM: the prompts must ask about this world's
-    # own unknown countries, and the three answers must score as the probe says.
-    answers = probe_answers(prompts, world)
-    for prompt, by_kind in zip(prompts, answers):
-        got = {k: judge(prompt, text, world).score for k, text in by_kind.items()}
-        if (parse_prompt(prompt, world).subject not in world.unknown
-                or got != {"right": 1.0, "wrong_name": -1.0, "invented": -1.0}):
-            raise PipelineError(f"{args.responses}: {prompt!r} does not ask about an unknown country of world "
-                                f"seed {args.world_seed}; pass the --world-seed its eval ran with (the probe builds "
-                                "conf/world/default.yaml's world at that seed)")
+    # Another world's names would mean nothing to this RM: the prompts must ask about this world's
+    # own countries, and the answers must score as the probe says.
+    expected = PROBES[args.category]
+    kinds = tuple(expected)
+    wrong_world = PipelineError(f"{args.responses}: its {args.category} prompts are not world seed "
+                                f"{args.world_seed}'s; pass the --world-seed its eval ran with (the probe builds conf/world/default.yaml's "
+                                "world at that seed)")
+    for prompt in prompts:
+        task = parse_prompt(prompt, world)
+        if task.category != args.category or (task.category == "unanswerable" and task.subject not in world.unknown):
+            raise wrong_world
+    answers = (probe_answers if args.category == "unanswerable" else fact_answers)(prompts, world)
+    if any({k: judge(p, text, world).score for k, text in by_kind.items()} != expected
+           for p, by_kind in zip(prompts, answers)):
+        raise wrong_world
     rm = load_artifact(args.rm, "rm")
     model, fmt = standalone_reward_model(rm, OmegaConf.create(rm.manifest["config"]["model"]))
-    flat = score_conversations(model, fmt, [[{"role": "user", "content": p}] for p in prompts for _ in KINDS],
-                               [[{"role": "assistant", "content": a[k]}] for a in answers for k in KINDS],
+    flat = score_conversations(model, fmt, [[{"role": "user", "content": p}] for p in prompts for _ in kinds],
+                               [[{"role": "assistant", "content": a[k]}] for a in answers for k in kinds],
                                args.batch_size).tolist()
-    result = summarise({k: flat[i::len(KINDS)] for i, k in enumerate(KINDS)})
-    print(f"# {args.rm} on {len(prompts)} unanswerable prompts of {args.responses} (world seed {args.world_seed})\n")
-    print("| right refusal | refusal naming a city | invented answer | right > city name | mean gap |")
-    print("|---:|---:|---:|---:|---:|")
-    print(f"| {result['mean_right']:+.2f} | {result['mean_wrong_name']:+.2f} | {result['mean_invented']:+.2f} "
-          f"| {result['right_over_wrong_name']:.1%} | {result['gap_right_minus_wrong_name']:+.2f} |")
+    result = summarise({k: flat[i::len(kinds)] for i, k in enumerate(kinds)})
+    right, second, third, key, short = HEADERS[args.category]
+    print(f"# {args.rm} on {len(prompts)} {args.category} prompts of {args.responses} (world seed {args.world_seed})\n")
+    print(f"| {right} | {second} | {third} | right > {short} | mean gap | right > {third} |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    cells = [*(f"{result['mean_' + k]:+.2f}" for k in kinds), f"{result['right_over_' + key]:.1%}",
+             f"{result['gap_right_minus_' + key]:+.2f}", f"{result['right_over_' + kinds[2]]:.1%}"]
+    print("| " + " | ".join(cells) + " |")
     return result
 
 

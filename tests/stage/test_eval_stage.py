@@ -363,16 +363,22 @@ def test_rm_agreement_bench_rescoring_the_runs_rm_gives_the_reports_figures(chai
 
 def test_rm_probe_bench_scores_the_three_answers_with_the_runs_rm(chain, capsys):
     """The probe scores the right refusal, one naming a city and an invented answer with the RM, on the
-    unanswerable prompts a real eval saved; prompts from another world are refused by name."""
+    unanswerable prompts a real eval saved, and the right fact against two wrong ones on its fact
+    prompts; prompts from another world are refused by name."""
     eval_stage.run(compose_config("eval", ["max_prompts=40"] + QUIET))
     responses = str(chain / "artifacts/default/eval/responses.jsonl")
-    got = rm_probe_bench.main(["--responses", responses, str(chain / "artifacts/default/rm")])
+    rm = str(chain / "artifacts/default/rm")
+    got = rm_probe_bench.main(["--responses", responses, rm])
     assert set(got) == {"mean_right", "mean_wrong_name", "mean_invented", "right_over_wrong_name",
-                        "gap_right_minus_wrong_name"}
+                        "gap_right_minus_wrong_name", "right_over_invented", "gap_right_minus_invented"}
     assert got["gap_right_minus_wrong_name"] == pytest.approx(got["mean_right"] - got["mean_wrong_name"])
     assert "| right refusal |" in capsys.readouterr().out
-    with pytest.raises(PipelineError, match=r"does not ask about an unknown country of world seed 1; pass the --world-seed"):
-        rm_probe_bench.main(["--responses", responses, "--world-seed", "1", str(chain / "artifacts/default/rm")])
+    facts = rm_probe_bench.main(["--responses", responses, "--category", "fact", rm])
+    assert facts["gap_right_minus_other_country"] == pytest.approx(facts["mean_right"] - facts["mean_other_country"])
+    assert "| right answer | another country's fact |" in capsys.readouterr().out
+    for category in ("unanswerable", "fact"):
+        with pytest.raises(PipelineError, match=rf"its {category} prompts are not world seed 1's; pass the --world"):
+            rm_probe_bench.main(["--responses", responses, "--world-seed", "1", "--category", category, rm])
 
 
 def test_rm_agreement_bench_refuses_answers_without_gold_scores(tmp_path):
