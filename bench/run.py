@@ -21,7 +21,8 @@
 - rm_agreement: reward models against the gold judge by category, on the answers an eval artifact
                 saved (bench/rm_agreement.py): RM settings compared without an RL run each.
 - rm_probe:     how far an RM marks down a refusal that names a city of the world instead of the
-                unknown country asked about (bench/rm_probe.py), the hallucination RL policies learn.
+                unknown country asked about (bench/rm_probe.py), the hallucination RL policies learn;
+                `--category fact`: the right fact against another country's and a wrong value.
 - gpu:          the one-shot GPU bench (bench/gpu.py, on a card via bench/gpu_run.sh): peak memory of
                 sft / rm / ppo / grpo beside the memory model, decode ms/step against the bandwidth
                 floor, episodes/s of ppo, grpo and TRL 1.16's GRPOTrainer at the Llama-3-8B and
