@@ -49,11 +49,15 @@ PROBES = {
     "unanswerable": {"right": 1.0, "wrong_name": -1.0, "invented": -1.0},
     "fact": {"right": 1.0, "other_country": 0.0, "wrong_value": 0.0},
 }
-KINDS = tuple(PROBES["unanswerable"])
+# The printed table's column names, and the wrong kind its share and gap columns are about.
+HEADERS = {
+    "unanswerable": ("right refusal", "refusal naming a city", "invented answer", "wrong_name", "city name"),
+    "fact": ("right answer", "another country's fact", "wrong value", "other_country", "other country"),
+}
 
 
 def probe_answers(prompts: list[str], world: World, seed: int = 0) -> list[dict[str, str]]:
-    """Per unanswerable prompt, the three answers of ``KINDS``; the gold judge scores them 1, -1, -1."""
+    """Per unanswerable prompt, the three answers of ``PROBES["unanswerable"]``, scored as it says."""
     rng = random.Random(seed)
     out = []
     for prompt in prompts:
@@ -100,12 +104,6 @@ def world_of(seed: int) -> World:
     return world_from_config(WorldConfig(**OmegaConf.to_container(cfg)))
 
 
-HEADERS = {
-    "unanswerable": ("right refusal", "refusal naming a city", "invented answer", "wrong_name", "city name"),
-    "fact": ("right answer", "another country's fact", "wrong value", "other_country", "other country"),
-}
-
-
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--responses", type=Path, required=True, help="an eval artifact's responses.jsonl")
@@ -126,8 +124,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     expected = PROBES[args.category]
     kinds = tuple(expected)
     wrong_world = PipelineError(f"{args.responses}: its {args.category} prompts are not world seed "
-                                f"{args.world_seed}'s; pass the --world-seed its eval ran with (the probe builds conf/world/default.yaml's "
-                                "world at that seed)")
+                                f"{args.world_seed}'s; pass the --world-seed its eval ran with (the probe "
+                                "builds conf/world/default.yaml's world at that seed)")
     for prompt in prompts:
         task = parse_prompt(prompt, world)
         if task.category != args.category or (task.category == "unanswerable" and task.subject not in world.unknown):
