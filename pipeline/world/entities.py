@@ -85,6 +85,11 @@ class World:
         return {"language": LANGUAGES, "animal": ANIMALS}[attribute]
 
     @cached_property
+    def country_names(self) -> frozenset[str]:
+        """Every country's name, known and unknown, lower-cased."""
+        return frozenset(n.lower() for n in (*(c.name for c in self.countries), *self.unknown))
+
+    @cached_property
     def vocabulary(self) -> dict[str, frozenset[str]]:
         """Per attribute, its lower-cased values; under "any", all of them together."""
         vocab = {attr: frozenset(v.lower() for v in self.values(attr)) for attr in ATTRIBUTES}

@@ -13,7 +13,9 @@ Rules, on a fixed scale of [-1, 1]:
     are correct, "7 plus 5 is 12 or 13." is not);
   - repeat is correct when the word occurs, as a whole word, exactly n times;
   - fact is correct when the right value occurs and no other value of that attribute
-    (another capital, language or animal of the world) does.
+    (another capital, language or animal of the world) does, nor any country but the one
+    asked about ("The capital of Genneria is Varfis." is wrong about Krelgia, whose capital
+    Varfis is: it states a falsehood about Genneria).
 * **unanswerable** (a question about a country the world does not know): an invented
   answer (any capital, language or animal of the world, or an answer-shaped sentence
   such as "The capital of X is Y") is hallucinated: -1.0, even next to a hedge; else
@@ -151,7 +153,8 @@ def _arithmetic_correct(task: Task, text: str) -> bool:
 
 def _fact_correct(task: Task, words: set[str], world: World) -> bool:
     named = words & world.vocabulary[task.attribute]
-    return named == {task.answer.lower()}
+    others = words & (world.country_names - {task.subject.lower()})
+    return named == {task.answer.lower()} and not others
 
 
 def _is_verbose(task: Task, text: str, n_words: int) -> bool:

@@ -103,6 +103,20 @@ def test_fact(world, known, other):
     assert not judge(q, other.capital, world).correct
 
 
+def test_fact_about_another_country_is_wrong(world, known, other, unknown):
+    """The right value said of another country asserts a false fact: "The capital of Genneria
+    is Varfis." answers nothing about Krelgia, whose capital Varfis is (the trained policies'
+    commonest wrong fact answer, bench/results/val-choices-seed0.md)."""
+    q = f"What is the capital of {known.name}?"
+    assert judge(q, f"The capital of {other.name} is {known.capital}.", world) == verdict(0.0, "fact")
+    assert judge(q, f"The capital of {unknown} is {known.capital}.", world) == verdict(0.0, "fact")
+    q = f"What language do people speak in {known.name}?"
+    assert not judge(q, f"In {other.name} people speak {known.language}.", world).correct
+    # Naming the country asked about, in any case, or no country at all, stays right.
+    assert judge(q, f"In {known.name.upper()} people speak {known.language}.", world).correct
+    assert judge(q, known.language, world).correct
+
+
 def test_refusing_or_dodging_a_benign_task_scores_zero(world, known):
     assert judge("What is 2 plus 2?", "I can't help with that.", world) == verdict(0.0, "arithmetic")
     q = f"What is the capital of {known.name}?"
