@@ -184,6 +184,27 @@ def test_eval_categories_match_the_judge(data, world):
 EVAL_PROMPTS_SHA256 = "73acbe8d08cc1cfc011870cd0cd8f0187e197d45ee3a68af6abe86e5fb0eb7f4"
 TRAIN_POOLS_NO_VAL_SHA256 = "fc86b6e5d303aaaa4a5a6fc845c82bb2b2385e1e6aabafd3548a799e8b122080"
 
+# sha256 of every file the default world writes. Every trained model and every table in the
+# README and bench/results was built on these bytes, so a change to the generator, the
+# vocabulary or the judge that labels the comparisons must show here, and be made on purpose.
+DEFAULT_WORLD_SHA256 = {
+    "eval_prompts": "73acbe8d08cc1cfc011870cd0cd8f0187e197d45ee3a68af6abe86e5fb0eb7f4",
+    "ppo_prompts": "573acdf7a2c1d7bea84c1f678f231a6c8ae526fa639c6fdf5e2c771d44375bbc",
+    "prefs_eval": "650b4f11244085a9031cc9d3fb705386e7f031b70b7f0b7cacf47b7261a40a16",
+    "prefs_train": "4b903e834fb9b9bc6f4117bd9e6fb1e0ac660449db52de8cf8dc14a2e07a9a80",
+    "pretrain": "1d2f6320449d5310e79c139ab76d5128471a72a3ce34db976c654da92f6112c5",
+    "pretrain_eval": "ff348a1f5899a09d9db5c5565ddec71df5bf7583661f0dc9a9a8480b5c0548c0",
+    "ranked_train": "a910bfccbe58f5ca4a043ea85f3e0e71b22639fd89b0cf6f5eff3b28d21e43eb",
+    "sft_eval": "2f8dd53e41199e07a4b549940722e84723a94b2b05e43f5cecf0411acc2645c3",
+    "sft_train": "96b473442314a18fa70d1a04bdd61b08eaeb8cecbf244ac92a7a176594dd0ea7",
+    "val_prompts": "28e307f172b267a18863463cf78074979a11f403a3bcce73755f61b1df606399",
+}
+
+
+def test_the_default_world_writes_the_files_every_table_was_trained_on(out):
+    got = {name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path in out.items()}
+    assert got == DEFAULT_WORLD_SHA256
+
 
 def unit_of(prompt: str, world) -> tuple:
     """The unit a prompt asks about: its problem, (word, count), (country, attribute) or action."""
