@@ -142,6 +142,14 @@ def test_grpo_group_z_scores_and_dr_grpo_worked():
     assert equal_reward_groups(r, 4).item() == 0.5  # the second group carries no signal
 
 
+def test_grpo_two_samples_a_prompt_is_the_smallest_group():
+    # k = 2, rewards [1, 0]: centred [0.5, -0.5], unbiased std sqrt(0.5) = 0.7071 -> [0.7071, -0.7071]
+    z = 0.5 / (math.sqrt(0.5) + 1e-4)
+    torch.testing.assert_close(grpo_advantages(t64(1.0, 0.0)[0], 2, "group"), t64(z, -z)[0])
+    with pytest.raises(ValueError, match="k >= 2"):
+        grpo_advantages(torch.tensor([1.0, 0.0]), 1, "group")
+
+
 def test_grpo_batch_std_worked():
     """Lite PPO: the group mean removed, then divided by the std of every reward of the batch.
     r = [1, 2, 3, 6, 4, 4, 4, 4]: mean 3.5, squared deviations 6.25 + 2.25 + 0.25 + 6.25 + 4 x 0.25

@@ -17,6 +17,8 @@ def test_pearson_worked():
     # [1, 2, 3] vs [1, 3, 2]: cov = 0.5 * 2 / 3 ... r = 0.5
     assert health.pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0])) == pytest.approx(0.5)
     assert health.pearson(x, torch.ones(4)) == 0.0  # a constant: no correlation, not nan
+    # the scale does not matter: tiny spreads correlate as well as large ones
+    assert health.pearson(1e-3 * x, 1e-3 * x) == pytest.approx(1.0)
 
 
 def test_crossed_thresholds_warn_with_what_they_mean_and_abort_when_asked():
@@ -30,3 +32,5 @@ def test_crossed_thresholds_warn_with_what_they_mean_and_abort_when_asked():
     with pytest.raises(PipelineError, match=r"stopped at update 7: health/length_reward_corr .* checkpoint is kept"):
         health.check(metrics, thresholds, ["length_reward_corr"], 7, lines.append)
     health.check(metrics, thresholds, ["logprob_gap"], 7, lambda _: None)  # not crossed: no abort
+    # "above" is strict: a metric exactly at its threshold has not crossed it
+    assert health.crossed({"health/truncation_rate": 0.5}, thresholds) == []

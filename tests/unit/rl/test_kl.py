@@ -85,3 +85,16 @@ def test_fixed_kl_controller_and_factory():
         make_kl_controller("pid", 0.1, 6.0, 10000)
     with pytest.raises(ValueError):
         make_kl_controller("adaptive", 0.1, None, None)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "adaptive"])
+def test_a_zero_kl_coefficient_is_allowed_and_a_negative_one_is_refused(kind):
+    assert make_kl_controller(kind, 0.0, target=6.0, horizon=10000).value == 0.0  # beta = 0: no penalty
+    with pytest.raises(ValueError, match="must be >= 0, got -0.1"):
+        make_kl_controller(kind, -0.1, target=6.0, horizon=10000)
+
+
+@pytest.mark.parametrize("target, horizon", [(0.0, 10000), (6.0, 0.0), (-1.0, 10000), (None, 10000), (6.0, None)])
+def test_the_adaptive_controller_needs_a_positive_target_and_horizon(target, horizon):
+    with pytest.raises(ValueError, match="target and horizon"):
+        make_kl_controller("adaptive", 0.1, target=target, horizon=horizon)

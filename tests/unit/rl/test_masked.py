@@ -31,6 +31,10 @@ def test_masked_mean_dim_empty_row_and_nan_padding():
     # row means will be [2, 0]: nan in padding is ignored, an empty row gives 0
     torch.testing.assert_close(masked_mean(x, mask, dim=1), t64(2.0, 0.0)[0])
     assert masked_mean(x, mask).item() == pytest.approx(2.0)
+    # a row with one valid token has that token as its mean
+    torch.testing.assert_close(masked_mean(x, torch.tensor([[0, 1, 0], [1, 1, 0]]), dim=1), t64(3.0, 5.5)[0])
+    # two valid tokens [1, 3]: unbiased var = ((1 - 2)^2 + (3 - 2)^2) / 1 = 2
+    assert masked_var(x, mask).item() == pytest.approx(2.0)
     # a single valid token: unbiased variance falls back to 0 instead of 0 / 0
     assert masked_var(x, torch.tensor([[1, 0, 0], [0, 0, 0]])).item() == 0.0
 

@@ -36,6 +36,13 @@ def test_callable_sources_combine_as_a_weighted_sum():
     assert fn(["p"], ["one two three"], torch.tensor([3.0])).tolist() == [6.5]
 
 
+def test_interpolations_in_a_source_resolve_against_the_whole_config():
+    # e.g. a source's seed or weight taken from another group: `${world.seed}`
+    cfg = OmegaConf.create({"w": 2.0, "reward": {"normalize": True, "sources": {
+        "length": {"_target_": "tests.unit.rl.test_rewards_and_guards.length_reward", "weight": "${w}"}}}})
+    assert build_reward_fn(cfg.reward, RM_STATS)(["p"], ["one two three"], torch.zeros(1)).tolist() == [6.0]
+
+
 def test_a_class_target_is_instantiated_with_its_keys():
     sources = {"gold": {"_target_": "pipeline.world.reward.GoldJudgeReward", "weight": 1.0,
                         "seed": 0, "n_entities": 40, "n_unknown": 40}}
