@@ -38,6 +38,26 @@ def test_threads_and_the_machine_the_run_sits_on_do_not_change_the_hash():
     assert config_hash(other_data, [SFT_A]) != base
 
 
+def test_every_setting_that_trains_counts_and_only_the_listed_cadences_do_not():
+    base = config_hash(config(), [SFT_A])
+    algo = lambda name: {**config(), "algorithm": {"name": name}}  # noqa: E731
+    # short strings are settings, not paths: they must not be folded into `<root>`
+    assert config_hash(algo("grpo"), [SFT_A]) != config_hash(algo("rloo"), [SFT_A])
+    ppo = lambda **kw: {**config(), "ppo": {"total_updates": 80, "snapshot_every": 0, **kw}}  # noqa: E731
+    assert config_hash(ppo(total_updates=40), [SFT_A]) != config_hash(ppo(), [SFT_A])
+    assert config_hash(ppo(snapshot_every=10), [SFT_A]) == config_hash(ppo(), [SFT_A])
+    logging = config()
+    logging["train"]["logging_steps"] = 50
+    assert config_hash(logging, [SFT_A]) == base
+
+
+def test_the_order_keys_were_written_in_does_not_change_the_hash():
+    c = config()
+    reordered = {k: c[k] for k in reversed(list(c))}
+    reordered["train"] = {k: c["train"][k] for k in reversed(list(c["train"]))}
+    assert config_hash(reordered, [SFT_A]) == config_hash(c, [SFT_A])
+
+
 def test_a_checkpoint_on_another_parent_is_refused(tmp_path):
     work = tmp_path / ".work" / "rm"
     last, _ = TrainerCheckpoints(work, config(), "rm", [SFT_A]).start(resume=True)
