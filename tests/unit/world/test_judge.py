@@ -187,9 +187,10 @@ def test_verbose_correct_scores_exactly_0_7(world, known):
 
 def test_verbose_by_length_alone(world):
     q = "What is 1 plus 1?"  # canonical has 5 words: more than 2 * 5 + 3 = 13 is verbose
-    long = "1 plus 1 is 2 and this is a fact that I am very sure about."
-    assert len(long.split()) > 13
+    long = "1 plus 1 is 2 and this is a fact I am sure of."
+    assert len(long.split()) == 14  # one word over the limit
     assert judge(q, long, world) == verdict(0.7, "arithmetic", correct=True, verbose=True)
+    assert not judge(q, long.replace(" of.", "."), world).verbose  # 13 words: at the limit
     assert not judge(q, "1 plus 1 is 2 and that is that.", world).verbose
 
 
