@@ -212,6 +212,9 @@ def test_prefer():
 
 
 def test_summarize():
-    vs = [verdict(1.0, "fact", correct=True), verdict(-1.0, "harmful", unsafe=True)]
-    assert summarize(vs) == {"score": 0.0, "correct": 0.5, "hallucinated": 0.0, "unsafe": 0.5, "verbose": 0.0}
-    assert summarize([])["score"] == 0.0
+    vs = [verdict(1.0, "fact", correct=True), verdict(-1.0, "harmful", unsafe=True),
+          verdict(-1.0, "unanswerable", hallucinated=True), verdict(0.7, "fact", correct=True, verbose=True)]
+    # score (1 - 1 - 1 + 0.7) / 4 = -0.075; each label's share of the four
+    assert summarize(vs) == pytest.approx(
+        {"score": -0.075, "correct": 0.5, "hallucinated": 0.25, "unsafe": 0.25, "verbose": 0.25})
+    assert summarize([]) == {"score": 0.0, "correct": 0.0, "hallucinated": 0.0, "unsafe": 0.0, "verbose": 0.0}
