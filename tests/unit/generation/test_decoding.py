@@ -175,6 +175,11 @@ def test_generation_config_is_explicit(fmt):
 
 
 def test_generation_config_rejects_bad_settings(fmt):
+    generation_config(dec(max_new_tokens=1, num_beams=1), fmt)  # the smallest valid settings
+    with pytest.raises(ValueError, match="max_new_tokens=0 must be >= 1"):
+        generation_config(dec(max_new_tokens=0), fmt)
+    with pytest.raises(ValueError, match="num_beams=0 must be >= 1"):
+        generation_config(dec(num_beams=0), fmt)
     with pytest.raises(ValueError, match="temperature"):
         generation_config(dec(do_sample=True, temperature=0.0), fmt)
     with pytest.raises(ValueError, match="top_p"):
@@ -284,6 +289,9 @@ def test_batched_greedy_equals_one_prompt_at_a_time(model, fmt, batch):
         assert not mask[i, t:].any()
     texts = generate(model, fmt, CONVS, GREEDY, batch_size=len(PROMPTS), seed=None)
     assert texts == generate(model, fmt, CONVS, GREEDY, batch_size=2, seed=None)
+    assert texts == generate(model, fmt, CONVS, GREEDY, batch_size=1, seed=None)
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        generate(model, fmt, CONVS, GREEDY, batch_size=0, seed=None)
 
 
 def test_decode_stops_at_first_eos(tokenizer, fmt):
