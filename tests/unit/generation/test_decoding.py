@@ -184,6 +184,9 @@ def test_generation_config_rejects_bad_settings(fmt):
         generation_config(dec(do_sample=True, temperature=0.0), fmt)
     with pytest.raises(ValueError, match="top_p"):
         generation_config(dec(do_sample=True, top_p=0.0), fmt)
+    with pytest.raises(ValueError, match=r"top_p=1.5 must be in \(0, 1\]"):
+        generation_config(dec(do_sample=True, top_p=1.5), fmt)
+    generation_config(dec(do_sample=True, top_p=1.0), fmt)  # 1.0 = off, allowed
 
 
 def test_hub_generation_config_does_not_leak_through_the_loader(model, tokenizer, fmt, batch, tmp_path):
