@@ -10,7 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.core.errors import PipelineError
-from pipeline.eval.metrics import METRICS, category_scores, gold_metrics, stage_metrics, win_rate, win_rates
+from pipeline.eval.metrics import (METRICS, category_scores, gold_metrics, response_words, stage_metrics, win_rate,
+                                   win_rates)
 from pipeline.eval.plots import plot_category_scores, plot_rl_history, plot_stage_scores
 from pipeline.eval.intervals import rate_intervals, win_rate_intervals
 from pipeline.eval.report import build_report, flat_metrics, render_markdown, response_records
@@ -266,3 +267,8 @@ def test_pipeline_rejects_an_override_no_stage_has(root):
     with pytest.raises(PipelineError, match=r"trian\.max_steps"):
         compose_all(["base", "sft"], ["trian.max_steps=3"])
     assert compose_all(["base"], ["arch.hidden_size=32"])["base"].arch.hidden_size == 32
+
+
+def test_response_words_is_the_mean_word_count_even_for_one_response():
+    assert response_words(["I can't help with that."]) == 5.0
+    assert response_words(["a b", "c d e f"]) == 3.0 and response_words([]) == 0.0
