@@ -10,7 +10,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.core.errors import PipelineError
-from pipeline.data.chat import ChatTemplateError, ConversationError, chat_format, load_chat_format
+from pipeline.data.chat import (ChatTemplateError, ConversationError, chat_format, fold_system_turn,
+                                 load_chat_format)
 from pipeline.data.layouts import load_validated, preference_example, preference_rows, sft_example, sft_row, tokenized
 from tests.families import FAMILIES, build_family
 
@@ -214,6 +215,14 @@ def test_templates_without_a_system_role_get_it_folded_into_the_first_user_turn(
         text = fmt.tokenizer.decode(fmt.prompt_ids([SYSTEM, Q1]))
         assert "Be brief.\n\nWhat is 2 plus 3?" in text
     assert not any(formats[f].fold_system for f in ("qwen2.5", "llama3", "gpt2"))
+
+
+def test_folding_a_system_turn_that_no_user_turn_follows():
+    system, answer = {"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "5"}
+    assert fold_system_turn([system]) == [{"role": "user", "content": "Be brief."}]
+    # an assistant turn after the system turn stays the assistant's
+    assert fold_system_turn([system, answer]) == [{"role": "user", "content": "Be brief."}, answer]
+    assert fold_system_turn([answer]) == [answer] and fold_system_turn([]) == []
 
 
 def test_a_conversation_the_template_refuses_names_its_file_and_line(formats, tmp_path):
