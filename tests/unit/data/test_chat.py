@@ -185,6 +185,14 @@ def test_a_tokenizer_without_character_offsets_is_refused_naming_the_fix(familie
     assert "\n" not in str(e.value) and "tokenizer.json" in str(e.value)
 
 
+def test_a_pad_token_that_is_a_stop_token_is_refused(families):
+    tok = AutoTokenizer.from_pretrained(families["gemma"])  # its own pad token is no stop token
+    chat_format(tok)
+    tok.pad_token = tok.eos_token  # padding would then end every padded row's answer
+    with pytest.raises(ValueError, match="pad token must exist and be no stop token"):
+        chat_format(tok)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stop_set_and_a_pad_token_that_is_no_stop_token(formats, family):
     fmt = formats[family]
