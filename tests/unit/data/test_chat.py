@@ -279,6 +279,31 @@ def test_an_unusable_template_is_refused_in_one_line_naming_the_setting(families
         load_chat_format(str(families["qwen2.5"]), str(missing), False)
 
 
+def test_a_template_that_rewrites_earlier_answers_is_refused_at_that_turn(families):
+    # Reasoning templates (Qwen3, DeepSeek-R1) write earlier assistant turns differently once a later
+    # turn follows: the answer as trained on would then not be the text the mask was cut from.
+    tok = AutoTokenizer.from_pretrained(families["qwen2.5"])
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                         "{% if m['role'] == 'assistant' and not loop.last %}(earlier){% else %}{{ m['content'] }}"
+                         "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                         "{% endif %}")
+    fmt = chat_format(tok)
+    fmt.conversation([Q1, A1])  # one answer: nothing earlier to rewrite
+    with pytest.raises(ConversationError, match="prefix-consistently at turn 1"):
+        fmt.conversation([Q1, A1, Q2, A2])
+
+
+def test_a_saved_format_never_runs_the_folders_code(formats, monkeypatch, tmp_path):
+    from pipeline.data import chat
+    formats["qwen2.5"].save(tmp_path)
+    seen = []
+    real = chat.GenerationConfig.from_pretrained
+    monkeypatch.setattr(chat.GenerationConfig, "from_pretrained",
+                        lambda *a, **kw: seen.append(kw.get("trust_remote_code")) or real(*a, **kw))
+    chat.load_saved_chat_format(tmp_path)
+    assert seen == [False]  # a stage's own artifact folder is read with trust_remote_code off
+
+
 def test_model_chat_template_replaces_the_tokenizers_own(families, tmp_path):
     template = tmp_path / "mine.jinja"
     template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>"
