@@ -5,7 +5,7 @@ from transformers import AutoConfig, LlamaForCausalLM
 
 from pipeline.core.errors import PipelineError
 from pipeline.plan.arch import Arch, arch_of, count_params, read_arch
-from pipeline.plan.memory import lora_params
+from pipeline.plan.memory import linear_params, lora_params
 
 pytestmark = pytest.mark.unit
 
@@ -40,6 +40,15 @@ def test_lora_parameters_counted_by_hand():
     # Per layer, r x (in + out): q, o 2 x 16; k, v 2 x 12; gate, up, down 3 x 24 -> 128 r; 2 layers, r 2: 512.
     # (peft's all-linear LoRA on the model above has exactly 512 trainable parameters.)
     assert lora_params(arch_of("tiny", **TINY), 2) == 512
+    # Without a gate (GPT-2's MLP: up and down only) the MLP gives 2 x 24: 104 r per layer -> 416.
+    assert lora_params(arch_of("tiny", **TINY, gated=False), 2) == 416
+
+
+def test_adapted_linear_parameters_counted_by_hand():
+    # q, o 2 x 8 x 8 = 128; k, v 2 x 8 x 4 = 64; gate, up, down 3 x 8 x 16 = 384 -> 576 a layer, 1152;
+    # without the gate 2 x 128 = 256 -> 448 a layer, 896.
+    assert linear_params(arch_of("tiny", **TINY)) == 1152
+    assert linear_params(arch_of("tiny", **TINY, gated=False)) == 896
 
 
 def test_a_folder_without_config_is_refused_by_name(tmp_path):
