@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.plan.arch import Arch, arch_of
-from pipeline.plan.memory import GiB, ppo_breakdown, rm_breakdown, sft_breakdown
+from pipeline.plan.memory import GiB, folds, ppo_breakdown, rm_breakdown, sft_breakdown
 
 pytestmark = pytest.mark.unit
 
@@ -52,6 +52,17 @@ def test_ppo_worked_example():
     # Without a critic: three adapters, one trained.
     c = ppo_breakdown(TINY, **kw, fold="never", critic=False)
     assert (c["adapters"], c["optimizer"]) == (3 * 2048, 6144)
+
+
+def test_the_plan_folds_where_the_rl_stage_would():
+    # The adapter's share of the adapted layers' parameters against FOLD_SHARE = 0.1, fp32 bases only.
+    tiny = arch_of("tiny", layers=2, hidden=8, intermediate=16, heads=2, kv_heads=1, vocab=32, tied=True)
+    llama3 = arch_of("llama3", layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256,
+                     tied=False)
+    assert folds(tiny, 2)  # 512 / 1152 = 0.44
+    assert not folds(tiny, 2, weight_bytes=2)  # a bf16 base is never folded under auto
+    assert not folds(llama3, 16)  # 16 x 81920 x 32 / (218103808 x 32) = 0.006
+    assert folds(llama3, 16, fold="always") and not folds(tiny, 2, fold="never")
 
 
 def test_the_h200_measurements_are_where_the_model_says():
