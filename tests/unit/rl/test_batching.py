@@ -38,3 +38,13 @@ def test_minibatch_non_divisible_raises():
         minibatch_indices(10, 4, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="divide"):
         count_optimizer_steps(10, 4, 2)
+
+
+def test_sizes_of_one_are_the_smallest_and_zero_or_less_is_refused():
+    steps = count_optimizer_steps(1, 1, 1)
+    assert steps == 1 and isinstance(steps, int)  # a step count, not 1.0
+    for n, mb in ((0, 4), (4, 0), (-4, 4), (4, -4)):
+        with pytest.raises(ValueError, match="sizes must be positive"):
+            count_optimizer_steps(n, mb, 1)
+    with pytest.raises(ValueError, match="ppo_epochs must be positive, got 0"):
+        count_optimizer_steps(4, 4, 0)
