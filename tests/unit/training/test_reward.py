@@ -15,7 +15,9 @@ def test_pairwise_accuracy_and_margin_worked_example():
     assert m["accuracy"] == 0.5
     assert m["margin_mean"] == pytest.approx((1.0 - 0.5 + 2.0 + 0.0) / 4)
     assert m["chosen_mean"] == pytest.approx(1.125)
-    assert m["rejected_std"] == pytest.approx(torch.tensor([0.0, 0.5, 1.0, 0.5]).std(unbiased=False).item())
+    # population spreads: chosen var (0.0156 + 1.2656 + 3.5156 + 0.3906) / 4 = 1.296875; rejected 0.5 / 4
+    assert m["chosen_std"] == pytest.approx(1.296875 ** 0.5) and m["rejected_mean"] == pytest.approx(0.5)
+    assert m["rejected_std"] == pytest.approx(0.125 ** 0.5)
 
 
 def test_reward_stats_guard_zero_std():
