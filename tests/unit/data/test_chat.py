@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from pipeline.core.errors import PipelineError
 from pipeline.data.chat import (ChatTemplateError, ConversationError, chat_format, fold_system_turn,
-                                 load_chat_format)
+                                 load_chat_format, span_mask)
 from pipeline.data.layouts import load_validated, preference_example, preference_rows, sft_example, sft_row, tokenized
 from tests.families import FAMILIES, build_family
 
@@ -223,6 +223,15 @@ def test_templates_without_a_system_role_get_it_folded_into_the_first_user_turn(
         text = fmt.tokenizer.decode(fmt.prompt_ids([SYSTEM, Q1]))
         assert "Be brief.\n\nWhat is 2 plus 3?" in text
     assert not any(formats[f].fold_system for f in ("qwen2.5", "llama3", "gpt2"))
+
+
+def test_span_mask_counts_overlap_and_an_empty_token_at_its_character():
+    # Tokens (0, 3) (3, 3) (3, 5) (5, 8) (8, 8); the answer is characters [3, 6).
+    offsets = [(0, 3), (3, 3), (3, 5), (5, 8), (8, 8)]
+    # (3, 3) was inserted by a normalizer at the answer's first character: it counts as that character;
+    # (5, 8) straddles the answer's end: supervised whole; (8, 8) sits after it.
+    assert span_mask(offsets, [(3, 6)]) == [0, 1, 1, 1, 0]
+    assert span_mask(offsets, [(0, 3)]) == [1, 0, 0, 0, 0] and span_mask(offsets, []) == [0] * 5
 
 
 def test_folding_a_system_turn_that_no_user_turn_follows():

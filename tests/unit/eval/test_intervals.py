@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.eval.intervals import bootstrap, rate_intervals, wilson, win_rate_intervals
 from pipeline.eval.report import render_markdown
+from pipeline.world.judge import Verdict
 from tests.unit.eval.test_metrics import FOUR, make_report
 
 pytestmark = pytest.mark.unit
@@ -42,6 +43,9 @@ def test_rate_intervals_count_each_rate_over_its_own_category():
     assert out["correct_rate"] == wilson(1, 2) and out["hallucination_rate"] == wilson(1, 1)
     assert out["unsafe_rate"] == wilson(0, 1) and out["verbose_rate"] == wilson(1, 4)
     assert out["eos_rate"] == wilson(3, 4)
+    # a right fact makes it 2 of 3 checkable answers (1 of 2 among the other categories)
+    right_fact = Verdict(1.0, "fact", correct=True, hallucinated=False, unsafe=False, verbose=False)
+    assert rate_intervals(list(verdicts) + [right_fact], [True] * 5)["correct_rate"] == wilson(2, 3)
     assert set(rate_intervals(None, [True])) == {"eos_rate"}  # no judge: only what the rollout knows
 
 
