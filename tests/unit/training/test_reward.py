@@ -25,6 +25,8 @@ def test_reward_stats_guard_zero_std():
     assert reward_stats(torch.tensor([2.0, 2.0])) == {"reward_mean": 2.0, "reward_std": 1.0}
     # [1, 5]: mean 3, population std 2 (not the fallback value, so a guard that always fires fails)
     assert reward_stats(torch.tensor([1.0, 5.0])) == {"reward_mean": 3.0, "reward_std": 2.0}
+    # a small spread is kept too: only a zero (or non-finite) std falls back
+    assert reward_stats(torch.tensor([1.0, 2.0])) == {"reward_mean": 1.5, "reward_std": 0.5}
 
 
 def test_sampler_keeps_a_prompts_pairs_adjacent_and_shuffles_prompts():
