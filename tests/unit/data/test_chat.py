@@ -207,6 +207,14 @@ def test_stop_set_and_a_pad_token_that_is_no_stop_token(formats, family):
     assert tok.convert_ids_to_tokens(scored[-1]) == END_OF_TURN[family]
 
 
+def test_a_conversation_with_no_answer_is_scored_whole(formats):
+    # No answer token to cut after: the RM reads every id, rather than an empty or clipped sequence.
+    fmt = formats["qwen2.5"]
+    ids, mask = fmt.conversation([Q1])
+    assert not any(mask)
+    assert fmt.scored_ids([Q1], []) == ids
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_stop_set_survives_saving_beside_an_adapter(formats, family, tmp_path):
     from pipeline.data.chat import load_saved_chat_format

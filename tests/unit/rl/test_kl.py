@@ -98,3 +98,9 @@ def test_a_zero_kl_coefficient_is_allowed_and_a_negative_one_is_refused(kind):
 def test_the_adaptive_controller_needs_a_positive_target_and_horizon(target, horizon):
     with pytest.raises(ValueError, match="target and horizon"):
         make_kl_controller("adaptive", 0.1, target=target, horizon=horizon)
+
+
+def test_the_adaptive_controller_accepts_a_target_and_horizon_under_one():
+    ctl = make_kl_controller("adaptive", 0.1, target=0.5, horizon=0.5)
+    ctl.update(current_kl=0.5, n_steps=1)  # on target: e = 0, the coefficient stays
+    assert ctl.value == pytest.approx(0.1)
