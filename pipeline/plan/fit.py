@@ -138,8 +138,7 @@ def fit_ppo(cfg: DictConfig, base: str, prompt: int, ranks: tuple[int, int]) -> 
     card, source = the_card(cfg.gpu_memory)
     cuda = cuda_memory()
     s = settings("ppo", cfg, on_gpu=cuda is not None, prompt=prompt, ranks=ranks)
-    needs_arch = card is not None or (cuda is not None and "auto" in (s.kw["micro"], s.kw["gen"]))
-    arch = read_arch(base) if needs_arch else None
+    arch = read_arch(base) if card is not None else None  # a CUDA device is a card too (the_card)
     room = None if cuda is None else min(cuda[0] - MARGIN * cuda[1], budget(card) if card else math.inf)
     s, notes = resolve_auto(arch, s, room)
     warning = check_fits(arch, s, card, source)

@@ -39,6 +39,9 @@ def test_auto_takes_the_largest_divisor_that_fits():
     # An explicit value stays; without a CUDA device auto takes the minibatch and the rollout batch, and says so.
     s, notes = resolve_auto(None, ppo_settings("auto", 4, minibatch=4), room=None)
     assert (s.kw["micro"], s.kw["gen"]) == (4, 4) and "no CUDA device" in notes[0]
+    # Nothing fits: 1 and 1, which check_fits then refuses by name when there is a card.
+    s, _ = resolve_auto(TINY, ppo_settings("auto", "auto"), room=1)
+    assert (s.kw["micro"], s.kw["gen"]) == (1, 1)
 
 
 def test_auto_micro_follows_a_small_minibatch():
@@ -89,8 +92,10 @@ def test_an_unfit_configuration_is_refused_in_one_line_with_what_fits():
                        "ppo.micro_batch_size=2 (33.66 KiB) (`make plan` lists every option)")
     with pytest.raises(ConfigError, match="nothing fits: weights, adapters and optimizer alone take 25.66 KiB"):
         check_fits(TINY, s, 20000, "gpu_memory=20000")
-    # Over the budget but under the card: a warning, not a refusal.
+    # Over the budget but under the card: a warning, not a refusal; on either boundary the lower side.
     assert "within 10% of the card's" in check_fits(TINY, ppo_settings(2, 8), 37000, "x")
+    assert check_fits(TINY, ppo_settings(2, 8), 40000, "x") is None  # peak 36000 = the budget
+    assert "within 10% of the card's" in check_fits(TINY, ppo_settings(2, 8), 36000, "x")  # = the card
 
 
 def test_the_rl_stage_refuses_an_unfit_config_before_loading(tmp_path, capsys):
@@ -115,3 +120,69 @@ def test_the_rl_stage_refuses_an_unfit_config_before_loading(tmp_path, capsys):
     ppo = fit_to_card(cfg, folder, (16, 16), fmt, rows)
     assert (ppo.micro_batch_size, ppo.generation_batch_size, ppo.seed) == (32, 64, cfg.seed)
     assert "ppo.micro_batch_size=auto -> 32" in capsys.readouterr().out
+    # With no card to fit, the base's config.json is never read: a hub id need not be reachable.
+    ppo = fit_to_card(cfg, str(tmp_path / "not-downloaded"), (16, 16), fmt, rows)
+    assert (ppo.micro_batch_size, ppo.generation_batch_size) == (32, 64)
+
+
+def _gpu(monkeypatch, free: int, total: int) -> None:
+    """Make the plan read a CUDA device with ``free`` of ``total`` bytes: the one hardware query
+    (torch.cuda.mem_get_info) a CPU machine cannot answer; everything else runs as on a GPU."""
+    import pipeline.plan.card as card
+    import pipeline.plan.fit as fit_module
+    for module in (card, fit_module):
+        monkeypatch.setattr(module, "cuda_memory", lambda: (free, total))
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    from tests.families import build_family
+    from tests.unit.data.test_families import CORPUS
+    return str(build_family("llama3", tmp_path_factory.mktemp("llama3"), CORPUS))
+
+
+def test_on_a_gpu_auto_fills_the_free_memory_less_the_margin_and_within_gpu_memory(monkeypatch, llama3):
+    from pipeline.plan.arch import read_arch
+    from pipeline.plan.fit import fit_ppo
+    from pipeline.plan.memory import breakdown
+
+    cfg = compose_config("ppo", ["ppo.micro_batch_size=auto", "ppo.generation_batch_size=16"])
+    arch, total = read_arch(llama3), 10 ** 9
+    s = settings("ppo", cfg, on_gpu=True, prompt=20, ranks=(16, 16)).with_(gen=16)
+    need = {m: breakdown("ppo", arch, **s.with_(micro=m).kw) for m in divisors(32)}
+    need = {m: b["static"] + b["training"] for m, b in need.items()}
+    # Free memory that leaves exactly micro 8's need once 10% of the card is kept back: 8, not 16.
+    _gpu(monkeypatch, free=int(need[8] + 0.1 * total) + 1, total=total)
+    ppo, notes = fit_ppo(cfg, llama3, prompt=20, ranks=(16, 16))
+    assert (ppo.micro_batch_size, ppo.generation_batch_size) == (8, 16)
+    assert notes[0].startswith("ppo: ppo.micro_batch_size=auto -> 8 (the largest that fit ")
+    # gpu_memory smaller than the device: its budget (90% of it) binds instead, micro 4.
+    card = int(need[4] / 0.9) + 1
+    ppo, _ = fit_ppo(compose_config("ppo", ["ppo.micro_batch_size=auto", "ppo.generation_batch_size=16",
+                                            f"gpu_memory={card}"]), llama3, prompt=20, ranks=(16, 16))
+    assert ppo.micro_batch_size == 4
+
+
+def test_sft_and_rm_are_planned_with_16_bit_activations_on_a_gpu(monkeypatch, llama3):
+    from pipeline.plan.arch import read_arch
+    from pipeline.plan.fit import fit_train
+    from pipeline.plan.memory import breakdown
+
+    arch = read_arch(llama3)
+    peak = {gpu: breakdown("sft", arch, **settings("sft", compose_config("sft"), on_gpu=gpu).kw)["peak"]
+            for gpu in (False, True)}
+    assert peak[True] < peak[False]  # precision auto: fp32 activations on CPU, 16-bit on a GPU
+    card = int((peak[True] + peak[False]) / 2 / 0.9)  # fits with 16-bit activations, not with fp32
+    cfg = compose_config("sft", [f"gpu_memory={card}"])
+    with pytest.raises(ConfigError, match="does not fit the card's"):
+        fit_train("sft", cfg, llama3)  # this machine: no CUDA device
+    _gpu(monkeypatch, free=card, total=card)
+    assert fit_train("sft", cfg, llama3) is None
+    # No gpu_memory: the device's total is the card; nothing is checked without one.
+    small = int(peak[True] / 2)
+    _gpu(monkeypatch, free=small, total=small)
+    with pytest.raises(ConfigError, match=r"\(the CUDA device's total\)"):
+        fit_train("sft", compose_config("sft"), llama3)
+    monkeypatch.setattr("pipeline.plan.card.cuda_memory", lambda: None)
+    monkeypatch.setattr("pipeline.plan.fit.cuda_memory", lambda: None)
+    assert fit_train("sft", compose_config("sft"), llama3) is None
