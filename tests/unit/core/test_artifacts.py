@@ -169,3 +169,74 @@ def test_an_adapter_on_a_rebuilt_parent_is_refused(tmp_path):
     write_artifact(tmp_path, "base", "v2", config={"k": 2})  # `make base` again: new weights
     with pytest.raises(ArtifactError, match=r"Re-run `make sft` to rebuild it on this base"):
         base_source_for(sft)
+
+
+def test_up_to_date_tells_a_root_from_a_child(tmp_path):
+    base = write_artifact(tmp_path, "base", "v1")
+    assert is_up_to_date(tmp_path, "base", {"k": 1}, None)
+    assert not is_up_to_date(tmp_path, "base", {"k": 1}, base)  # built as a root, asked with a parent
+    write_artifact(tmp_path, "sft", "s", parent=base)
+    assert not is_up_to_date(tmp_path, "sft", {"k": 1}, None)  # built on a parent, asked as a root
+    assert not is_up_to_date(tmp_path, "rm", {"k": 1}, None)  # nothing there
+
+
+def test_the_checksum_names_the_content_not_the_order_of_the_manifest(tmp_path):
+    from pipeline.core.artifacts import Artifact
+
+    art = write_artifact(tmp_path, "base", "v1")
+    files = art.manifest["files"]
+    shuffled = {**art.manifest, "files": dict(reversed(list(files.items())))}
+    assert list(shuffled["files"]) != list(files)
+    assert Artifact("base", art.path, shuffled).checksum == art.checksum
+    changed = {**art.manifest, "files": {**files, "weights.bin": "0" * 64}}
+    assert Artifact("base", art.path, changed).checksum != art.checksum
+
+
+def test_stages_write_into_a_run_folder_that_does_not_exist_yet(tmp_path):
+    run = tmp_path / "runs" / "new"
+    base = write_artifact(run, "base", "v1")
+    write_artifact(run, "sft", "s", parent=base)  # the folder exists now
+    assert sorted(p.name for p in run.iterdir()) == ["base", "sft"]
+
+
+def test_a_live_runs_staging_folder_is_left_alone_and_a_dead_ones_removed(tmp_path):
+    live = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        for proc in (live, dead):
+            (tmp_path / f".base.staging-{proc.pid}").mkdir()
+        write_artifact(tmp_path, "base", "v1")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base", f".base.staging-{live.pid}"])
+        assert live.poll() is None  # probed for life, never signalled
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_process_of_another_user_counts_as_alive(monkeypatch):
+    from pipeline.core import artifacts
+
+    def refuse(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(artifacts.os, "kill", refuse)  # what kill(pid, 0) says of another user's process
+    assert artifacts._alive(12345)
+
+
+def test_the_manifest_names_the_commit_and_marks_local_edits(tmp_path):
+    from pipeline.core.artifacts import git_commit
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == "unknown"  # not a checkout
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("a = 1\n")
+    git("add", "f.py")
+    git("commit", "-qm", "one")
+    sha = git("rev-parse", "HEAD")
+    assert git_commit(tmp_path) == sha
+    (tmp_path / "notes.txt").write_text("untracked files are not edits")
+    assert git_commit(tmp_path) == sha
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert git_commit(tmp_path) == sha + "-dirty"

@@ -68,3 +68,30 @@ def test_a_checkpoint_on_another_parent_is_refused(tmp_path):
     assert last == work / "checkpoint-10"  # same config and parent: resumes
     with pytest.raises(PipelineError, match="different config or parents"):
         TrainerCheckpoints(work, config(), "rm", [SFT_B]).start(resume=True)
+
+
+def test_a_checkpoint_counts_only_with_its_run_record_and_marker(tmp_path):
+    work = tmp_path / ".work" / "sft"
+    _, first_id = TrainerCheckpoints(work, config(), "sft", [SFT_A]).start(resume=True)
+    (work / "checkpoint-5").mkdir()  # killed mid-save: no completion marker
+    last, run_id = TrainerCheckpoints(work, config(), "sft", [SFT_A]).start(resume=True)
+    assert last is None and run_id != first_id and not (work / "checkpoint-5").exists()  # started over
+    (work / "checkpoint-5").mkdir()
+    (work / "checkpoint-5" / COMPLETE).write_text("{}")
+    (work / "run.json").unlink()  # a checkpoint whose config nobody recorded cannot be trusted
+    last, _ = TrainerCheckpoints(work, config(), "sft", [SFT_A]).start(resume=True)
+    assert last is None and not (work / "checkpoint-5").exists()
+
+
+def test_mark_complete_writes_the_marker_from_the_main_process_only(tmp_path):
+    from transformers import TrainerState, TrainingArguments
+
+    from pipeline.training.resume import MarkComplete
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    for main, step in ((True, 7), (False, 9)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        MarkComplete().on_save(args, TrainerState(global_step=step, is_world_process_zero=main), None)
+    assert (tmp_path / "checkpoint-7" / COMPLETE).read_text() == '{"step": 7}'
+    assert not (tmp_path / "checkpoint-9" / COMPLETE).exists()
+    TrainerCheckpoints(tmp_path / "never-made", config(), "sft").remove()  # a run too short to checkpoint
