@@ -12,8 +12,10 @@ from pipeline.data.layouts import (
     load_validated,
     margin_preference_rows,
     parse_transcript,
+    preference_example,
     preference_rows,
     prompt_row,
+    prompt_text,
     sft_row,
     split_shared_prefix,
 )
@@ -22,6 +24,14 @@ pytestmark = pytest.mark.unit
 
 USER = {"role": "user", "content": "What is 2 plus 3?"}
 ANSWER = {"role": "assistant", "content": "2 plus 3 is 5."}
+
+
+@pytest.fixture(scope="module")
+def families_fmt(tmp_path_factory):
+    from pipeline.data.chat import load_chat_format
+    from tests.families import build_family
+    from tests.unit.data.test_families import CORPUS
+    return load_chat_format(str(build_family("llama3", tmp_path_factory.mktemp("llama3"), CORPUS)), None, False)
 
 
 def write_jsonl(path, rows):
@@ -51,6 +61,10 @@ def test_alpaca_input_is_appended_to_the_instruction():
     ({"prompt": "hi"}, "field `completion` is missing"),
     ({"instruction": "hi", "output": 3}, "field `output` must be a string"),
     ({"text": "hi"}, "field `messages` is missing"),
+    ({"messages": []}, "field `messages` must be a non-empty list"),
+    ({"messages": [{"role": "system", "content": "Be brief."}, ANSWER]}, "field `messages` has no user turn"),
+    ({"instruction": "hi"}, "field `output` is missing"),
+    ({"output": "hi"}, "field `instruction` is missing"),
 ])
 def test_malformed_sft_row_names_file_line_and_field(tmp_path, bad, where):
     path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [USER, ANSWER]}, bad])
@@ -145,8 +159,22 @@ def test_prompts_as_messages_with_a_system_turn_and_several_turns():
     convo = [system, USER, ANSWER, {"role": "user", "content": "And 3 plus 4?"}]
     assert prompt_row({"prompt": convo})[0]["messages"] == convo
     assert prompt_row({"messages": convo})[0]["messages"] == convo
-    with pytest.raises(Exception, match=r"must be 'user'"):  # a prompt ends with the turn to answer
+    with pytest.raises(RowError, match=r"prompt\[1\]\.role.*must be 'user'"):  # a prompt ends with the turn to answer
         prompt_row({"prompt": [USER, ANSWER]})
+    with pytest.raises(RowError, match=r"messages\[4\]\.role"):
+        prompt_row({"messages": convo + [ANSWER]})
+    # What a reward callable and the report see of a prompt: its last user turn.
+    assert prompt_text(convo) == "And 3 plus 4?" and prompt_text("q") == "q"
+
+
+def test_a_pair_keeps_its_other_columns_and_leaves_its_texts_behind(families_fmt):
+    pair = {"prompt": [USER], "chosen": [ANSWER], "rejected": [{"role": "assistant", "content": "7."}],
+            "margin": 2.0, "category": "fact"}
+    example = preference_example(families_fmt, pair)
+    assert {k: example[k] for k in ("margin", "category")} == {"margin": 2.0, "category": "fact"}
+    assert not {"prompt", "chosen", "rejected"} & set(example)
+    assert example["chosen_ids"] != example["rejected_ids"]
+    assert example["chosen_ids"][: len(example["prompt_ids"])] == example["prompt_ids"]
 
 
 # --- public layouts as they ship -------------------------------------------------------------
@@ -168,6 +196,7 @@ def test_hh_rlhf_transcripts_become_a_multi_turn_prompt_and_two_answers():
 
 @pytest.mark.parametrize("text, problem", [
     ("just some text", "not an HH-RLHF transcript"),
+    ("Preamble." + HH_CHOSEN, "not an HH-RLHF transcript"),  # text before the first turn is never dropped
     ("\n\nHuman: hi\n\nAssistant:", "turn 1 (Assistant) is empty"),
 ])
 def test_malformed_transcripts_are_named(tmp_path, text, problem):
