@@ -244,3 +244,34 @@ def test_the_curve_plot_has_a_panel_per_scorer_present(tmp_path):
     assert curves["ppo"]["origin"] is None  # SFT not evaluated: no point at 0
     path = plot_curves(curves, tmp_path / "overoptimisation.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_rl_artifact_without_snapshots_lists_none():
+    from pipeline.core.artifacts import Artifact
+    from pipeline.eval.curve import snapshots_of
+
+    for metrics in ({}, {"snapshots": None}):
+        assert snapshots_of(Artifact("ppo", Path("."), {"metrics": metrics})) == []
+    entries = [{"update": 4}, {"update": 2}]
+    assert snapshots_of(Artifact("ppo", Path("."), {"metrics": {"snapshots": entries}})) == [{"update": 2},
+                                                                                             {"update": 4}]
+
+
+def test_removing_the_snapshots_keeps_another_stages_work_folder(tmp_path):
+    work = tmp_path / ".work"
+    (work / "ppo" / "snapshots" / "update-000002").mkdir(parents=True)
+    (work / "ppo" / "checkpoint-2").mkdir()  # the stage's own checkpoints, removed separately
+    Snapshots(work / "ppo" / "snapshots", 2, resumed_at=2).remove()
+    assert [p.name for p in (work / "ppo").iterdir()] == ["checkpoint-2"]
+    Snapshots(work / "never" / "snapshots", None, resumed_at=0).remove()  # snapshots off: nothing to remove
+    (work / "ppo" / "snapshots" / "update-000002").mkdir(parents=True)
+    Snapshots(work / "ppo" / "snapshots", 2, resumed_at=0, main=False).remove()  # only the main process removes
+    assert (work / "ppo" / "snapshots" / "update-000002").is_dir()
+
+
+def test_a_snapshot_after_the_first_update_carries_that_updates_kl(tmp_path):
+    snaps = Snapshots(tmp_path / "snapshots", 1, resumed_at=0)
+    snaps.maybe_save(1, SimpleNamespace(peft=FakePeft()))
+    history = [{"objective/kl": 0.25, "objective/scores": 1.5}]
+    (entry,) = snaps.copy_into(tmp_path / "artifact", history)["snapshots"]
+    assert entry == {"update": 1, "path": "snapshots/update-000001", "kl": 0.25, "score": 1.5}

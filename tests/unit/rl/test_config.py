@@ -85,3 +85,9 @@ def test_a_negative_learning_rate_is_refused_before_any_model_loads(stage, root)
     key = "ppo.learning_rate" if stage == "ppo" else "train.learning_rate"
     with pytest.raises(ConfigError, match=f"{key}=-0.1 must be > 0"):
         importlib.import_module(f"stages.{stage}").run(compose_config(stage, [f"{key}=-0.1", "logger=none"]))
+
+
+def test_a_health_threshold_of_zero_is_allowed_and_a_negative_one_is_refused():
+    check_config(compose_config("ppo", ["health.thresholds.truncation_rate=0"]))  # warn on any truncation
+    with pytest.raises(ConfigError, match=r"health.thresholds.truncation_rate=-0.1 must be >= 0"):
+        check_config(compose_config("ppo", ["health.thresholds.truncation_rate=-0.1"]))
