@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.rl.logprobs import logprobs_from_logits
-from pipeline.rl.rollout import by_length, cumulative, draw, first_fit, pack, row_width
+from pipeline.rl.rollout import Rollout, by_length, cumulative, draw, first_fit, pack, row_width
 
 pytestmark = pytest.mark.unit
 
@@ -143,3 +143,37 @@ def test_draw_never_picks_a_token_of_probability_zero_at_the_interval_edges(monk
         monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kw: torch.full(shape, u, dtype=kw.get("dtype")))
         token, logp, _ = draw(logits, temperature=1.0)
         assert token.item() == (1 if u == 0.0 else 3) and logp.item() == pytest.approx(math.log(0.5))
+
+
+def _rollout() -> Rollout:
+    """Two rows: prompts of 2 and 1 tokens left-padded to 4, responses of 3 and 1 tokens right-padded to 4."""
+    q = torch.tensor([[0, 0, 5, 6], [0, 0, 0, 7]])
+    r_mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    per_token = torch.arange(8.0).view(2, 4)
+    return Rollout(query_ids=q, query_mask=(q != 0).long(), response_ids=torch.tensor([[8, 9, 2, 0], [3, 0, 0, 0]]),
+                   response_mask=r_mask, logprobs=per_token, ref_logprobs=per_token + 10, entropy=per_token * 0,
+                   scores=torch.tensor([1.0, 2.0]), rm_scores=torch.tensor([0.5, 0.25]), advantages=per_token - 1)
+
+
+def test_trimmed_drops_only_the_columns_that_are_padding_in_every_row():
+    t = _rollout().trimmed()
+    assert t.query_ids.tolist() == [[5, 6], [0, 7]]  # two leading pad columns go, the ragged one stays
+    assert t.query_mask.tolist() == [[1, 1], [0, 1]]
+    assert t.response_ids.tolist() == [[8, 9, 2], [3, 0, 0]]  # through the longest response, inclusive
+    assert t.logprobs.tolist() == [[0.0, 1.0, 2.0], [4.0, 5.0, 6.0]]
+    assert t.ref_logprobs.tolist() == [[10.0, 11.0, 12.0], [14.0, 15.0, 16.0]]
+    assert t.advantages.tolist() == [[-1.0, 0.0, 1.0], [3.0, 4.0, 5.0]]
+    assert t.scores.tolist() == [1.0, 2.0] and t.values is None and t.kl is None  # per-sequence and absent fields stay
+
+
+def test_select_takes_rows_of_every_field_and_keeps_absent_ones_absent():
+    s = _rollout().select(torch.tensor([1]))
+    assert s.query_ids.tolist() == [[0, 0, 0, 7]] and s.scores.tolist() == [2.0] and s.rm_scores.tolist() == [0.25]
+    assert s.values is None and s.returns is None and s.advantages.tolist() == [[3.0, 4.0, 5.0, 6.0]]
+
+
+def test_gather_reads_per_token_outputs_of_any_trailing_shape_at_flat_indices():
+    p = pack(torch.tensor([[4, 5]]), torch.tensor([[1, 1]]), torch.tensor([[6]]), torch.tensor([[1]]), 0)
+    hidden = torch.arange(p.ids.numel() * 3.0).view(*p.ids.shape, 3)  # (R, W, H)
+    assert p.gather(hidden, p.last).tolist() == [[6.0, 7.0, 8.0]]  # the response token, column 2 of row 0
+    assert p.gather(hidden[..., 0], p.prefix).tolist() == [[3.0]]  # the token before it, column 1
