@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.rl.logprobs import logprobs_from_logits
-from pipeline.rl.rollout import Rollout, by_length, cumulative, draw, first_fit, pack, row_width
+from pipeline.rl.rollout import (Rollout, by_length, concat, cumulative, draw, first_fit, pack,
+                                 position_ids_from_mask, row_width)
 
 pytestmark = pytest.mark.unit
 
@@ -177,3 +178,36 @@ def test_gather_reads_per_token_outputs_of_any_trailing_shape_at_flat_indices():
     hidden = torch.arange(p.ids.numel() * 3.0).view(*p.ids.shape, 3)  # (R, W, H)
     assert p.gather(hidden, p.last).tolist() == [[6.0, 7.0, 8.0]]  # the response token, column 2 of row 0
     assert p.gather(hidden[..., 0], p.prefix).tolist() == [[3.0]]  # the token before it, column 1
+
+
+def test_row_width_counts_every_row_worked():
+    # lengths 10, 6, 6 at no attention cost: rows of 10 take 3 rows (30 columns), of 13 two (26), of 25
+    # one (25): 25. Counting one row too many would pick 13 (3 x 13 = 39 against 2 x 25 = 50).
+    assert row_width([10, 6, 6], attention_cost=0.0) == 25
+    # With attention: a token costs 1 + 0.02 W. Rows of 12 (3 rows, 3 x 12 x 1.24 = 44.6) beat one row of
+    # 30 (30 x 1.6 = 48); a linear cost of 2 per token instead of 1 would tip it to 30.
+    assert row_width([5, 4, 12, 7], attention_cost=0.02) == 12
+
+
+def test_positions_skip_the_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_concat_pads_prompts_left_and_responses_right_to_the_widest_chunk():
+    a = _rollout()
+    b = _rollout().select(torch.tensor([1])).trimmed()  # prompt width 1, response width 1
+    c = concat([a, b], pad_id=99)
+    assert c.query_ids.tolist() == [[0, 0, 5, 6], [0, 0, 0, 7], [99, 99, 99, 7]]
+    assert c.query_mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]]
+    assert c.response_ids.tolist()[2] == [3, 99, 99, 99] and c.response_mask.tolist()[2] == [1.0, 0.0, 0.0, 0.0]
+    assert c.logprobs.tolist()[2] == [4.0, 0.0, 0.0, 0.0] and c.advantages.tolist()[2] == [3.0, 0.0, 0.0, 0.0]
+    assert c.scores.tolist() == [1.0, 2.0, 2.0] and c.values is None
+
+
+def test_cumulative_leaves_a_float64_input_as_it_was():
+    x = torch.tensor([[0.0, 1.0, 2.0], [5.0, 5.0, 5.0]], dtype=torch.float64)
+    cdf = cumulative(x)
+    assert x.tolist() == [[0.0, 1.0, 2.0], [5.0, 5.0, 5.0]]
+    e1, e2 = math.exp(-1), math.exp(-2)  # each row shifted by its own max
+    torch.testing.assert_close(cdf, torch.tensor([[e2, e2 + e1, e2 + e1 + 1], [1.0, 2.0, 3.0]], dtype=torch.float64))
