@@ -11,12 +11,13 @@ pytestmark = pytest.mark.unit
 @pytest.mark.parametrize("value, expected", [
     ("24GiB", 24 * 2 ** 30), ("80GB", 80 * 10 ** 9), ("24e9", 24 * 10 ** 9), (24e9, 24 * 10 ** 9),
     ("1MiB", 2 ** 20), ("512 mib", 512 * 2 ** 20), (1000, 1000), ("1.5GiB", 3 * 2 ** 29), ("2TB", 2 * 10 ** 12),
+    ("1", 1),  # the smallest size there is
 ])
 def test_sizes_parse_with_decimal_and_binary_units(value, expected):
     assert parse_bytes(value) == expected
 
 
-@pytest.mark.parametrize("value", ["24 gigs", "GiB", "-1GiB", "0", True, "nan", "1e400"])
+@pytest.mark.parametrize("value", ["24 gigs", "GiB", "-1GiB", "0", "0.5", True, "nan", "1e400"])
 def test_a_size_that_means_nothing_is_refused_with_the_key_and_examples(value):
     with pytest.raises(ConfigError, match=r"gpu_memory=.* must be a size: .*24GiB, 80GB"):
         parse_bytes(value)

@@ -27,7 +27,9 @@ def test_ptx_ranks_take_disjoint_slices_of_one_global_batch():
 
 
 def test_a_ptx_corpus_shorter_than_a_window_is_refused():
-    PtxBatches(torch.arange(10), block_size=8, batch_size=1, seed=0).batch(0, 0)  # 10 = 8 + 2 tokens: the shortest accepted
+    # 10 = 8 + 2 tokens, the shortest accepted: two full windows, starting at 0 and at 1, and no other.
+    windows = PtxBatches(torch.arange(10), block_size=8, batch_size=64, seed=0).batch(0, 0)
+    assert {tuple(w.tolist()) for w in windows} == {tuple(range(8)), tuple(range(1, 9))}
     with pytest.raises(ValueError, match="fewer than ppo.ptx_block_size \\+ 2"):
         PtxBatches(torch.arange(9), block_size=8, batch_size=1, seed=0)
 
