@@ -72,6 +72,11 @@ def test_the_entropy_term_adds_minus_coef_times_the_chosen_answers_entropy_and_s
             measured = trainer._metrics["train"]["entropy_chosen"][-1]
             assert measured > 0
             assert losses[coef].item() == pytest.approx(losses[0.0].item() + 5.0 * measured, rel=1e-4)
+            # The same loss when TRL asks for the outputs too; without gradients (evaluation) TRL's own.
+            loss, _ = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+            assert loss.item() == pytest.approx(losses[coef].item(), rel=1e-5)
+            with torch.no_grad():
+                assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(losses[0.0].item(), rel=1e-5)
         trainer.train()
         trainer._metrics["train"].clear()
         trainer.compute_loss(trainer.model, batch)  # the trained policy's entropy on the same answers
