@@ -19,6 +19,8 @@ def test_parameters_counted_by_hand():
     # embedding 32 x 8 = 256 (tied: the LM head is the same table) -> 1448; untied: + 256 = 1704.
     assert count_params(2, 8, 16, 4, 32, tied=True) == 1448
     assert count_params(2, 8, 16, 4, 32, tied=False) == 1704
+    # An ungated MLP (GPT-2's up and down): 2 x 8 x 16 = 256 instead of 384 a layer -> 1448 - 2 x 128 = 1192.
+    assert count_params(2, 8, 16, 4, 32, tied=True, gated=False) == 1192
     assert arch_of("tiny", **TINY) == Arch("tiny", 1448.0, 2, 8, 16, 4, 32, True)
     # The 8B shape: 8.03e9, as Meta states.
     llama3 = arch_of("llama3", layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256,
@@ -54,3 +56,22 @@ def test_adapted_linear_parameters_counted_by_hand():
 def test_a_folder_without_config_is_refused_by_name(tmp_path):
     with pytest.raises(PipelineError, match="cannot read the model's shape from .*config.json"):
         read_arch(str(tmp_path))
+
+
+def test_gpt2_names_and_its_default_mlp_width_are_read(tmp_path):
+    # GPT-2 leaves n_inner unset: its MLP is 4 x n_embd wide. Its MLP is ungated.
+    AutoConfig.for_model("gpt2", n_embd=8, n_layer=2, n_head=2, vocab_size=32).save_pretrained(tmp_path)
+    arch = read_arch(str(tmp_path), "gpt2")
+    assert (arch.layers, arch.hidden, arch.intermediate, arch.kv, arch.gated, arch.tied) == (2, 8, 32, 8, False, True)
+
+
+def test_a_config_that_needs_remote_code_is_refused_and_its_code_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    (tmp_path / "configuration_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PretrainedConfig\nclass EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}')
+    with pytest.raises(PipelineError, match="cannot read the model's shape"):
+        read_arch(str(tmp_path))
+    assert not marker.exists()

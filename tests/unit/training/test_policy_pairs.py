@@ -35,3 +35,12 @@ def test_pick_pairs_one_pair_a_prompt_with_the_rm_margin():
 def test_pick_pairs_refuses_misaligned_lists():
     with pytest.raises(ValueError, match="2 prompts x k=3 need 6"):
         pick_pairs([[], []], [_sample("x")] * 5, [0.0] * 5, k=3)
+
+
+def test_pick_pairs_reads_each_prompts_own_samples_and_scores():
+    prompts = [[{"role": "user", "content": q}] for q in ("a?", "b?", "c?")]
+    samples = [_sample(t) for t in ("a1", "a2", "b1", "b2", "c1", "c2")]
+    scores = [0.0, 1.0, 5.0, -5.0, 2.0, 2.5]
+    pairs = pick_pairs(prompts, samples, scores, k=2)
+    assert [(p["prompt"][0]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"], p["margin"])
+            for p in pairs] == [("a?", "a2", "a1", 1.0), ("b?", "b1", "b2", 10.0), ("c?", "c2", "c1", 0.5)]
