@@ -91,3 +91,36 @@ def test_a_health_threshold_of_zero_is_allowed_and_a_negative_one_is_refused():
     check_config(compose_config("ppo", ["health.thresholds.truncation_rate=0"]))  # warn on any truncation
     with pytest.raises(ConfigError, match=r"health.thresholds.truncation_rate=-0.1 must be >= 0"):
         check_config(compose_config("ppo", ["health.thresholds.truncation_rate=-0.1"]))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algorithm=rloo", "algorithm.samples_per_prompt=2"],
+    ["algorithm=grpo", "algorithm.samples_per_prompt=2"],
+    ["algorithm=online_dpo", "algorithm.samples_per_prompt=2"],
+    ["algorithm=reinforce_pp", "algorithm.group_baseline=true", "algorithm.samples_per_prompt=2"],
+])
+def test_two_samples_a_prompt_are_enough_to_compare(overrides):
+    check_config(compose_config("ppo", overrides))
+
+
+def test_the_adaptive_controller_needs_its_target_and_a_fixed_one_does_not():
+    with pytest.raises(ConfigError, match="ppo.kl.controller=adaptive needs a positive ppo.kl.target"):
+        check_config(compose_config("ppo", ["ppo.kl.target=null"]))
+    check_config(compose_config("ppo", ["ppo.kl.controller=fixed", "ppo.kl.target=null", "ppo.kl.horizon=null"]))
+
+
+def test_an_rm_below_min_accuracy_or_without_one_is_refused(tmp_path):
+    from pipeline.core.artifacts import Artifact
+    from pipeline.core.errors import PipelineError
+    from pipeline.rl.config import check_rm_accuracy
+
+    reward = compose_config("ppo", ["reward.min_accuracy=0.7"]).reward
+    check_rm_accuracy(Artifact("rm", tmp_path, {"metrics": {"eval_accuracy": 0.7}}), reward)  # at the bar
+    for accuracy, shown in ((0.69, "69.0%"), (None, "None")):
+        with pytest.raises(PipelineError, match=f"ranks {shown} of its held-out pairs correctly, below "
+                                                r"reward.min_accuracy=0.7"):
+            check_rm_accuracy(Artifact("rm", tmp_path, {"metrics": {"eval_accuracy": accuracy}}), reward)
+    # When the learned RM is no reward source (e.g. only the gold judge), its accuracy does not matter.
+    gold = compose_config("ppo", ["reward.min_accuracy=0.7", "~reward.sources.rm",
+                                  "+reward.sources.gold={_target_: pipeline.world.reward.GoldJudgeReward}"]).reward
+    check_rm_accuracy(Artifact("rm", tmp_path, {"metrics": {}}), gold)
