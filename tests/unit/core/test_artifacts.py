@@ -223,8 +223,10 @@ def test_a_process_of_another_user_counts_as_alive(monkeypatch):
     assert artifacts._alive(12345)
 
 
-def test_the_manifest_names_the_commit_and_marks_local_edits(tmp_path):
+def test_the_manifest_names_the_commit_and_marks_local_edits(tmp_path, monkeypatch):
     from pipeline.core.artifacts import git_commit
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # never the checkout around /tmp
 
     def git(*args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
