@@ -272,3 +272,16 @@ def test_pipeline_rejects_an_override_no_stage_has(root):
 def test_response_words_is_the_mean_word_count_even_for_one_response():
     assert response_words(["I can't help with that."]) == 5.0
     assert response_words(["a b", "c d e f"]) == 3.0 and response_words([]) == 0.0
+
+
+def test_the_rm_agreement_table_and_metrics_by_category():
+    report = make_report()
+    report["rm_agreement"] = {"all": {"greedy": {"share": 0.75, "pairs": 8}, "sample": {"share": None, "pairs": 0}},
+                              "fact": {"greedy": {"share": 0.5, "pairs": 4}, "sample": {"share": 0.625, "pairs": 8}}}
+    md = render_markdown(report)
+    assert "## Reward model vs gold judge, by category" in md
+    assert "| category | greedy | sample |\n|---|---:|---:|" in md
+    assert "| all | 75.0% of 8 | n/a of 0 |" in md and "| fact | 50.0% of 4 | 62.5% of 8 |" in md
+    flat = flat_metrics(report)
+    assert {k: v for k, v in flat.items() if k.startswith("rm_agreement/")} == {
+        "rm_agreement/all/greedy": 0.75, "rm_agreement/fact/greedy": 0.5, "rm_agreement/fact/sample": 0.625}
