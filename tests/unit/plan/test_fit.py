@@ -98,7 +98,7 @@ def test_an_unfit_configuration_is_refused_in_one_line_with_what_fits():
     assert "within 10% of the card's" in check_fits(TINY, ppo_settings(2, 8), 36000, "x")  # = the card
 
 
-def test_the_rl_stage_refuses_an_unfit_config_before_loading(tmp_path, capsys):
+def test_the_rl_stage_refuses_an_unfit_config_before_loading(tmp_path, capsys, monkeypatch):
     """A family stand-in's config.json and tokenizer, a 1 MiB card: the function stages.ppo.run calls
     before any weight loads refuses in one line; nothing is mocked."""
     from pipeline.models.loading import load_tokenizer
@@ -116,6 +116,7 @@ def test_the_rl_stage_refuses_an_unfit_config_before_loading(tmp_path, capsys):
     assert str(e.value).startswith("ppo: the predicted peak ")
     assert "does not fit the card's 1.00 MiB (gpu_memory=1MiB)" in str(e.value)
     # auto on CPU: the fallback, said; the returned settings keep their interpolations (seed).
+    _device(monkeypatch, None)
     cfg = compose_config("ppo", ["ppo.micro_batch_size=auto", "ppo.generation_batch_size=auto"])
     ppo = fit_to_card(cfg, folder, (16, 16), fmt, rows)
     assert (ppo.micro_batch_size, ppo.generation_batch_size, ppo.seed) == (32, 64, cfg.seed)
@@ -125,13 +126,13 @@ def test_the_rl_stage_refuses_an_unfit_config_before_loading(tmp_path, capsys):
     assert (ppo.micro_batch_size, ppo.generation_batch_size) == (32, 64)
 
 
-def _gpu(monkeypatch, free: int, total: int) -> None:
-    """Make the plan read a CUDA device with ``free`` of ``total`` bytes: the one hardware query
-    (torch.cuda.mem_get_info) a CPU machine cannot answer; everything else runs as on a GPU."""
+def _device(monkeypatch, memory) -> None:
+    """Make the plan read a CUDA device with ``memory`` = (free, total) bytes, or none (None): the one
+    hardware query (torch.cuda.mem_get_info), so these tests mean the same on a CPU and on a GPU."""
     import pipeline.plan.card as card
     import pipeline.plan.fit as fit_module
     for module in (card, fit_module):
-        monkeypatch.setattr(module, "cuda_memory", lambda: (free, total))
+        monkeypatch.setattr(module, "cuda_memory", lambda: memory)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,7 @@ def test_on_a_gpu_auto_fills_the_free_memory_less_the_margin_and_within_gpu_memo
     need = {m: breakdown("ppo", arch, **s.with_(micro=m).kw) for m in divisors(32)}
     need = {m: b["static"] + b["training"] for m, b in need.items()}
     # Free memory that leaves exactly micro 8's need once 10% of the card is kept back: 8, not 16.
-    _gpu(monkeypatch, free=int(need[8] + 0.1 * total) + 1, total=total)
+    _device(monkeypatch, (int(need[8] + 0.1 * total) + 1, total))
     ppo, notes = fit_ppo(cfg, llama3, prompt=20, ranks=(16, 16))
     assert (ppo.micro_batch_size, ppo.generation_batch_size) == (8, 16)
     assert notes[0].startswith("ppo: ppo.micro_batch_size=auto -> 8 (the largest that fit ")
@@ -174,15 +175,15 @@ def test_sft_and_rm_are_planned_with_16_bit_activations_on_a_gpu(monkeypatch, ll
     assert peak[True] < peak[False]  # precision auto: fp32 activations on CPU, 16-bit on a GPU
     card = int((peak[True] + peak[False]) / 2 / 0.9)  # fits with 16-bit activations, not with fp32
     cfg = compose_config("sft", [f"gpu_memory={card}"])
+    _device(monkeypatch, None)
     with pytest.raises(ConfigError, match="does not fit the card's"):
-        fit_train("sft", cfg, llama3)  # this machine: no CUDA device
-    _gpu(monkeypatch, free=card, total=card)
+        fit_train("sft", cfg, llama3)  # no CUDA device: fp32 activations
+    _device(monkeypatch, (card, card))
     assert fit_train("sft", cfg, llama3) is None
     # No gpu_memory: the device's total is the card; nothing is checked without one.
     small = int(peak[True] / 2)
-    _gpu(monkeypatch, free=small, total=small)
+    _device(monkeypatch, (small, small))
     with pytest.raises(ConfigError, match=r"\(the CUDA device's total\)"):
         fit_train("sft", compose_config("sft"), llama3)
-    monkeypatch.setattr("pipeline.plan.card.cuda_memory", lambda: None)
-    monkeypatch.setattr("pipeline.plan.fit.cuda_memory", lambda: None)
+    _device(monkeypatch, None)
     assert fit_train("sft", compose_config("sft"), llama3) is None
