@@ -136,6 +136,7 @@ def run(cfg: DictConfig) -> dict:
                                                  reward_scale(cfg.reward, rm.metrics)).to(acc.device)
     trainer = RLTrainer(model, fmt, ppo, cfg.algorithm, acc, reward_fn, ptx, cfg.reward.sharpen)
     seed_everything(cfg.seed + acc.process_index)  # each process samples its own responses
+    acc.print(f"{stage}: sampler {trainer.sampler.kind} (ppo.sampler={cfg.ppo.sampler})")
 
     # --- resume from the last checkpoint of an interrupted run ---
     config = resolved(cfg)

@@ -44,6 +44,7 @@ class PPOConfig:
     missing_eos_penalty: Optional[float] = MISSING  # subtracted from a response without EOS
     value_init: str = MISSING  # rm | fresh (gae only)
     old_logprobs: str = MISSING  # sampler (recorded while sampling) | recompute (an extra full pass)
+    sampler: str = MISSING  # auto | eager | static | graphs (pipeline/rl/static_sampler.py)
     gradient_checkpointing: bool = MISSING
     fold_adapters: str = MISSING  # auto | always | never: each role's adapters folded into a weight copy
     ptx_batch_size: int = MISSING  # pretraining sequences per optimizer step

@@ -11,6 +11,7 @@ from pipeline.core.validation import check_ranges
 from pipeline.rl.estimators import std_scaling
 from pipeline.rl.kl import KL_ESTIMATORS
 from pipeline.rl.losses import LOSS_AGGREGATIONS
+from pipeline.rl.static_sampler import SAMPLERS
 
 ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp", "dpo")
 
@@ -25,6 +26,7 @@ def check_config(cfg) -> None:
                "ppo.value_init": (ppo.value_init, ("rm", "fresh")),
                "ppo.old_logprobs": (ppo.old_logprobs, ("sampler", "recompute")),
                "ppo.fold_adapters": (ppo.fold_adapters, ("auto", "always", "never")),
+               "ppo.sampler": (ppo.sampler, SAMPLERS),
                "algorithm.advantage": (alg.advantage, ESTIMATORS),
                "algorithm.kl_in": (alg.kl_in, ("reward", "loss", "none")),
                "algorithm.loss_agg": (alg.loss_agg, LOSS_AGGREGATIONS)}

@@ -208,13 +208,15 @@ def cumulative(x: torch.Tensor) -> torch.Tensor:
     return x.sub_(x.amax(-1, keepdim=True)).exp_().cumsum(-1)
 
 
-def draw(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw(logits: torch.Tensor, temperature: float | torch.Tensor, u: torch.Tensor | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one token per row from ``softmax(logits / T)`` by inverse CDF: (b, V) -> ``token``, its
     ``logprob`` and the distribution's ``entropy``, each (b,) fp32.
 
     One float64 uniform ``u`` per row picks the token i with ``cdf[i-1] <= u * cdf[-1] < cdf[i]``, so
     a -inf logit (p = 0, an empty interval) is never drawn. Exact like Gumbel-max, at a fraction of
     its cost on CPUs: one uniform per row instead of one (plus two logs) per vocabulary entry.
+    ``u``: the (b, 1) uniforms to use (float64); by default drawn here from the global generator.
     The log-prob is ``x - logsumexp(x)`` as the trainer computes it (pipeline/rl/logprobs.py):
     torch's fp32 ``log_softmax`` on CPUs loses the tail's mass from its sum (3e-4 nats at 152k).
     """
@@ -222,19 +224,25 @@ def draw(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.
     logp = x - torch.logsumexp(x, dim=-1, keepdim=True)
     entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)  # 0 * -inf would be nan
     cdf = cumulative(x)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    if u is None:
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype)
+    u = u * cdf[:, -1:]
     token = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)
     return token.squeeze(-1), logp.gather(-1, token).squeeze(-1), entropy
 
 
 @torch.no_grad()
-def sample(lm, fmt: ChatFormat, prompts: list[list[dict]], temperature: float, max_new_tokens: int):
+def sample(lm, fmt: ChatFormat, prompts: list[list[dict]], temperature: float, max_new_tokens: int,
+           u: torch.Tensor | None = None):
     """Sample one response per prompt from the causal LM ``lm`` (the policy), a token at a time with
     a KV cache, recording each token's log-prob and the entropy it was drawn from.
 
     A row leaves the batch, and its cache, once it draws a stop token: the steps after that cost
     only the rows still going (HF ``generate`` runs every row until the last one stops, and
     responses here are mostly well under ``max_new_tokens``).
+
+    ``u``: (B, T) float64 uniforms, row r's draw at step t from ``u[r, t]``
+    (pipeline/rl/static_sampler.py draws them the same way); by default one fresh uniform a row a step.
 
     Returns ``q_ids, q_mask`` (B, P), ``response_ids`` (B, T, pad after the first stop token),
     ``response_mask`` (B, T) float, and the sampler's ``logprobs`` and ``entropy`` (B, T).
@@ -251,7 +259,8 @@ def sample(lm, fmt: ChatFormat, prompts: list[list[dict]], temperature: float, m
     for t in range(max_new_tokens):
         logits = lm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, logits_to_keep=1).logits[:, -1]  # (b, V)
-        token, logprobs[rows, t], entropy[rows, t] = draw(logits, temperature)
+        token, logprobs[rows, t], entropy[rows, t] = draw(
+            logits, temperature, None if u is None else u[rows, t:t + 1].to(dev, torch.float64))
         resp[rows, t] = token
         going = ~torch.isin(token, stops)
         if not going.any():

@@ -55,8 +55,9 @@ from pipeline.rl.kl import kl_per_token, make_kl_controller
 from pipeline.rl.losses import loss_weights, policy_loss, value_loss
 from pipeline.rl.masked import masked_mean, masked_whiten
 from pipeline.rl.rewards import sharpening
-from pipeline.rl.rollout import Rollout, by_length, concat, pack, sample
+from pipeline.rl.rollout import Rollout, by_length, concat, pack
 from pipeline.rl.shared_model import SharedBaseActorCritic
+from pipeline.rl.static_sampler import RolloutSampler, sampler_kind
 
 RewardFn = Callable[[list, list[str], torch.Tensor], torch.Tensor]
 BUCKET_BYTES = 25 << 20  # gradient all-reduce bucket, as DDP's default
@@ -98,6 +99,7 @@ class RLTrainer:
         model.gradient_checkpointing(cfg.gradient_checkpointing)
         if folds(cfg.fold_adapters, model.lora_share(), model.peft.get_base_model().dtype):
             model.fold_adapters()
+        self.sampler = RolloutSampler(sampler_kind(cfg.sampler, model.peft), fmt)
 
     def _lr_lambda(self, step: int) -> float:
         """Linear warm-up, then the configured decay over every optimizer step of the run."""
@@ -147,8 +149,8 @@ class RLTrainer:
         with self.acc.autocast():
             t0 = time.perf_counter()
             with self.model.sampling() as policy:
-                q_ids, q_mask, resp, mask, logprobs, entropy = sample(
-                    policy, self.fmt, conversations, self.cfg.temperature, self.cfg.max_new_tokens)
+                q_ids, q_mask, resp, mask, logprobs, entropy = self.sampler(
+                    policy, conversations, self.cfg.temperature, self.cfg.max_new_tokens)
             self.sample_seconds += time.perf_counter() - t0
             ref = torch.zeros_like(logprobs)
             values = torch.zeros_like(logprobs) if self.critic else None

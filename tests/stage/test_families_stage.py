@@ -170,6 +170,107 @@ def test_rows_that_stop_leave_the_batch_and_the_rest_sample_on_correctly(family,
             torch.testing.assert_close(logprobs[i, :n - 1], want[:n - 1], atol=1e-4, rtol=0)
 
 
+class StopAfterSomeTokens:
+    """A forward hook (``with_kwargs=True``) that makes a decode step's row stop when the token it
+    reads is one of a seventh of the vocabulary: a stop that depends on the row's own text only, so
+    two samplers that draw the same tokens stop the same rows at the same steps, at varied steps.
+    Records the batch size of every decode call."""
+
+    def __init__(self, token: int):
+        self.token, self.rows = token, []
+
+    def __call__(self, module, args, kwargs, output):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] == 1:  # a decode step, not the prompt
+            self.rows.append(ids.shape[0])
+            output.logits[:, -1, self.token] += 50.0 * (ids[:, 0] % 7 == 0)
+        return output
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_static_sampler_draws_what_the_eager_loop_draws(family, family_models):
+    """pipeline/rl/static_sampler.py (fixed shapes on a static cache, the CUDA-graph path) against
+    the eager loop, on the same uniforms: the same tokens, the same log-probs and entropies, rows
+    stopping at different steps while the batch moves down its buckets; then a second call on the
+    same buffers with fewer, shorter prompts and another temperature."""
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.rl.static_sampler import StaticSampler, uniforms
+    fmt = load_chat_format(str(family_models[family]), None, False)
+    model = load_causal_lm(str(family_models[family]), compose_config("sft", ["model.path=x"]).model, fmt).eval()
+    prompts = [as_conversation(p) for p in ("What is 2 plus 3?", "Name the capital of Krosfia.",
+                                            "Repeat the word 'cup' 2 times.", "Hi", "Tell me a story.", "x")]
+    static = StaticSampler(model, fmt, rows=8, prompt_tokens=96, max_new_tokens=20, graphs=False, check_every=2)
+    for n, T, temperature in ((6, 20, 1.0), (3, 9, 0.7)):
+        torch.manual_seed(n)
+        u = uniforms(n, T, torch.device("cpu"))
+        hook = StopAfterSomeTokens(fmt.end_of_turn_id)
+        handle = model.register_forward_hook(hook, with_kwargs=True)
+        want = sample(model, fmt, prompts[:n], temperature, T, u=u)
+        eager_rows, hook.rows = hook.rows, []
+        q_ids, q_mask = want[:2]
+        got = static.decode(q_ids, q_mask, temperature, T, u=u)
+        handle.remove()
+        lengths = want[3].sum(1)
+        assert torch.equal(got[0], want[2]) and torch.equal(got[1], want[3])
+        torch.testing.assert_close(got[2], want[4], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[3], want[5], atol=1e-4, rtol=0)
+        if n == 6:
+            assert len(set(lengths.tolist())) > 2, lengths  # rows stopped at several steps
+            assert eager_rows[-1] < n  # ... while others went on
+            assert set(hook.rows) > {8}, hook.rows  # the static batch moved down to smaller buckets
+            assert max(hook.rows) == 8 and hook.rows == sorted(hook.rows, reverse=True)
+
+
+def test_the_static_sampler_refuses_sliding_window_layers(family_models):
+    from pipeline.core.errors import ConfigError
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.rl.static_sampler import sampler_kind
+    fmt = load_chat_format(str(family_models["gemma2"]), None, False)
+    model = load_causal_lm(str(family_models["gemma2"]), compose_config("sft", ["model.path=x"]).model, fmt)
+    with pytest.raises(ConfigError, match="sliding-window.*ppo.sampler=eager"):
+        sampler_kind("static", model)
+    assert sampler_kind("auto", model) == "eager"
+
+
+@pytest.mark.parametrize("family", ["llama3", "gpt2"])
+def test_a_static_decode_step_traces_as_one_graph(family, family_models):
+    """CUDA graph capture needs a step without host syncs or data-dependent Python branches. A
+    whole-graph dynamo trace (no code generated) fails on a branch; the ops the step dispatches show
+    a sync: reading a tensor's value on the host (``.item()``, ``int()``, ``if t``) and ops whose
+    output shape depends on the data. On the policy with a LoRA adapter (peft's forward), for a
+    rotary and a learned-position family."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.rl.static_sampler import StaticSampler
+    fmt = load_chat_format(str(family_models[family]), None, False)
+    model = load_causal_lm(str(family_models[family]), compose_config("sft", ["model.path=x"]).model, fmt)
+    policy = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+                            adapter_name="policy").eval()
+    static = StaticSampler(policy, fmt, rows=4, prompt_tokens=8, max_new_tokens=4, graphs=False)
+    static._prepare(torch.ones(4, 1, dtype=torch.long))
+    static._written(1)
+    with torch.no_grad(), Ops() as ops:
+        static._step(4)
+    syncs = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave"}
+    assert "index_put_" in ops.names and not ops.names & syncs, ops.names & syncs
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(static._step, backend="eager", fullgraph=True)(4)
+    assert int(static.step_t) == 2 and int(static.column) == 3  # it ran, twice
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_rollout_stops_at_the_familys_end_of_turn_token(family, family_models):
     from pipeline.models.loading import load_causal_lm

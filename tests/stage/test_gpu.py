@@ -70,3 +70,42 @@ def test_a_bf16_base_trains_with_folded_adapters_on_the_gpu(chain):
     assert model.folds and model.peft.get_output_embeddings().weight.dtype == torch.bfloat16
     out = trainer.train_step(rollout(trainer))
     assert out["optimizer_steps"] == 4 and math.isfinite(out["ratio"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_captured_decode_graphs_sample_what_the_same_steps_sample_eagerly(chain, dtype):
+    """``ppo.sampler=graphs``: each bucket's decode step captured once and replayed. On the same
+    uniforms it draws what the same steps run eagerly draw (pipeline/rl/static_sampler.py), before
+    and after an optimizer step (the replays must read the weights updated in place), and its
+    log-probs are the trainer's (the first ratio of an update is 1)."""
+    from pipeline.generation.decoding import as_conversation, encode_prompts
+    from pipeline.rl.static_sampler import StaticSampler, uniforms
+    from tests.stage.test_ppo_stage import PROMPTS
+    cfg = compose_config("ppo", TINY_PPO + [f"model.dtype={dtype}", "ppo.sampler=graphs"])
+    acc = accelerator_for("fp32")
+    sft_art, rm_art = find_parent(cfg.paths.run_dir, "sft"), find_parent(cfg.paths.run_dir, "rm")
+    fmt = load_sft_tokenizer(sft_art)
+    model = SharedBaseActorCritic.from_artifacts(sft_art, rm_art, cfg.model, fmt, cfg.ppo.value_init,
+                                                 reward_scale(cfg.reward, rm_art.metrics)).to(acc.device)
+    trainer = RLTrainer(model, fmt, cfg.ppo, cfg.algorithm, acc, build_reward_fn(cfg.reward, rm_art.metrics))
+    assert trainer.sampler.kind == "graphs"
+    convs = [as_conversation(p) for p in PROMPTS]
+    q_ids, q_mask = (t.to(acc.device) for t in encode_prompts(fmt, convs))
+    T = cfg.ppo.max_new_tokens
+    with model.sampling() as policy:
+        graphs = StaticSampler(policy, fmt, len(convs), q_ids.shape[1], T, graphs=True, check_every=2)
+        plain = StaticSampler(policy, fmt, len(convs), q_ids.shape[1], T, graphs=False, check_every=2)
+    for _ in range(2):
+        u = uniforms(len(convs), T, q_ids.device)
+        with torch.no_grad(), model.sampling():
+            got, want = graphs.decode(q_ids, q_mask, 1.0, T, u), plain.decode(q_ids, q_mask, 1.0, T, u)
+        assert graphs._graphs
+        same = (got[0] == want[0]).all(1)  # rows drawn alike throughout
+        if dtype == "float32":
+            assert same.all()
+        else:  # bf16 rounding may flip a draw that sits at a CDF boundary
+            assert same.float().mean() >= 0.75, same
+        both = same[:, None] & (want[1] > 0)
+        torch.testing.assert_close(got[2][both], want[2][both], atol=1e-3 if dtype == "float32" else 5e-2, rtol=0)
+        out = trainer.train_step(rollout(trainer))  # through trainer.sampler: graphs too
+        assert out["ratio_first"] == pytest.approx(1.0, abs=2e-2) and out["optimizer_steps"] == 4

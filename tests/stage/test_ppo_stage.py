@@ -19,7 +19,7 @@ from pipeline.models.reward import load_reward_model, load_sft_tokenizer, score_
 from pipeline.rl.batching import count_optimizer_steps
 from pipeline.rl.estimators import online_dpo_advantages, rloo_advantages
 from pipeline.rl.rewards import build_reward_fn, reward_scale
-from pipeline.rl.rollout import pack, position_ids_from_mask
+from pipeline.rl.rollout import pack, position_ids_from_mask, sample
 from pipeline.rl.shared_model import SharedBaseActorCritic
 from pipeline.rl.trainer import RLTrainer
 from stages.ppo import accelerator_for
@@ -210,15 +210,38 @@ def test_ratio_is_one_on_the_first_minibatch_at_t_07_with_lora_dropout(chain):
     """Old log-probs come from the sampler (HF generate, cached); new ones from the training
     pass (a full forward): two code paths. At T = 0.7 a missing division by T breaks it, and
     with LoRA dropout at 0.5 a stray train() breaks it."""
-    for mode in ("sampler", "recompute"):
-        cfg, model, fmt, trainer = build(["ppo.temperature=0.7", f"ppo.old_logprobs={mode}"])
+    for mode, sampler in (("sampler", "eager"), ("recompute", "eager"), ("sampler", "static")):
+        cfg, model, fmt, trainer = build(["ppo.temperature=0.7", f"ppo.old_logprobs={mode}",
+                                          f"ppo.sampler={sampler}"])
         for module in model.peft.modules():
             if hasattr(module, "lora_dropout"):
                 module.lora_dropout["policy"] = nn.Dropout(0.5)
         out = trainer.train_step(rollout(trainer))
-        assert out["ratio_first"] == pytest.approx(1.0, abs=1e-5), mode
-        assert out["logprob_gap_first"] < 1e-5, mode
+        assert out["ratio_first"] == pytest.approx(1.0, abs=1e-5), (mode, sampler)
+        assert out["logprob_gap_first"] < 1e-5, (mode, sampler)
         assert out["ratio"] != out["ratio_first"]  # the later minibatches came after steps
+
+
+def test_the_static_sampler_reads_the_policy_as_it_trains(chain):
+    """``ppo.sampler=static`` (the CUDA-graph path's steps, run eagerly): its buffers and cache are
+    made at the first rollout, and after an optimizer step (which changes the adapter and refolds the
+    policy's weight copy in place) it still samples what the eager loop samples from the new policy."""
+    from pipeline.rl.static_sampler import uniforms
+    _, model, fmt, trainer = build(["ppo.sampler=static"])
+    assert trainer.sampler.kind == "static" and model.folds
+    trainer.train_step(rollout(trainer))
+    static = trainer.sampler.static
+    assert static is not None and static.lm is model.peft
+    convs = [as_conversation(p) for p in PROMPTS[:static.rows]]
+    u = uniforms(len(convs), trainer.cfg.max_new_tokens, torch.device("cpu"))
+    with torch.no_grad(), model.sampling() as policy:
+        want = sample(policy, fmt, convs, 1.0, trainer.cfg.max_new_tokens, u=u)
+        got = static.decode(want[0], want[1], 1.0, trainer.cfg.max_new_tokens, u=u)
+    with torch.no_grad(), build()[1].sampling() as untrained:
+        stale = sample(untrained, fmt, convs, 1.0, trainer.cfg.max_new_tokens, u=u)
+    assert torch.equal(got[0], want[2]) and torch.equal(got[1], want[3])
+    torch.testing.assert_close(got[2], want[4], atol=1e-5, rtol=0)
+    assert not torch.allclose(stale[4], want[4], atol=1e-3)  # the step did change what is sampled
 
 
 def snapshot(model):

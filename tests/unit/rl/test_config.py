@@ -37,6 +37,7 @@ def test_processes_split_a_global_batch_and_updates_are_pure():
     ("ppo.kl.controller=pid", "ppo.kl.controller must be one of"),
     ("ppo.value_init=random", "ppo.value_init must be one of"),
     ("ppo.old_logprobs=guess", "ppo.old_logprobs must be one of"),
+    ("ppo.sampler=fast", "ppo.sampler must be one of"),
     ("algorithm=rloo algorithm.samples_per_prompt=1", "rloo compares a prompt's samples"),
     ("algorithm=reinforce_pp algorithm.group_baseline=true",
      "algorithm.group_baseline=true with algorithm.samples_per_prompt=1"),
