@@ -5,7 +5,8 @@
 The memory model itself lives in the library, pipeline/plan/memory.py (its docstring has the
 formulas, for sft and rm too); ``make plan`` applies it to any model folder's config.json and a
 card. Here: the RL stage's breakdown for three fixed shapes, LoRA r 16 on all linear layers, the
-bench's shape for (b) and prompt 512 + response 256 tokens for the 7-8B rows.
+bench's shape for (b) and prompt 512 + response 256 tokens for the 7-8B rows. Those are GPU settings,
+where ``ppo.sampler=auto`` samples with CUDA graphs and holds their KV cache all run.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ QWEN25_7B = Arch("Qwen2.5-7B", 7.62e9, 28, 3584, 18944, 512, 152064, False)
 
 def row(a: Arch, label: str, **kw) -> str:
     b = ppo_breakdown(a, **kw)
-    cells = " | ".join(f"{b[k] / GiB:.2f}" for k in ("weights", "adapters", "optimizer", "activations", "logits",
-                                                      "kv cache (sampling)", "peak"))
+    kv = b.get("kv cache (sampling)", b.get("kv cache (held)"))
+    cells = " | ".join(f"{x / GiB:.2f}" for x in [b[k] for k in ("weights", "adapters", "optimizer", "activations",
+                                                                 "logits")] + [kv, b["peak"]])
     return f"| {a.name} | {label} | {cells} |"
 
 
@@ -40,7 +42,8 @@ def main() -> None:
         for label, wb, micro, gen, ckpt in (("bf16, micro 4, gen 16, checkpointing", 2, 4, 16, True),
                                             ("bf16, micro 4, gen 16", 2, 4, 16, False),
                                             ("4-bit, micro 8, gen 32, checkpointing", 0.5, 8, 32, True)):
-            print(row(arch, label, weight_bytes=wb, act_bytes=2, micro=micro, gen=gen, checkpointing=ckpt, **long))
+            print(row(arch, label, weight_bytes=wb, act_bytes=2, micro=micro, gen=gen, checkpointing=ckpt,
+                      held_cache=True, **long))
 
 
 if __name__ == "__main__":

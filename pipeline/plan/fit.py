@@ -44,9 +44,8 @@ def largest(candidates: list[int], fits: Callable[[int], bool]) -> Optional[int]
     return max((c for c in candidates if fits(c)), default=None)
 
 
-def _fits(arch: Arch, s: Settings, room: float, part: str, **kw) -> bool:
-    b = breakdown(s.stage, arch, **{**s.kw, **kw})
-    return b["static"] + b[part] <= room
+def _fits(arch: Arch, s: Settings, room: float, **kw) -> bool:
+    return breakdown(s.stage, arch, **{**s.kw, **kw})["peak"] <= room
 
 
 def overrides(s: Settings, o: Settings) -> str:
@@ -71,10 +70,12 @@ def fit(arch: Arch, s: Settings, room: float, four_bit: bool, checkpointing: boo
     weight, act = s.bytes_for(four_bit)
     t = s.with_(weight_bytes=weight, act_bytes=act, checkpointing=checkpointing)
     t = replace(t, four_bit=four_bit)
+    # micro first (beside one response sampled at a time), then the largest generation batch beside
+    # it: the static sampler's cache, held through training, makes the two share the room
     one = dict(micro=1, gen=1) if s.stage == "ppo" else dict(micro=1)
-    micro = largest(divisors(s.micro_of), lambda m: _fits(arch, t, room, "training", **{**one, "micro": m}))
-    gen = largest(divisors(s.gen_of), lambda g: _fits(arch, t, room, "sampling", **{**one, "gen": g})) \
-        if s.stage == "ppo" else None
+    micro = largest(divisors(s.micro_of), lambda m: _fits(arch, t, room, **{**one, "micro": m}))
+    gen = largest(divisors(s.gen_of), lambda g: _fits(arch, t, room, micro=micro, gen=g)) \
+        if s.stage == "ppo" and micro is not None else None
     if micro is None or (s.stage == "ppo" and gen is None):
         return None
     t = t.with_(micro=micro, **({"gen": gen} if s.stage == "ppo" else {}))
@@ -99,10 +100,10 @@ def resolve_auto(arch: Optional[Arch], s: Settings, room: Optional[float]) -> tu
                "generation batch the rollout batch")
     else:
         one = {k: 1 if s.kw[k] == "auto" else s.kw[k] for k in ("micro", "gen")}
-        chosen = {"micro": largest(divisors(s.micro_of), lambda m: _fits(arch, s, room, "training",
-                                                                         **{**one, "micro": m})) or 1,
-                  "gen": largest(divisors(s.gen_of), lambda g: _fits(arch, s, room, "sampling",
-                                                                     **{**one, "gen": g})) or 1}
+        micro = one["micro"] if s.kw["micro"] != "auto" else \
+            largest(divisors(s.micro_of), lambda m: _fits(arch, s, room, **{**one, "micro": m})) or 1
+        chosen = {"micro": micro,
+                  "gen": largest(divisors(s.gen_of), lambda g: _fits(arch, s, room, micro=micro, gen=g)) or 1}
         why = f"the largest that fit {show_bytes(room)}: the free GPU memory less {MARGIN:.0%} of the card"
     s = s.with_(**{k: chosen[k] for k in auto})
     return s, ["ppo: " + ", ".join(f"{KEYS['ppo'][k]}=auto -> {s.kw[k]}" for k in auto) + f" ({why})"]

@@ -37,7 +37,9 @@ The stages:
                        of rows, recomputed in the backward pass), fp32, for the output and its gradient
             sampling   the KV cache, generation_batch x (prompt + response) x L x 2 x H_kv at the
                        activation dtype, and the sampler's generation_batch x V working copies: fp32 logits
-                       and log-probs, float64 CDF and its input (pipeline.rl.rollout.draw)
+                       and log-probs, float64 CDF and its input (pipeline.rl.rollout.draw). The static
+                       sampler (ppo.sampler static or graphs; auto on a GPU) holds its cache all run, at
+                       the prompt width rounded up to a multiple of 64, so there the cache is static
           plus, where ppo.fold_adapters folds (auto: where an adapter costs >= 10% of a layer's FLOPs,
           r sum(in + out) / sum(in x out)), a copy of the adapted linear weights per role with its
           adapters folded in.
@@ -53,9 +55,11 @@ measured peaks allocated sft 15.84 GiB (micro 4, rows <= 128 tokens), rm 15.00 G
 from __future__ import annotations
 
 from pipeline.rl.logprobs import LOGPROB_CHUNK
+from pipeline.rl.static_sampler import RolloutSampler
 from pipeline.rl.trainer import FOLD_SHARE
 
 GiB = 2 ** 30
+STATIC_ROUND = RolloutSampler.ROUND  # the static sampler's prompt widths are multiples of this
 # TRL 1.16's fused LM head (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE, trl.trainer.utils.
 # _CHUNKED_LOGPROB_CHUNK_SIZE): the tile of logits it holds at a time. A unit test pins them to TRL's.
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768
@@ -128,9 +132,11 @@ def folds(a, r: int, fold: str = "auto", weight_bytes: float = 4) -> bool:
 
 def ppo_breakdown(a, *, weight_bytes: float, act_bytes: int, r: int, micro: int, gen: int, prompt: int,
                   response: int, checkpointing: bool, r_rm: int | None = None, fold: str = "auto",
-                  critic: bool = True, device: str = "cuda") -> dict[str, float]:
+                  critic: bool = True, device: str = "cuda", held_cache: bool = False) -> dict[str, float]:
     """Bytes the RL stage holds at its peak (the training pass, or sampling, whichever is larger) on
-    ``device`` ("cuda": what a plan is for; "cpu": the LM head's chunk is smaller there)."""
+    ``device`` ("cuda": what a plan is for; "cpu": the LM head's chunk is smaller there).
+    ``held_cache``: the static sampler's KV cache (ppo.sampler static or graphs), kept through
+    training so its captured graphs stay valid, at the prompt width rounded up as it rounds it."""
     r_rm = r if r_rm is None else r_rm
     roles = 4 if critic else 3
     trained = lora_params(a, r) + (lora_params(a, r_rm) if critic else 0)
@@ -140,9 +146,14 @@ def ppo_breakdown(a, *, weight_bytes: float, act_bytes: int, r: int, micro: int,
              "optimizer": trained * 4 * 3,  # gradient + two Adam moments, fp32
              "activations": activations(a, tokens, act_bytes, checkpointing),
              "logits": 2 * min(micro * response, max(1, LOGPROB_CHUNK[device] // a.vocab)) * a.vocab * 4,
-             "kv cache (sampling)": gen * (prompt + response) * a.layers * 2 * a.kv * act_bytes,
              "sampler": gen * a.vocab * (4 + 4 + 8 + 8),
              "folded": roles * linear_params(a) * weight_bytes if folds(a, r, fold, weight_bytes) else 0.0}
+    if held_cache:
+        width = -(-prompt // STATIC_ROUND) * STATIC_ROUND + response
+        parts["kv cache (held)"] = gen * width * a.layers * 2 * a.kv * act_bytes
+        return _total(parts, ("weights", "adapters", "optimizer", "folded", "kv cache (held)"),
+                      ("activations", "logits"), ("sampler",))
+    parts["kv cache (sampling)"] = gen * (prompt + response) * a.layers * 2 * a.kv * act_bytes
     return _total(parts, ("weights", "adapters", "optimizer", "folded"), ("activations", "logits"),
                   ("kv cache (sampling)", "sampler"))
 

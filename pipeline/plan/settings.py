@@ -71,7 +71,8 @@ def settings(stage: str, cfg, *, on_gpu: bool, prompt: Optional[int] = None,
                        micro_of=train.per_device_train_batch_size * train.gradient_accumulation_steps)
     return replace(s.with_(**common, r=ranks[0], r_rm=ranks[1], micro=train.micro_batch_size,
                             gen=train.generation_batch_size, prompt=prompt, response=train.max_new_tokens,
-                            fold=train.fold_adapters, critic=cfg.algorithm.advantage == "gae"),
+                            fold=train.fold_adapters, critic=cfg.algorithm.advantage == "gae",
+                            held_cache=train.sampler in ("static", "graphs") or (train.sampler == "auto" and on_gpu)),
                    micro_of=train.minibatch_size, gen_of=train.rollout_batch_size)
 
 

@@ -44,6 +44,21 @@ def test_auto_takes_the_largest_divisor_that_fits():
     assert (s.kw["micro"], s.kw["gen"]) == (1, 1)
 
 
+def test_with_a_held_cache_micro_and_generation_batches_share_the_room():
+    """ppo.sampler static / graphs keep the KV cache through training, so the generation batch adds to
+    the training peak. Worked: static without the cache 26272; a held cache is g x (64 + 1) columns x 2
+    layers x 2 x 4 (kv width) x 4 bytes = 4160 g; micro 1 trains in 4864, micro 2 in 9728, micro 4 in
+    19456. Room 48000: micro 2 at g = 1 (26272 + 4160 + 9728 = 40160; micro 4 would need 49888), then
+    g = 2 beside it (26272 + 8320 + 9728 = 44320; 4 would need 52640). Chosen apart, g = 4 fits beside
+    micro 1 (47776), and micro 2 with g = 4 would not fit (52640)."""
+    held = Settings("ppo", {**PPO, "micro": "auto", "gen": "auto", "held_cache": True}, "float32", False, 4, 4, 8)
+    s, _ = resolve_auto(TINY, held, room=48000)
+    assert (s.kw["micro"], s.kw["gen"]) == (2, 2)
+    assert ppo_breakdown(TINY, **s.kw)["peak"] == 44320 <= 48000
+    option = fit(TINY, held.with_(micro=4, gen=8), 48000, four_bit=False, checkpointing=False)
+    assert (option.settings.kw["micro"], option.settings.kw["gen"]) == (2, 2) and option.parts["peak"] == 44320
+
+
 def test_auto_micro_follows_a_small_minibatch():
     cfg = compose_config("ppo", ["ppo.minibatch_size=4", "ppo.micro_batch_size=auto", "ppo.generation_batch_size=auto"])
     check_config(cfg)  # with micro 16 this is refused: 16 does not divide 4
