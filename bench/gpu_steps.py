@@ -225,7 +225,8 @@ def weight_bytes(peft, tied: bool) -> tuple[float, float]:
 
 
 def decode_bench(spec: dict) -> dict:
-    """ms per decode step at ``rows`` rows on the long prompts: our sampler on the policy with its LoRA,
+    """ms per decode step at ``rows`` rows on the long prompts: our samplers on the policy with its LoRA
+    (the eager loop, the static-cache steps and, on CUDA, those steps as CUDA graphs),
     ``generate`` on the same policy with a dynamic and a static cache, and without the adapter; and the
     bandwidth floor, (weights + KV cache read per step) / the measured copy bandwidth."""
     from omegaconf import OmegaConf
@@ -236,6 +237,7 @@ def decode_bench(spec: dict) -> dict:
     from pipeline.plan.arch import read_arch
     from pipeline.rl.rollout import sample
     from pipeline.rl.shared_model import SharedBaseActorCritic
+    from pipeline.rl.static_sampler import StaticSampler
     from stages.ppo import accelerator_for
     from tests.conftest import compose_config
     d, cfg = spec["decode"], compose_config("ppo", spec["overrides"]["ppo"])
@@ -251,7 +253,11 @@ def decode_bench(spec: dict) -> dict:
               pad_token_id=fmt.pad_id, eos_token_id=list(fmt.stop_ids))
     out, arch = {}, read_arch(cfg.model.path)
     with model.sampling() as policy, acc.autocast():
+        statics = {kind: StaticSampler(policy, fmt, len(convs), q_ids.shape[1], d["n2"], graphs=kind == "graphs")
+                   for kind in (("static", "graphs") if acc.device.type == "cuda" else ("static",))}
         variants = {"ours (rollout.sample, policy LoRA)": lambda n: sample(policy, fmt, convs, 1.0, n),
+                    **{f"ours, ppo.sampler={kind} (policy LoRA)": (lambda n, s=s: s.decode(q_ids, q_mask, 1.0, n))
+                       for kind, s in statics.items()},
                     "generate, dynamic cache, policy LoRA": lambda n: policy.generate(
                         **kw, max_new_tokens=n, min_new_tokens=n),
                     "generate, static cache, policy LoRA": lambda n: policy.generate(
