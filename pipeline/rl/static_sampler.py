@@ -64,8 +64,6 @@ def unsupported(lm) -> Optional[str]:
     cache = StaticCache(config=lm.config, max_cache_len=8)
     if any(layer.is_sliding for layer in cache.layers):
         return "sliding-window attention layers"
-    if not getattr(lm, "_supports_static_cache", True) and not getattr(lm, "_can_compile_fullgraph", True):
-        return f"{type(lm).__name__} has no static-cache support"
     return None
 
 

@@ -174,16 +174,18 @@ class StopAfterSomeTokens:
     """A forward hook (``with_kwargs=True``) that makes a decode step's row stop when the token it
     reads is one of a seventh of the vocabulary: a stop that depends on the row's own text only, so
     two samplers that draw the same tokens stop the same rows at the same steps, at varied steps.
-    Records the batch size of every decode call."""
+    Records the batch size of every decode call, and of the prompts' pass."""
 
     def __init__(self, token: int):
-        self.token, self.rows = token, []
+        self.token, self.rows, self.prefill = token, [], []
 
     def __call__(self, module, args, kwargs, output):
         ids = kwargs["input_ids"]
         if ids.shape[1] == 1:  # a decode step, not the prompt
             self.rows.append(ids.shape[0])
             output.logits[:, -1, self.token] += 50.0 * (ids[:, 0] % 7 == 0)
+        else:
+            self.prefill.append(ids.shape[0])
         return output
 
 
@@ -192,7 +194,7 @@ def test_the_static_sampler_draws_what_the_eager_loop_draws(family, family_model
     """pipeline/rl/static_sampler.py (fixed shapes on a static cache, the CUDA-graph path) against
     the eager loop, on the same uniforms: the same tokens, the same log-probs and entropies, rows
     stopping at different steps while the batch moves down its buckets; then a second call on the
-    same buffers with fewer, shorter prompts and another temperature."""
+    same buffers with fewer prompts (as many as a bucket holds) and another temperature."""
     from pipeline.models.loading import load_causal_lm
     from pipeline.rl.static_sampler import StaticSampler, uniforms
     fmt = load_chat_format(str(family_models[family]), None, False)
@@ -200,13 +202,13 @@ def test_the_static_sampler_draws_what_the_eager_loop_draws(family, family_model
     prompts = [as_conversation(p) for p in ("What is 2 plus 3?", "Name the capital of Krosfia.",
                                             "Repeat the word 'cup' 2 times.", "Hi", "Tell me a story.", "x")]
     static = StaticSampler(model, fmt, rows=8, prompt_tokens=96, max_new_tokens=20, graphs=False, check_every=2)
-    for n, T, temperature in ((6, 20, 1.0), (3, 9, 0.7)):
+    for n, T, temperature in ((6, 20, 1.0), (4, 9, 0.7)):
         torch.manual_seed(n)
         u = uniforms(n, T, torch.device("cpu"))
         hook = StopAfterSomeTokens(fmt.end_of_turn_id)
         handle = model.register_forward_hook(hook, with_kwargs=True)
         want = sample(model, fmt, prompts[:n], temperature, T, u=u)
-        eager_rows, hook.rows = hook.rows, []
+        eager_rows, hook.rows, hook.prefill = hook.rows, [], []
         q_ids, q_mask = want[:2]
         got = static.decode(q_ids, q_mask, temperature, T, u=u)
         handle.remove()
@@ -214,11 +216,18 @@ def test_the_static_sampler_draws_what_the_eager_loop_draws(family, family_model
         assert torch.equal(got[0], want[2]) and torch.equal(got[1], want[3])
         torch.testing.assert_close(got[2], want[4], atol=1e-5, rtol=0)
         torch.testing.assert_close(got[3], want[5], atol=1e-4, rtol=0)
+        # Each block of check_every = 2 steps runs in the smallest bucket that holds the rows going at
+        # its start (the eager loop's batch at that step), until none is left.
+        want_rows, t = [], 1
+        while t < T and t - 1 < len(eager_rows):
+            want_rows += [next(b for b in (1, 2, 4, 8) if b >= eager_rows[t - 1])] * min(2, T - t)
+            t += 2
+        assert hook.rows == want_rows, (hook.rows, eager_rows)
+        assert hook.prefill == [8 if n == 6 else 4]  # the prompts run in the smallest bucket that holds them
         if n == 6:
             assert len(set(lengths.tolist())) > 2, lengths  # rows stopped at several steps
             assert eager_rows[-1] < n  # ... while others went on
             assert set(hook.rows) > {8}, hook.rows  # the static batch moved down to smaller buckets
-            assert max(hook.rows) == 8 and hook.rows == sorted(hook.rows, reverse=True)
 
 
 def test_the_static_sampler_refuses_sliding_window_layers(family_models):

@@ -66,6 +66,8 @@ def test_a_failed_capture_names_the_samplers_that_need_none(monkeypatch):
     lm = LlamaForCausalLM(LlamaConfig(**TINY))
     static = StaticSampler(lm, SimpleNamespace(stop_ids=[1], pad_id=0), rows=2, prompt_tokens=4, max_new_tokens=4,
                            graphs=False)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, the model is on cpu"):
+        StaticSampler(lm, SimpleNamespace(stop_ids=[1], pad_id=0), 2, 4, 4, graphs=True)
     static.graphs = True  # as on a CUDA device; the capture itself fails here
     monkeypatch.setattr(static, "_capture", lambda: (_ for _ in ()).throw(RuntimeError("operation not permitted")))
     with pytest.raises(RuntimeError, match="capturing the decode step failed .RuntimeError: operation not "
