@@ -89,6 +89,11 @@ def decode_section(results: dict, shapes: dict) -> list[str]:
             lines.append(f"| {shape} | {label} | {num(ms, '.3f')} | {ms / r['floor_ms']:.1f} |" if ok
                          else f"| {shape} | {label} | {ms} | - |")
         lines.append("")
+        agree = r.get("agreement", {})
+        if agree:
+            lines += [f"{shape}, the samplers on the same uniforms ({r['n1']} new tokens): " + (agree["error"] if
+                      "error" in agree else "; ".join(f"{pair}: {x['rows_equal']:.0%} of rows drawn alike, log-prob "
+                                                      f"gap <= {x['max_logprob_gap']:.2g}" for pair, x in agree.items())), ""]
     return lines
 
 

@@ -274,12 +274,37 @@ def decode_bench(spec: dict) -> dict:
                 traceback.print_exc()
                 out[label] = f"{type(e).__name__}: {str(e)[-200:]}"
         weights, adapter = weight_bytes(policy, arch.tied)
+        agree = agreement(policy, fmt, convs, q_ids, q_mask, statics, d["n1"])
     act = 2 if next(model.peft.parameters()).dtype != torch.float32 else 4
     kv = len(convs) * (q_ids.shape[1] + (d["n1"] + d["n2"]) / 2) * arch.layers * 2 * arch.kv * act
     bandwidth = copy_bandwidth(acc.device, d["copy_bytes"])
     return {"ms": out, "rows": len(convs), "prompt_width": q_ids.shape[1], "n1": d["n1"], "n2": d["n2"],
             "weight_bytes": weights, "adapter_bytes": adapter, "kv_bytes": kv, "bandwidth": bandwidth,
-            "floor_ms": (weights + kv) / bandwidth * 1e3}
+            "floor_ms": (weights + kv) / bandwidth * 1e3, "agreement": agree}
+
+
+def agreement(policy, fmt, convs, q_ids, q_mask, statics: dict, n: int) -> dict:
+    """Do the samplers draw alike at this shape? On one block of uniforms, each against the one it stands
+    in for: static against the eager loop, graphs against static. Per pair: the share of rows drawn
+    identically and the largest log-prob gap on the tokens both drew."""
+    from pipeline.rl.rollout import sample
+    from pipeline.rl.static_sampler import uniforms
+    try:
+        u = uniforms(len(convs), n, q_ids.device)
+        runs = {"eager": sample(policy, fmt, convs, 1.0, n, u=u)[2:]}
+        runs.update({kind: s.decode(q_ids, q_mask, 1.0, n, u=u) for kind, s in statics.items()})
+    except Exception as e:  # noqa: BLE001 - a failure here is the result
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {str(e)[-200:]}"}
+    out = {}
+    for a, b in (("static", "eager"), ("graphs", "static")):
+        if a in runs:
+            (ta, ma, la), (tb, _, lb) = runs[a][:3], runs[b][:3]
+            same = (ta == tb).all(1)
+            both = same[:, None] & (ma > 0)
+            out[f"{a} vs {b}"] = {"rows_equal": float(same.float().mean()),
+                                  "max_logprob_gap": float((la - lb)[both].abs().max()) if both.any() else 0.0}
+    return out
 
 
 def chain(spec: dict, out: Path) -> None:

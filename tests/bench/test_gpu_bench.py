@@ -50,7 +50,10 @@ def test_the_report_puts_measured_beside_predicted_and_says_what_failed():
                            "trl": dict(speed, episodes_per_s=0.3, peak_allocated=34.0, python="python3", trl="1.16.0"),
                            "decode": dict(ok=True, ms={"ours": 80.0, "generate": "RuntimeError: boom"}, rows=16,
                                           prompt_width=531, n1=8, n2=48, weight_bytes=15e9, adapter_bytes=0.17e9,
-                                          kv_bytes=1.6e9, bandwidth=4e12, floor_ms=4.15, wall_s=30.0)}}
+                                          kv_bytes=1.6e9, bandwidth=4e12, floor_ms=4.15, wall_s=30.0,
+                                          agreement={"static vs eager": dict(rows_equal=1.0, max_logprob_gap=3e-6),
+                                                     "graphs vs static": dict(rows_equal=0.9375,
+                                                                              max_logprob_gap=0.02)})}}
     text = report(INFO, "real", results, {"llama8b": SHAPE}, RL, SCALE, "TRL 1.16.0")
     assert all(h in text for h in SECTIONS)
     memory = rows(section(text, "## Peak memory"), "llama8b")
@@ -59,6 +62,8 @@ def test_the_report_puts_measured_beside_predicted_and_says_what_failed():
     assert rows(section(text, "## Steps"), "llama8b")[1][3] == "StepTimeout: timed out after 60s"
     decode = rows(section(text, "## Decode"), "llama8b")
     assert decode[0][1:] == ["ours", "80.000", "19.3"] and decode[1][2] == "RuntimeError: boom"
+    assert ("llama8b, the samplers on the same uniforms (8 new tokens): static vs eager: 100% of rows drawn alike, "
+            "log-prob gap <= 3e-06; graphs vs static: 94% of rows drawn alike, log-prob gap <= 0.02") in text
     speed_block = section(text, "## Episodes per second")
     assert "ours grpo / TRL 1.16.0: 2.00x episodes/s, peak allocated 0.50x" in speed_block
     assert [r[2] for r in rows(speed_block, "llama8b")] == ["0.500", "0.600", "0.300"]
@@ -82,6 +87,8 @@ def test_the_dry_run_measures_every_step_at_tiny_shapes(tmp_path):
         assert all(r[2] == NO_CUDA and float(r[5]) > 0 for r in memory)  # predicted, in GiB
         decode = rows(section(text, "## Decode"), shape)
         assert len(decode) == 5 and all(NUMBER.match(r[2]) for r in decode)  # 6 on CUDA: graphs too
+        assert f"{shape}, the samplers on the same uniforms (4 new tokens): static vs eager: 100% of rows drawn " \
+               "alike" in text
         speed = rows(section(text, "## Episodes per second"), shape)
         assert len(speed) == 3 and all(NUMBER.match(c) for r in speed for c in r[2:8])
         assert float(speed[2][2]) > 0  # TRL's episodes/s

@@ -74,3 +74,49 @@ def test_a_failed_capture_names_the_samplers_that_need_none(monkeypatch):
                                            "permitted.; ppo.sampler=static .* ppo.sampler=eager"):
         static.capture()
     assert not static._graphs
+
+
+class ToyFormat:
+    """The chat format's part a sampler uses: a prompt of n words is n ids (2..), 1 stops, 0 pads."""
+    stop_ids, pad_id = [1], 0
+
+    def prompt_ids(self, conversation):
+        return [2 + i % 20 for i in range(len(conversation[-1]["content"].split()))]
+
+
+def prompts(*words: int) -> list:
+    return [[{"role": "user", "content": " ".join(["w"] * n)}] for n in words]
+
+
+def test_the_trainers_sampler_keeps_one_static_sampler_until_a_chunk_outgrows_it():
+    from pipeline.rl.static_sampler import RolloutSampler
+    lm, other = LlamaForCausalLM(LlamaConfig(**TINY)).eval(), LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    sampler = RolloutSampler("static", ToyFormat())
+    q_ids, q_mask, resp, mask, logprobs, entropy = sampler(lm, prompts(3, 5, 2), 1.0, 4)
+    first = sampler.static
+    assert (first.rows, first.P_max, first.T_max) == (3, 64, 4)  # the prompt width (5) rounded up to 64
+    assert q_ids.shape == (3, 5) and resp.shape == mask.shape == logprobs.shape == (3, 4)
+    sampler(lm, prompts(64, 1), 1.0, 4)  # fewer rows, a width of exactly 64: fits
+    assert sampler.static is first
+    sampler(lm, prompts(65), 1.0, 4)  # wider: a new one, as wide as the next multiple of 64
+    assert sampler.static is not first and (sampler.static.rows, sampler.static.P_max) == (3, 128)
+    second = sampler.static
+    sampler(lm, prompts(1, 1, 1, 1), 1.0, 4)  # more rows: rebuilt, keeping the width
+    assert (sampler.static.rows, sampler.static.P_max) == (4, 128)
+    third = sampler.static
+    sampler(lm, prompts(1), 1.0, 5)  # more new tokens
+    assert sampler.static is not third and sampler.static.T_max == 5
+    sampler(other, prompts(1), 1.0, 5)  # another model
+    assert sampler.static.lm is other and second is not sampler.static
+    eager = RolloutSampler("eager", ToyFormat())
+    assert eager(lm, prompts(2), 1.0, 3)[2].shape == (1, 3) and eager.static is None
+
+
+def test_fits_is_inclusive_of_each_limit():
+    from types import SimpleNamespace
+
+    from pipeline.rl.static_sampler import StaticSampler
+    s = StaticSampler(LlamaForCausalLM(LlamaConfig(**TINY)), SimpleNamespace(stop_ids=[1], pad_id=0), 3, 8, 4,
+                      graphs=False)
+    assert s.fits(3, 8, 4) and s.fits(1, 1, 1)
+    assert not s.fits(4, 8, 4) and not s.fits(3, 9, 4) and not s.fits(3, 8, 5)
