@@ -4,7 +4,8 @@
 
 PY      := .venv/bin/python
 STAMP   := .venv/.installed-stamp
-DATA    := data/world/.stamp
+WORLD   := $(or $(RLHF_ROOT),.)/data/world
+DATA    := $(WORLD)/.stamp
 ARGS    ?=
 PYTEST_ARGS ?=
 
@@ -22,7 +23,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) ## Create .venv and install the pinned dependencies (only when they changed)
 
+# A stage's data: built on first use with the default world, never rewritten behind the user's back.
+# Data older than the world's code or defaults (or made without make) may be another world.seed or
+# size: only `make data` rewrites it.
 $(DATA): $(STAMP) $(wildcard pipeline/world/*.py) conf/world/default.yaml
+	@if ls $(WORLD)/*.jsonl >/dev/null 2>&1; then \
+	  echo "$(WORLD) is older than the world's code or defaults (pipeline/world/, conf/world/default.yaml)," \
+	       "or was not made by make. It is left as it is: rebuild it with make data, adding the ARGS it was" \
+	       "made with (e.g. ARGS=\"world.seed=3\"), or keep it with: touch $@" >&2; \
+	  exit 1; \
+	fi
 	$(PY) -m stages.datagen
 	@touch $@
 
