@@ -81,7 +81,7 @@ SCALE = {"real": dict(prompt_tokens=530, new_tokens=256, train_steps=2, decode=d
                                                                                  copy_bytes=2 ** 26))}
 # Seconds each step may take at most (real / tiny; times a shape's ``cap``), and the plan: steps in
 # order of value, the 8B's memory and decode first, its grpo and TRL runs (the longest) last.
-CAPS = {"real": dict(datagen=60, build=90, sft=60, rm=60, ppo=130, decode=60, grpo=110, trl=140),
+CAPS = {"real": dict(datagen=60, build=90, sft=60, rm=60, ppo=130, decode=90, grpo=110, trl=140),
         "tiny": dict(datagen=120, build=120, sft=150, rm=150, ppo=200, decode=150, grpo=200, trl=300)}
 PLAN = [("build", None, None), ("chain", 0, ["sft", "rm", "ppo", "decode"]),
         ("chain", 1, ["sft", "rm", "ppo", "decode", "grpo"]), ("trl", 1, None), ("chain", 0, ["grpo"]),

@@ -78,7 +78,9 @@ def decode_section(results: dict, shapes: dict) -> list[str]:
     for shape in shapes:
         r = results.get(shape, {}).get("decode", {})
         if not r.get("ok"):
-            lines += [f"{shape}: {status(r)}", ""]
+            timed = r.get("partial", {}).get("ms", {})
+            lines += [f"{shape}: {status(r)}"] + [f"{shape}: timed before that: {label} {num(ms, '.3f')} ms/step"
+                                                  for label, ms in timed.items()] + [""]
             continue
         lines += [f"{shape}: {r['rows']} rows, prompt width {r['prompt_width']}, n1 {r['n1']}, n2 {r['n2']}; weights "
                   f"{r['weight_bytes'] / 1e9:.4g} GB + one LoRA adapter {r['adapter_bytes'] / 1e9:.4g} GB, KV cache "

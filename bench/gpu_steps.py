@@ -56,9 +56,10 @@ def cuda_peaks(start: float) -> dict:
             "peak_reserved": torch.cuda.max_memory_reserved() / GiB, "start_allocated": start / GiB}
 
 
-def measured(name: str, fn, seconds: float, results: dict, out: Path) -> None:
+def measured(name: str, fn, seconds: float, results: dict, out: Path, partial: dict | None = None) -> None:
     """Run ``fn()`` (a dict of figures) under a deadline from reset CUDA counters; record it in ``results``
-    with its wall time and peaks, or its error, and rewrite ``out``."""
+    with its wall time and peaks, or its error (with ``partial``, what ``fn`` had measured by then), and
+    rewrite ``out``."""
     gc.collect()
     start = 0.0
     if torch.cuda.is_available():
@@ -71,7 +72,8 @@ def measured(name: str, fn, seconds: float, results: dict, out: Path) -> None:
             record = {"ok": True, **(fn() or {})}
     except (Exception, StepTimeout) as e:  # noqa: BLE001 - every failure is a result here
         traceback.print_exc()
-        record = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip()[-400:]}"}
+        record = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip()[-400:]}",
+                  **({"partial": partial} if partial else {})}
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     record.update(wall_s=time.perf_counter() - t, **cuda_peaks(start))
@@ -224,7 +226,7 @@ def weight_bytes(peft, tied: bool) -> tuple[float, float]:
     return float(base), float(lora)
 
 
-def decode_bench(spec: dict) -> dict:
+def decode_bench(spec: dict, partial: dict | None = None) -> dict:
     """ms per decode step at ``rows`` rows on the long prompts: our samplers on the policy with its LoRA
     (the eager loop, the static-cache steps and, on CUDA, those steps as CUDA graphs),
     ``generate`` on the same policy with a dynamic and a static cache, and without the adapter; and the
@@ -252,6 +254,8 @@ def decode_bench(spec: dict) -> dict:
     kw = dict(input_ids=q_ids, attention_mask=q_mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
               pad_token_id=fmt.pad_id, eos_token_id=list(fmt.stop_ids))
     out, arch = {}, read_arch(cfg.model.path)
+    if partial is not None:  # what is timed so far stays in the results if the step runs out of time
+        partial.update(ms=out, rows=len(convs), prompt_width=q_ids.shape[1], n1=d["n1"], n2=d["n2"])
     with model.sampling() as policy, acc.autocast():
         statics = {kind: StaticSampler(policy, fmt, len(convs), q_ids.shape[1], d["n2"], graphs=kind == "graphs")
                    for kind in (("static", "graphs") if acc.device.type == "cuda" else ("static",))}
@@ -260,8 +264,11 @@ def decode_bench(spec: dict) -> dict:
                        for kind, s in statics.items()},
                     "generate, dynamic cache, policy LoRA": lambda n: policy.generate(
                         **kw, max_new_tokens=n, min_new_tokens=n),
-                    "generate, static cache, policy LoRA": lambda n: policy.generate(
-                        **kw, max_new_tokens=n, min_new_tokens=n, cache_implementation="static")}
+                    # on CUDA, generate compiles the forward for a static cache unless told not to: minutes
+                    # of compilation inside a 90 s step, and not what shared/notes/gpu.md measured
+                    "generate, static cache (no compile), policy LoRA": lambda n: policy.generate(
+                        **kw, max_new_tokens=n, min_new_tokens=n, cache_implementation="static",
+                        disable_compile=True)}
 
         def no_adapter(n):
             with policy.disable_adapter():
@@ -316,8 +323,9 @@ def chain(spec: dict, out: Path) -> None:
             results[step] = {"ok": False, "error": f"skipped: {left:.0f}s left of the budget", "wall_s": 0.0}
             out.write_text(json.dumps(results, indent=1) + "\n")
             continue
-        fn = (lambda: decode_bench(spec)) if step == "decode" else (lambda s=step: train_stage(s, spec))
-        measured(step, fn, min(spec["caps"][step], left), results, out)
+        partial: dict = {}
+        fn = (lambda: decode_bench(spec, partial)) if step == "decode" else (lambda s=step: train_stage(s, spec))
+        measured(step, fn, min(spec["caps"][step], left), results, out, partial)
 
 
 if __name__ == "__main__":

@@ -92,3 +92,30 @@ def test_the_dry_run_measures_every_step_at_tiny_shapes(tmp_path):
         speed = rows(section(text, "## Episodes per second"), shape)
         assert len(speed) == 3 and all(NUMBER.match(c) for r in speed for c in r[2:8])
         assert float(speed[2][2]) > 0  # TRL's episodes/s
+
+
+@pytest.mark.unit
+def test_a_decode_step_that_ran_out_of_time_keeps_what_it_had_timed():
+    results = {"build": {}, "llama8b": {"decode": dict(ok=False, error="StepTimeout: timed out after 90s",
+                                                       partial=dict(ms={"ours (rollout.sample, policy LoRA)": 81.5},
+                                                                    rows=16), wall_s=90.0)}}
+    text = report(INFO, "real", results, {"llama8b": SHAPE}, RL, SCALE, "TRL 1.16.0")
+    block = section(text, "## Decode")
+    assert "llama8b: StepTimeout: timed out after 90s" in block
+    assert "llama8b: timed before that: ours (rollout.sample, policy LoRA) 81.500 ms/step" in block
+
+
+@pytest.mark.unit
+def test_measured_records_the_partial_figures_of_a_failed_step(tmp_path):
+    import json
+
+    from bench.gpu_steps import measured
+
+    def decode():
+        partial["ms"] = {"ours": 80.0}
+        raise RuntimeError("out of time")
+
+    partial, results = {}, {}
+    measured("decode", decode, 5, results, tmp_path / "out.json", partial)
+    assert results["decode"]["ok"] is False and results["decode"]["partial"] == {"ms": {"ours": 80.0}}
+    assert json.loads((tmp_path / "out.json").read_text())["decode"]["error"] == "RuntimeError: out of time"
