@@ -57,16 +57,22 @@ def test_ppo_ratio_is_one_and_updates_stay_finite_under_autocast(chain, precisio
     assert all(math.isfinite(metrics[k]) for k in ("objective/kl", "loss/policy_avg", "loss/value_avg"))
 
 
-def test_a_bf16_base_trains_with_folded_adapters_on_the_gpu(chain):
-    """bf16 folded copies with fp32 adapters: the hand-written backward (fp32 accelerator, so no
-    autocast and _FoldedLoRA runs) and the refold after each optimizer step."""
-    cfg = compose_config("ppo", TINY_PPO + ["model.dtype=bfloat16", "ppo.fold_adapters=always"])
+def on_device(overrides: list[str]):
+    """The tiny chain's RL stage on the accelerator's device, fp32 accelerator (no autocast)."""
+    cfg = compose_config("ppo", TINY_PPO + overrides)
     acc = accelerator_for("fp32")
     sft_art, rm_art = find_parent(cfg.paths.run_dir, "sft"), find_parent(cfg.paths.run_dir, "rm")
     fmt = load_sft_tokenizer(sft_art)
     model = SharedBaseActorCritic.from_artifacts(sft_art, rm_art, cfg.model, fmt, cfg.ppo.value_init,
                                                  reward_scale(cfg.reward, rm_art.metrics)).to(acc.device)
     trainer = RLTrainer(model, fmt, cfg.ppo, cfg.algorithm, acc, build_reward_fn(cfg.reward, rm_art.metrics))
+    return cfg, model, fmt, trainer, acc
+
+
+def test_a_bf16_base_trains_with_folded_adapters_on_the_gpu(chain):
+    """bf16 folded copies with fp32 adapters: the hand-written backward (fp32 accelerator, so no
+    autocast and _FoldedLoRA runs) and the refold after each optimizer step."""
+    cfg, model, fmt, trainer, acc = on_device(["model.dtype=bfloat16", "ppo.fold_adapters=always"])
     assert model.folds and model.peft.get_output_embeddings().weight.dtype == torch.bfloat16
     out = trainer.train_step(rollout(trainer))
     assert out["optimizer_steps"] == 4 and math.isfinite(out["ratio"])
@@ -81,13 +87,7 @@ def test_captured_decode_graphs_sample_what_the_same_steps_sample_eagerly(chain,
     from pipeline.generation.decoding import as_conversation, encode_prompts
     from pipeline.rl.static_sampler import StaticSampler, uniforms
     from tests.stage.test_ppo_stage import PROMPTS
-    cfg = compose_config("ppo", TINY_PPO + [f"model.dtype={dtype}", "ppo.sampler=graphs"])
-    acc = accelerator_for("fp32")
-    sft_art, rm_art = find_parent(cfg.paths.run_dir, "sft"), find_parent(cfg.paths.run_dir, "rm")
-    fmt = load_sft_tokenizer(sft_art)
-    model = SharedBaseActorCritic.from_artifacts(sft_art, rm_art, cfg.model, fmt, cfg.ppo.value_init,
-                                                 reward_scale(cfg.reward, rm_art.metrics)).to(acc.device)
-    trainer = RLTrainer(model, fmt, cfg.ppo, cfg.algorithm, acc, build_reward_fn(cfg.reward, rm_art.metrics))
+    cfg, model, fmt, trainer, acc = on_device([f"model.dtype={dtype}", "ppo.sampler=graphs"])
     assert trainer.sampler.kind == "graphs"
     convs = [as_conversation(p) for p in PROMPTS]
     q_ids, q_mask = (t.to(acc.device) for t in encode_prompts(fmt, convs))
