@@ -138,8 +138,8 @@ class StaticSampler:
     # --- one decode step --------------------------------------------------------------
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        """(b, q, L) bool -> (b, 1, q, L) additive mask in the compute dtype. The finite minimum,
-        not -inf: a query with nothing to attend (a left pad's) gets uniform weights, not NaN."""
+        """(b, q, L) bool -> (b, 1, q, L) additive mask in the compute dtype, the finite minimum where
+        not allowed (every query row allows at least its own column, see :meth:`_prefill`)."""
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         return torch.where(allowed, zero, torch.finfo(self.dtype).min)[:, None]
 
@@ -251,8 +251,11 @@ class StaticSampler:
         ids[:n] = q_ids
         positions = torch.zeros(b, P, dtype=torch.long, device=self.device)
         positions[:n] = position_ids_from_mask(q_mask)
-        causal = self.columns[None, :] <= torch.arange(P, device=self.device)[:, None]  # (P, L)
-        allowed = self.valid[:b, None, :] & causal[None]  # (b, P, L)
+        query = torch.arange(P, device=self.device)[:, None]
+        causal = self.columns[None, :] <= query  # (P, L)
+        # a left pad attends to itself: in fp16 a row with nothing to attend can round to all -inf (the
+        # finite minimum plus a score below -16), NaN after softmax, and the NaN keys reach every row
+        allowed = (self.valid[:b, None, :] & causal[None]) | (self.columns[None, :] == query)[None]  # (b, P, L)
         logits = self.lm(input_ids=ids, position_ids=positions, attention_mask=self._mask(allowed),
                          past_key_values=self.caches[b], use_cache=True, logits_to_keep=1).logits[:, -1]
         self._record(logits, b)

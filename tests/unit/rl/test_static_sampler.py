@@ -120,3 +120,27 @@ def test_fits_is_inclusive_of_each_limit():
                       graphs=False)
     assert s.fits(3, 8, 4) and s.fits(1, 1, 1)
     assert not s.fits(4, 8, 4) and not s.fits(3, 9, 4) and not s.fits(3, 8, 5)
+
+
+def test_every_query_of_the_prompts_pass_attends_to_something():
+    """Left pads see only themselves, real tokens the real tokens up to their own; no row of the
+    (b, 1, P, L) mask is all masked (in fp16 such a row can turn NaN and spread through the keys)."""
+    from pipeline.rl.static_sampler import StaticSampler
+    torch.manual_seed(0)  # the model and the draws: token 0 is no stop, so one decode step runs
+    lm = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    seen = []
+    lm.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"]), with_kwargs=True)
+    static = StaticSampler(lm, ToyFormat(), rows=2, prompt_tokens=4, max_new_tokens=2, graphs=False)
+    q_ids = torch.tensor([[0, 0, 5, 6], [5, 6, 7, 8]])
+    q_mask = (q_ids != 0).long()
+    static.decode(q_ids, q_mask, 1.0, 2)
+    allowed = seen[0][:, 0] == 0  # (2, 4, 6): queries x cache columns
+    want = torch.zeros(2, 4, 6, dtype=torch.bool)
+    want[0, 0, 0] = want[0, 1, 1] = True  # the two pads, themselves only
+    want[0, 2, 2] = True
+    want[0, 3, 2:4] = True
+    for i in range(4):
+        want[1, i, :i + 1] = True
+    assert torch.equal(allowed, want)
+    step = seen[1][:, 0, 0] == 0  # the first decode step writes column 4: prompt (no pads) and itself
+    assert torch.equal(step, torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool))
