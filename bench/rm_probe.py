@@ -16,9 +16,15 @@ same sentence (what the sampling policies write when they copy the wrong name), 
 country with a wrong value (the judge: 1, 0, 0). Diagnosis, not a choice: it reads only the saved
 prompts.
 
+`--policy` scores the same answers by a policy artifact's own log-likelihood instead (the SFT, the
+reference of every RL stage): the answer's tokens summed (log p(y|x)), their mean (what
+`reward.sharpen` adds) and their minimum (the least likely token, where a wrong value sits). Does
+the model the reward cannot see past know the facts itself?
+
     make bench ARGS="rm_probe --responses artifacts/final/eval/responses.jsonl artifacts/final/rm"
     make bench ARGS="rm_probe --responses ... --world-seed 4 artifacts/final/rm"   # another world's RM
     make bench ARGS="rm_probe --responses ... --category fact artifacts/final/rm"
+    make bench ARGS="rm_probe --responses ... --category fact --policy artifacts/final/sft"
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench.rm_agreement import read_responses  # noqa: E402
 from pipeline.core.artifacts import load_artifact  # noqa: E402
 from pipeline.core.errors import PipelineError  # noqa: E402
+from pipeline.models.policies import load_policy_artifact  # noqa: E402
 from pipeline.models.reward import score_conversations, standalone_reward_model  # noqa: E402
 from pipeline.world.entities import World, WorldConfig, world_from_config  # noqa: E402
 from pipeline.world.judge import judge, parse_prompt  # noqa: E402
@@ -97,6 +105,25 @@ def summarise(scores: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
+AGGREGATES = ("sum", "mean", "min")
+
+
+def token_aggregates(logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """An answer's log-likelihood three ways, from (T,) token log-probs and (T,) 0/1 answer mask:
+    ``sum`` = log p(y|x), ``mean`` over the answer's tokens, ``min`` (its least likely token)."""
+    a = logprobs[mask.bool()]
+    return {"sum": a.sum().item(), "mean": a.mean().item(), "min": a.min().item()}
+
+
+@torch.no_grad()
+def policy_scores(model, fmt, prompt: str, answer: str) -> dict[str, float]:
+    """:func:`token_aggregates` of ``answer`` to ``prompt`` under the causal LM ``model``."""
+    ids, mask = fmt.conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+    x = torch.tensor([ids])
+    logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1).gather(-1, x[0, 1:, None]).squeeze(-1)
+    return token_aggregates(logp, torch.tensor(mask[1:]))
+
+
 def world_of(seed: int) -> World:
     """The world of conf/world/default.yaml at this seed (the judge's, as `make eval` builds it)."""
     cfg = OmegaConf.load(ROOT / "conf/world/default.yaml")
@@ -111,7 +138,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--category", choices=sorted(PROBES), default="unanswerable",
                         help="unanswerable: refusals against a misnamed one; fact: the right fact against wrong ones")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("rm", help="an rm artifact folder, e.g. artifacts/final/rm")
+    parser.add_argument("--policy", action="store_true",
+                        help="the artifact is a policy (sft, dpo, an RL stage): score by its own log-likelihood")
+    parser.add_argument("rm", help="an rm artifact folder, e.g. artifacts/final/rm (with --policy: a policy's)")
     args = parser.parse_args(argv)
     rows, _ = read_responses(args.responses)
     world = world_of(args.world_seed)
@@ -134,6 +163,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if any({k: judge(p, text, world).score for k, text in by_kind.items()} != expected
            for p, by_kind in zip(prompts, answers)):
         raise wrong_world
+    if args.policy:
+        return policy_table(args, prompts, answers, kinds)
     rm = load_artifact(args.rm, "rm")
     model, fmt = standalone_reward_model(rm, OmegaConf.create(rm.manifest["config"]["model"]))
     flat = score_conversations(model, fmt, [[{"role": "user", "content": p}] for p in prompts for _ in kinds],
@@ -147,6 +178,24 @@ def main(argv: Optional[list[str]] = None) -> dict:
     cells = [*(f"{result['mean_' + k]:+.2f}" for k in kinds), f"{result['right_over_' + key]:.1%}",
              f"{result['gap_right_minus_' + key]:+.2f}", f"{result['right_over_' + kinds[2]]:.1%}"]
     print("| " + " | ".join(cells) + " |")
+    return result
+
+
+def policy_table(args, prompts: list[str], answers: list[dict[str, str]], kinds: tuple[str, ...]) -> dict:
+    """--policy: per aggregation, :func:`summarise` of the policy's log-likelihoods, printed as a table."""
+    art = load_artifact(args.rm, Path(args.rm).name)
+    model, fmt = load_policy_artifact(art, OmegaConf.create(art.manifest["config"]["model"]))
+    scored = [{k: policy_scores(model, fmt, p, a[k]) for k in kinds} for p, a in zip(prompts, answers)]
+    result = {agg: summarise({k: [s[k][agg] for s in scored] for k in kinds}) for agg in AGGREGATES}
+    right, second, third, key, short = HEADERS[args.category]
+    print(f"# {args.rm}'s own log-likelihood (nats) on {len(prompts)} {args.category} prompts of {args.responses} "
+          f"(world seed {args.world_seed})\n")
+    print(f"| over the answer's tokens | {right} | {second} | {third} | right > {short} | mean gap | right > {third} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for agg, r in result.items():
+        cells = [*(f"{r['mean_' + k]:+.2f}" for k in kinds), f"{r['right_over_' + key]:.1%}",
+                 f"{r['gap_right_minus_' + key]:+.2f}", f"{r['right_over_' + kinds[2]]:.1%}"]
+        print(f"| {agg} | " + " | ".join(cells) + " |")
     return result
 
 

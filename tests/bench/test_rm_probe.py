@@ -44,3 +44,13 @@ def test_fact_answers_are_the_right_fact_another_countrys_and_a_wrong_value():
         assert asked.name in answers["right"] and asked.name in answers["wrong_value"]
         scores = [judge(prompt, answers[k], world).score for k in ("right", "other_country", "wrong_value")]
         assert scores == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.unit
+def test_token_aggregates_of_the_answer_tokens_only():
+    import torch
+
+    from bench.rm_probe import token_aggregates
+    logprobs = torch.tensor([-9.0, -0.5, -2.5, -0.25, -7.0])  # the first and last are no answer tokens
+    mask = torch.tensor([0, 1, 1, 1, 0])
+    assert token_aggregates(logprobs, mask) == {"sum": -3.25, "mean": pytest.approx(-3.25 / 3), "min": -2.5}

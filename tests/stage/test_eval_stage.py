@@ -376,6 +376,11 @@ def test_rm_probe_bench_scores_the_three_answers_with_the_runs_rm(chain, capsys)
     facts = rm_probe_bench.main(["--responses", responses, "--category", "fact", rm])
     assert facts["gap_right_minus_other_country"] == pytest.approx(facts["mean_right"] - facts["mean_other_country"])
     assert "| right answer | another country's fact |" in capsys.readouterr().out
+    own = rm_probe_bench.main(["--responses", responses, "--category", "fact", "--policy",
+                               str(chain / "artifacts/default/sft")])
+    assert set(own) == {"sum", "mean", "min"} and all(-1e4 < own[a]["mean_right"] < 0 for a in own)
+    assert own["sum"]["mean_right"] <= own["mean"]["mean_right"] and own["min"]["mean_right"] <= own["mean"]["mean_right"]
+    assert "| min | " in capsys.readouterr().out
     for category in ("unanswerable", "fact"):
         with pytest.raises(PipelineError, match=rf"its {category} prompts are not world seed 1's; pass the --world"):
             rm_probe_bench.main(["--responses", responses, "--world-seed", "1", "--category", category, rm])
