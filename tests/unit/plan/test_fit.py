@@ -57,6 +57,12 @@ def test_with_a_held_cache_micro_and_generation_batches_share_the_room():
     assert ppo_breakdown(TINY, **s.kw)["peak"] == 44320 <= 48000
     option = fit(TINY, held.with_(micro=4, gen=8), 48000, four_bit=False, checkpointing=False)
     assert (option.settings.kw["micro"], option.settings.kw["gen"]) == (2, 2) and option.parts["peak"] == 44320
+    # The micro-batch is chosen beside one response sampled at a time: in 42000, micro 2 (40160 at g = 1)
+    # and then g = 1, not micro 1 beside g = 2 (39456).
+    s, _ = resolve_auto(TINY, held, room=42000)
+    assert (s.kw["micro"], s.kw["gen"]) == (2, 1)
+    option = fit(TINY, held.with_(micro=4, gen=8), 42000, four_bit=False, checkpointing=False)
+    assert (option.settings.kw["micro"], option.settings.kw["gen"]) == (2, 1)
 
 
 def test_auto_micro_follows_a_small_minibatch():
