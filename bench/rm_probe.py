@@ -47,6 +47,7 @@ from pipeline.core.artifacts import load_artifact  # noqa: E402
 from pipeline.core.errors import PipelineError  # noqa: E402
 from pipeline.models.policies import load_policy_artifact  # noqa: E402
 from pipeline.models.reward import score_conversations, standalone_reward_model  # noqa: E402
+from pipeline.rl.logprobs import logprobs_from_logits  # noqa: E402
 from pipeline.world.entities import World, WorldConfig, world_from_config  # noqa: E402
 from pipeline.world.judge import judge, parse_prompt  # noqa: E402
 from pipeline.world.responses import hallucinated_response, wrong_response  # noqa: E402
@@ -120,7 +121,7 @@ def policy_scores(model, fmt, prompt: str, answer: str) -> dict[str, float]:
     """:func:`token_aggregates` of ``answer`` to ``prompt`` under the causal LM ``model``."""
     ids, mask = fmt.conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
     x = torch.tensor([ids])
-    logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1).gather(-1, x[0, 1:, None]).squeeze(-1)
+    logp = logprobs_from_logits(model(input_ids=x).logits[:, :-1], x[:, 1:])[0]  # as the trainer scores tokens
     return token_aggregates(logp, torch.tensor(mask[1:]))
 
 
