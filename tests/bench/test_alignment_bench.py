@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench.alignment import misses, same_sft, summarise, table
+from bench.alignment import mean_points, misses, points, points_table, same_sft, summarise, table
 from pipeline.core.errors import ArtifactError
 
 
@@ -60,3 +60,29 @@ def test_runs_with_different_sfts_are_refused_before_any_evaluation(tmp_path):
         same_sft(["a", "b", "c"], tmp_path)
     with pytest.raises(ArtifactError, match=r"make sft"):  # a run without one says what to run
         same_sft(["a", "missing"], tmp_path)
+
+
+def _row(category, **scores):
+    return {"category": category, "responses": {s: {"sample": {"gold_score": g}} for s, g in scores.items()}}
+
+
+@pytest.mark.unit
+def test_points_split_the_win_rate_by_category_with_the_most_each_could_give():
+    rows = [_row("fact", sft=1.0, ppo=1.0), _row("fact", sft=0.0, ppo=1.0),  # a tie, a win
+            _row("harmful", sft=-1.0, ppo=1.0), _row("harmful", sft=1.0, ppo=0.7)]  # a win, a loss
+    got = points(rows)
+    assert got["ppo"]["fact"] == {"won": pytest.approx(0.375), "most": pytest.approx(0.375), "right": 1.0}
+    assert got["ppo"]["harmful"] == {"won": pytest.approx(0.25), "most": pytest.approx(0.375), "right": 0.5}
+    assert got["sft"] == {"fact": {"right": 0.5}, "harmful": {"right": 0.5}}
+    # the categories' points add up to the win rate, ties half
+    assert sum(c["won"] for c in got["ppo"].values()) == pytest.approx(0.625)
+
+
+@pytest.mark.unit
+def test_points_are_averaged_over_evals_and_tabled_in_win_rate_points():
+    a = points([_row("fact", sft=0.0, ppo=1.0), _row("fact", sft=0.0, ppo=0.0)])  # won 0.75, right 0.5
+    b = points([_row("fact", sft=1.0, ppo=0.0), _row("fact", sft=0.0, ppo=0.0)])  # won 0.25, right 0
+    got = mean_points([a, b])
+    assert got["ppo"]["fact"] == {"won": pytest.approx(0.5), "most": pytest.approx(0.875), "right": 0.25}
+    out = points_table(got)
+    assert "| ppo | 50.0 of 87.5 (25.0%) |" in out and "| sft | (25.0%) |" in out

@@ -325,6 +325,8 @@ def test_alignment_bench_runs_the_eval_stage_at_each_seed(chain, tmp_path, capsy
     out = capsys.readouterr().out
     assert "on the eval prompts (8), sampled at T = 1, 2 sampling seeds" in out
     assert "| base |" in out and "| sft |" in out
+    where = out.split("Where the win rates come from")[1]  # the world's prompts: the points table
+    assert "won of most (right)" in where and "| base | " in where
     # the jobs wrote under the run's sweep/ folder: the run's own eval artifact was not touched
     assert not (chain / "artifacts/default/eval").exists()
     assert len(list((chain / "artifacts/default/sweep").glob("*/eval/report.json"))) == 2
@@ -332,6 +334,11 @@ def test_alignment_bench_runs_the_eval_stage_at_each_seed(chain, tmp_path, capsy
     assert reports == ["report-seed0.md", "report-seed1.md"]
     # the two seeds sampled different answers (else the mean would average nothing)
     assert (tmp_path / "keep/report-seed0.md").read_text() != (tmp_path / "keep/report-seed1.md").read_text()
+    # --reuse tables the same evals again without running any
+    sweeps = {p: p.stat().st_mtime_ns for p in (chain / "artifacts/default/sweep").glob("*/eval/report.json")}
+    alignment_bench.main(["--run", "default", "--seeds", "2", "--out", str(tmp_path / "again"), "--reuse"])
+    assert capsys.readouterr().out.split("Per-seed")[0] == out.split("Per-seed")[0]
+    assert {p: p.stat().st_mtime_ns for p in sweeps} == sweeps
 
 
 def test_alignment_bench_averages_runs_that_share_the_sft(chain, tmp_path, capsys):
