@@ -228,6 +228,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "each seed already under artifacts/<run>/sweep/ (an earlier bench run's)")
     parser.add_argument("overrides", nargs="*", help="more stages.eval overrides (after --)")
     args = parser.parse_args(argv)
+    if args.reuse and args.overrides:  # the evals on disk were made with whatever overrides they had
+        raise SystemExit(f"alignment: --reuse evaluates nothing, so it cannot apply {' '.join(args.overrides)}; "
+                         "drop them, or run without --reuse to evaluate with them")
     runs = list(dict.fromkeys(args.run or ["default"]))
     keep = args.out or ROOT / "outputs" / "bench-alignment" / "+".join(runs)
     same_sft(runs, artifacts_dir())

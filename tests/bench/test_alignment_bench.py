@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench.alignment import mean_points, misses, points, points_table, same_sft, summarise, table
+from bench.alignment import main, mean_points, misses, points, points_table, same_sft, summarise, table
 from pipeline.core.errors import ArtifactError
 
 
@@ -86,3 +86,9 @@ def test_points_are_averaged_over_evals_and_tabled_in_win_rate_points():
     assert got["ppo"]["fact"] == {"won": pytest.approx(0.5), "most": pytest.approx(0.875), "right": 0.25}
     out = points_table(got)
     assert "| ppo | 50.0 of 87.5 (25.0%) |" in out and "| sft | (25.0%) |" in out
+
+
+@pytest.mark.unit
+def test_reuse_refuses_eval_overrides_it_could_not_apply():
+    with pytest.raises(SystemExit, match=r"--reuse evaluates nothing, so it cannot apply world.seed=6"):
+        main(["--run", "t0", "--reuse", "--", "world.seed=6"])
